@@ -133,8 +133,11 @@ def _same_place(x, like, name: str, like_name: str):
 
 
 def _values(x) -> np.ndarray:
-    """Small array or tensor as a numpy copy (for range checks)."""
-    return x.detach().cpu().numpy() if is_torch(x) else np.asarray(x)
+    """Small array or tensor as numpy (for range checks); half floats widened to float32."""
+    if is_torch(x):
+        x = x.detach().cpu()
+        return (x.float() if x.is_floating_point() else x).numpy()
+    return np.asarray(x)
 
 
 def _per_row(x, B: int, name: str, like):

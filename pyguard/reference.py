@@ -35,7 +35,7 @@ def _cast(x, dtype: str):
 
 def _logsumexp(xp, x):
     m = xp.amax(x, axis=-1, keepdims=True)
-    m = xp.where(xp.isfinite(m), m, 0 * m)
+    m = xp.where(xp.isfinite(m), m, xp.zeros_like(m))
     return m + xp.log(xp.sum(xp.exp(x - m), axis=-1, keepdims=True))
 
 
@@ -58,8 +58,9 @@ def coca_step(base, safe, alpha, temperature, force_token=None, out=None):
     if force_token is not None:
         f = _cast(force_token, "int64")
         token = xp.where(f >= 0, f, token)
-    ls, lb = s - _logsumexp(xp, s), b - _logsumexp(xp, b)
-    kl = xp.sum(xp.exp(ls) * (ls - lb), axis=-1)
+    with np.errstate(invalid="ignore"):  # non-finite rows: NaN is the documented answer
+        ls, lb = s - _logsumexp(xp, s), b - _logsumexp(xp, b)
+        kl = xp.sum(xp.exp(ls) * (ls - lb), axis=-1)
     finite = xp.all(xp.isfinite(s) & xp.isfinite(b), axis=-1)
     kl = xp.where(finite, kl, kl * math.nan)
     return _cast(token, "int64"), _cast(kl, "float32")
