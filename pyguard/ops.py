@@ -74,9 +74,13 @@ def _pick(backend: str, x) -> str:
             except ImportError:
                 return "ref"
         return "ref"
-    if backend == "cpp" and (_on_cuda(x) or _dtype(x) != "float32"):
-        where = "a CUDA tensor" if _on_cuda(x) else f"dtype {_dtype(x)}"
-        raise ValueError(f"backend 'cpp' takes float32 host memory, got {where}")
+    if backend == "cpp":
+        if _on_cuda(x) or _dtype(x) != "float32":
+            where = "a CUDA tensor" if _on_cuda(x) else f"dtype {_dtype(x)}"
+            raise ValueError(f"backend 'cpp' takes float32 host memory, got {where}")
+        native()
+    if backend == "triton":
+        triton_kernels()
     return backend
 
 

@@ -1,0 +1,99 @@
+"""The package as a user meets it: the edge path with numpy alone, lazy failures with install
+hints, run-time ISA choice, and the default models from their PyPI packages."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pyguard import models
+
+
+def run_py(code, **env):
+    e = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=e, timeout=120)
+
+
+def test_edge_path_needs_numpy_only():
+    code = """
+import sys
+sys.modules['torch'] = None; sys.modules['triton'] = None   # make them unimportable
+import numpy as np, pyguard
+from pyguard import ops
+b = np.random.default_rng(0).standard_normal((2, 50)).astype(np.float32)
+assert ops._pick('auto', b) == 'cpp'
+tok, kl = pyguard.coca_step(b, b + 1, 2.0)
+assert (tok == b.argmax(1)).all() and abs(kl).max() < 1e-5, (tok, kl)
+try:
+    ops.coca_step(b, b, 1.0, backend='triton')
+except ImportError as e:
+    print('IMPORT-ERROR', e)
+"""
+    r = run_py(code)
+    assert r.returncode == 0, r.stderr
+    assert "pip install 'pyguard[triton]'" in r.stdout
+
+
+def test_missing_extension_fails_lazily_with_a_hint():
+    code = """
+import sys
+sys.modules['pyguard._C'] = None
+import numpy as np, pyguard
+from pyguard import ops
+b = np.ones((1, 4), np.float32)
+assert ops._pick('auto', b) == 'ref'
+print(pyguard.coca_step(b, b, 1.0)[0])
+ops.coca_step(b, b, 1.0, backend='cpp')
+"""
+    r = run_py(code)
+    assert r.returncode == 1
+    assert "[0]" in r.stdout
+    assert "pyguard._C (the C++ kernels) is not built" in r.stderr and "pip install ." in r.stderr
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2"])
+def test_isa_forced_by_env(isa):
+    from pyguard import _C
+
+    if not _C.isa_supported(isa):
+        pytest.skip(f"this CPU has no {isa}")
+    r = run_py("from pyguard import _C, ops; import numpy as np;"
+               "b = np.arange(12, dtype=np.float32).reshape(2, 6);"
+               "print(_C.isa(), ops.coca_step(b, b, 1.0, backend='cpp')[0])", PYGUARD_ISA=isa)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [isa, "[5", "5]"]
+
+
+def test_bad_isa_env_is_a_clear_error():
+    r = run_py("from pyguard import _C; _C.isa()", PYGUARD_ISA="sse9")
+    assert r.returncode == 1
+    assert "PYGUARD_ISA=sse9 is not an instruction set this CPU supports" in r.stderr
+
+
+def test_set_isa_rejects_unknown_names():
+    from pyguard import _C
+
+    with pytest.raises(ValueError, match="unknown instruction set 'neon9'"):
+        _C.set_isa("neon9")
+    assert _C.isa() in _C.ISAS
+
+
+def test_models_registry_and_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown model 'gpt-9'"):
+        models.model_path("gpt-9")
+    p = models.model_path("smollm2-135m", tmp_path)
+    assert p.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and not p.exists()
+
+
+@pytest.mark.parametrize("name", list(models.MODELS))
+def test_default_models_fetched_and_verified(name):
+    """scripts/setup.sh fetched them; their sha256 is the published one."""
+    path = models.model_path(name)
+    if not path.exists():
+        if os.environ.get("PYGUARD_REQUIRE_MODELS"):
+            pytest.fail(f"{name} is not fetched: run scripts/setup.sh")
+        pytest.skip(f"{name} not fetched (run scripts/setup.sh)")
+    assert models.sha256_file(path) == models.MODELS[name].sha256
+    with open(path, "rb") as f:
+        assert f.read(4) == b"GGUF"
