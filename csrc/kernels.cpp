@@ -9,6 +9,10 @@
 
 #include "kernels.h"
 
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
 #ifndef PYGUARD_ISA_NS
 #error "compile with -DPYGUARD_ISA_NS=<namespace>"
 #endif
@@ -17,63 +21,77 @@ namespace pyguard {
 namespace PYGUARD_ISA_NS {
 namespace {
 
-constexpr int W = 8;  // lanes per vector (two SSE registers on the generic path)
+#ifdef __AVX2__
+constexpr int W = 8;  // lanes per vector: one register of the instruction set
+#else
+constexpr int W = 4;
+#endif
 typedef float vf __attribute__((vector_size(4 * W)));
 typedef int32_t vi __attribute__((vector_size(4 * W)));
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
-inline vf splat(float x) { return vf{} + x; }
-inline vf loadu(const float* p) {
+__attribute__((always_inline)) inline vf splat(float x) { return vf{} + x; }
+__attribute__((always_inline)) inline vf loadu(const float* p) {
   vf v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
-inline void storeu(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-inline vf vmax(vf a, vf b) { return a > b ? a : b; }  // NaN-ignoring where b is the running max
-inline float hmax(vf v) {
+__attribute__((always_inline)) inline void storeu(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+// a > b ? a : b per lane (so a NaN in a is ignored when b is a running max), one instruction.
+__attribute__((always_inline)) inline vf vmax(vf a, vf b) {
+#if defined(__AVX__)
+  return (vf)_mm256_max_ps((__m256)a, (__m256)b);
+#elif defined(__SSE2__)
+  return (vf)_mm_max_ps((__m128)a, (__m128)b);
+#else
+  return a > b ? a : b;
+#endif
+}
+__attribute__((always_inline)) inline float hmax(vf v) {
   float m = v[0];
   for (int i = 1; i < W; ++i) m = v[i] > m ? v[i] : m;
   return m;
 }
-inline double hsum(vf v) {
+__attribute__((always_inline)) inline double hsum(vf v) {
   double s = 0;
   for (int i = 0; i < W; ++i) s += v[i];
   return s;
 }
 
-// exp for x <= ~88 (Cephes polynomial, ~1 ulp); exp(x) = 0 for x < -87.3, NaN stays NaN.
-inline vf vexp(vf x) {
-  const vf xc = vmax(x, splat(-87.3f));
-  const vf magic = splat(12582912.0f);  // 1.5 * 2^23: round to nearest integer
-  vf t = xc * splat(1.44269504088896341f) + magic;
-  const vf n = t - magic;
-  vf r = xc - n * splat(0.693359375f);
-  r = r - n * splat(-2.12194440e-4f);
-  vf p = splat(1.9875691500E-4f);
-  p = p * r + splat(1.3981999507E-3f);
-  p = p * r + splat(8.3334519073E-3f);
-  p = p * r + splat(4.1665795894E-2f);
-  p = p * r + splat(1.6666665459E-1f);
-  p = p * r + splat(5.0000001201E-1f);
-  p = p * r * r + r + splat(1.0f);
-  const vi ni = (vi)t - (vi)magic;  // the integer n, from the rounded float's low bits
-  const vf scale = (vf)((ni + 127) << 23);
-  const vf y = p * scale;
-  return x < splat(-87.3f) ? splat(0.0f) : y;
+constexpr float kLog2e = 1.44269504088896341f;
+
+// 2^u for u <= 0 (the kernels take exp(x - m) as 2^(x log2e - m log2e), one FMA for the
+// argument). Degree-5 minimax polynomial for 2^f, |f| <= 1/2, max relative error 1.9e-7;
+// the exponent is added to the bits. u < -126 is clamped (about 1e-38, not 0).
+__attribute__((always_inline)) inline vf vexp2(vf u) {
+  u = vmax(u, splat(-126.0f));
+  const vf magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const vf t = u + magic;
+  const vf f = u - (t - magic);
+  vf p = splat(0.001326472731307149f);
+  p = p * f + splat(0.009671512991189957f);
+  p = p * f + splat(0.05550733581185341f);
+  p = p * f + splat(0.24022242426872253f);
+  p = p * f + splat(0.6931470036506653f);
+  p = p * f + splat(1.0f);
+  // The low bits of t hold the integer n; shifted to the exponent field they scale p by 2^n.
+  return (vf)((vi)p + ((vi)t << 23));
 }
 
 // ---------------------------------------------------------------------------------------------
-// coca_step. Each row is cut into chunks (for threads); each chunk is swept in L1-sized blocks:
-// block maxima first, then one rescale of the running sums, then exp-sums and the calibrated
-// logits. Memory is read once; the block re-read hits L1.
+// coca_step. Each row is cut into chunks (for threads); each chunk is swept once in L1-sized
+// blocks. Exp-sums of a block are taken against the running maxima from the blocks before it
+// (lazy rescaling: exponents up to e^kSlack are fine in float) and rescaled once per block; a block
+// whose maximum jumps more than kSlack above them is swept again (rare: it costs one block).
 
 constexpr int64_t kBlock = 512;    // floats per block, a multiple of W
 constexpr int64_t kChunk = 32768;  // floats per thread task, a multiple of kBlock
+constexpr float kSlack = 60.0f;
 
 struct CocaPartial {
-  float m_s = -kInf, m_b = -kInf;  // running maxima of safe / base
+  float m_s = -kInf, m_b = -kInf;  // reference maxima of safe / base
   double S_s = 0, S_b = 0, A = 0;  // sum e^(s-m_s), sum e^(b-m_b), sum e^(s-m_s) (s-b)
   float best = -kInf;              // max calibrated logit (NaN ignored)
   int64_t best_idx = -1;           // its first index
@@ -81,85 +99,100 @@ struct CocaPartial {
   float bad = 0;                   // NaN if any input is non-finite
 };
 
-inline void rescale(float& m, double& S, double* A, float m_new) {
-  if (m_new > m) {
-    const double f = std::exp(static_cast<double>(m) - static_cast<double>(m_new));
-    S *= f;
-    if (A) *A *= f;
-    m = m_new;
+// Merge sums (mq, Sq, Aq) taken against reference mq into (m, S, A) taken against m.
+__attribute__((always_inline)) inline void merge_lse(float& m, double& S, double* A, float mq,
+                                                     double Sq, double Aq) {
+  const float mn = std::max(m, mq);
+  auto f = [mn](float x) { return x == -kInf ? 0.0 : std::exp(static_cast<double>(x) - mn); };
+  const double fp = f(m), fq = f(mq);
+  S = S * fp + Sq * fq;
+  if (A) *A = *A * fp + Aq * fq;
+  m = mn;
+}
+
+struct BlockSums {
+  double S_s = 0, S_b = 0, A = 0;
+  float bad = 0, ms = -kInf, mb = -kInf, cmax = -kInf;
+  bool any_nan = false;
+};
+
+// One sweep over a block: exp-sums against (rs, rb), block maxima, the non-finite flag
+// ((s - b) * 0 is NaN iff s or b is NaN or inf), calibrated logits c = cb * base + ca * safe into cp.
+BlockSums coca_block(const float* bp, const float* sp, float* cp, int64_t len, float rs, float rb,
+                     float ca, float cb) {
+  const int64_t lv = len - len % W;
+  const vf L = splat(kLog2e), vrs = splat(-rs * kLog2e), vrb = splat(-rb * kLog2e);
+  const vf va = splat(ca), vb = splat(cb);
+  vf Ss = splat(0.0f), Sb = splat(0.0f), Av = splat(0.0f), bad = splat(0.0f);
+  vf ms = splat(-kInf), mb = splat(-kInf), cmax = splat(-kInf);
+  vi cnan = vi{} + 0;
+  for (int64_t i = 0; i < lv; i += W) {
+    const vf s = loadu(sp + i), b = loadu(bp + i);
+    const vf es = vexp2(s * L + vrs), sb = s - b;
+    ms = vmax(s, ms);
+    mb = vmax(b, mb);
+    Ss += es;
+    Av += es * sb;
+    bad += sb * 0.0f;
+    Sb += vexp2(b * L + vrb);
+    const vf c = vb * b + va * s;
+    cnan |= (c != c);
+    cmax = vmax(c, cmax);
+    storeu(cp + i, c);
   }
+  BlockSums k;
+  k.S_s = hsum(Ss), k.S_b = hsum(Sb), k.A = hsum(Av);
+  k.bad = static_cast<float>(hsum(bad));
+  k.ms = hmax(ms), k.mb = hmax(mb), k.cmax = hmax(cmax);
+  for (int i = 0; i < W; ++i) k.any_nan |= cnan[i] != 0;
+  for (int64_t i = lv; i < len; ++i) {
+    const float s = sp[i], b = bp[i];
+    const double es = std::exp(static_cast<double>(s) - rs);
+    k.S_s += es;
+    k.A += es * (static_cast<double>(s) - b);
+    k.bad += (s - b) * 0.0f;
+    k.S_b += std::exp(static_cast<double>(b) - rb);
+    k.ms = s > k.ms ? s : k.ms;
+    k.mb = b > k.mb ? b : k.mb;
+    const float c = cb * b + ca * s;
+    k.any_nan |= c != c;
+    k.cmax = c > k.cmax ? c : k.cmax;
+    cp[i] = c;
+  }
+  return k;
 }
 
 void coca_chunk(const float* base, const float* safe, int64_t n, int64_t offset, float a,
                 float it, float* out, CocaPartial& P) {
-  alignas(64) float cbuf[kBlock];
-  const vf va = splat(a), vma = splat(1.0f - a), vit = splat(it);
+  alignas(64) float cbuf[kBlock];  // calibrated logits of the block when there is no out
+  const float ca = a * it, cb = (1.0f - a) * it;
   for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
     const int64_t len = std::min(kBlock, n - b0);
-    const int64_t lv = len - len % W;
     const float* bp = base + b0;
     const float* sp = safe + b0;
-    // Sweep 1: block maxima and the non-finite flag.
-    vf ms = splat(-kInf), mb = splat(-kInf), bad = splat(0.0f);
-    for (int64_t i = 0; i < lv; i += W) {
-      const vf s = loadu(sp + i), b = loadu(bp + i);
-      ms = vmax(s, ms);
-      mb = vmax(b, mb);
-      bad += s * 0.0f + b * 0.0f;
+    float* cp = out ? out + b0 : cbuf;  // element i is written after base[i], safe[i] are read
+    float rs = P.m_s, rb = P.m_b;
+    if (b0 == 0) rs = sp[0], rb = bp[0];
+    BlockSums k = coca_block(bp, sp, cp, len, rs, rb, ca, cb);
+    if (!(k.ms <= rs + kSlack) || !(k.mb <= rb + kSlack)) {  // far above the reference: again
+      rs = std::max(rs, k.ms), rb = std::max(rb, k.mb);
+      k = coca_block(bp, sp, cp, len, rs, rb, ca, cb);
     }
-    float ms1 = hmax(ms), mb1 = hmax(mb), bad1 = static_cast<float>(hsum(bad));
-    for (int64_t i = lv; i < len; ++i) {
-      ms1 = sp[i] > ms1 ? sp[i] : ms1;
-      mb1 = bp[i] > mb1 ? bp[i] : mb1;
-      bad1 += sp[i] * 0.0f + bp[i] * 0.0f;
-    }
-    P.bad += bad1;
-    rescale(P.m_s, P.S_s, &P.A, ms1);
-    rescale(P.m_b, P.S_b, nullptr, mb1);
-    // Sweep 2: exp-sums against the running maxima; calibrated logits.
-    const vf vms = splat(P.m_s), vmb = splat(P.m_b);
-    vf Ss = splat(0.0f), Sb = splat(0.0f), Av = splat(0.0f), cmax = splat(-kInf);
-    vi cnan = vi{} + 0;
-    for (int64_t i = 0; i < lv; i += W) {
-      const vf s = loadu(sp + i), b = loadu(bp + i);
-      const vf es = vexp(s - vms);
-      Ss += es;
-      Av += es * (s - b);
-      Sb += vexp(b - vmb);
-      const vf c = (vma * b + va * s) * vit;
-      cnan |= (c != c);
-      cmax = vmax(c, cmax);
-      std::memcpy(cbuf + i, &c, sizeof c);
-    }
-    double Ss1 = hsum(Ss), Sb1 = hsum(Sb), A1 = hsum(Av);
-    float cmax1 = hmax(cmax);
-    bool any_nan = false;
-    for (int i = 0; i < W; ++i) any_nan |= cnan[i] != 0;
-    for (int64_t i = lv; i < len; ++i) {
-      const float s = sp[i], b = bp[i];
-      const double es = std::exp(static_cast<double>(s) - P.m_s);
-      Ss1 += es;
-      A1 += es * (static_cast<double>(s) - b);
-      Sb1 += std::exp(static_cast<double>(b) - P.m_b);
-      const float c = ((1.0f - a) * b + a * s) * it;
-      any_nan |= c != c;
-      cmax1 = c > cmax1 ? c : cmax1;
-      cbuf[i] = c;
-    }
-    P.S_s += Ss1;
-    P.S_b += Sb1;
-    P.A += A1;
-    if (out) std::memcpy(out + b0, cbuf, len * sizeof(float));
-    if (any_nan && P.nan_idx < 0) {
+    merge_lse(P.m_s, P.S_s, &P.A, rs, k.S_s, k.A);
+    merge_lse(P.m_b, P.S_b, nullptr, rb, k.S_b, 0.0);
+    merge_lse(P.m_s, P.S_s, &P.A, k.ms, 0.0, 0.0);  // keep the reference at the running max
+    merge_lse(P.m_b, P.S_b, nullptr, k.mb, 0.0, 0.0);
+    P.bad += k.bad;
+    if (k.any_nan && P.nan_idx < 0) {
       int64_t i = 0;
-      while (i < len && cbuf[i] == cbuf[i]) ++i;
+      while (i < len && cp[i] == cp[i]) ++i;
       P.nan_idx = offset + b0 + i;
     }
-    if (cmax1 > P.best || (P.best_idx < 0 && cmax1 == P.best)) {
+    if (k.cmax > P.best || (P.best_idx < 0 && k.cmax == P.best)) {
       int64_t i = 0;
-      while (i < len && !(cbuf[i] == cmax1)) ++i;  // i == len only for an all-NaN block
+      while (i < len && !(cp[i] == k.cmax)) ++i;  // i == len only for an all-NaN block
       if (i < len) {
-        P.best = cmax1;
+        P.best = k.cmax;
         P.best_idx = offset + b0 + i;
       }
     }
@@ -168,16 +201,8 @@ void coca_chunk(const float* base, const float* safe, int64_t n, int64_t offset,
 
 // Merge q (a later chunk of the same row) into p.
 void coca_merge(CocaPartial& p, const CocaPartial& q) {
-  const float ms = std::max(p.m_s, q.m_s), mb = std::max(p.m_b, q.m_b);
-  auto f = [](float m, float mnew) {
-    return m == -kInf ? 0.0 : std::exp(static_cast<double>(m) - static_cast<double>(mnew));
-  };
-  const double fp = f(p.m_s, ms), fq = f(q.m_s, ms);
-  p.S_s = p.S_s * fp + q.S_s * fq;
-  p.A = p.A * fp + q.A * fq;
-  p.S_b = p.S_b * f(p.m_b, mb) + q.S_b * f(q.m_b, mb);
-  p.m_s = ms;
-  p.m_b = mb;
+  merge_lse(p.m_s, p.S_s, &p.A, q.m_s, q.S_s, q.A);
+  merge_lse(p.m_b, p.S_b, nullptr, q.m_b, q.S_b, 0.0);
   if (q.best_idx >= 0 && (p.best_idx < 0 || q.best > p.best)) {
     p.best = q.best;
     p.best_idx = q.best_idx;
