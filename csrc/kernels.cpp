@@ -257,39 +257,52 @@ void cmrm_shift(float* h, int64_t N, int64_t d, const float* v, float alpha, con
 // token chunks for threads; per-head online softmax partials are merged in order.
 
 constexpr int64_t kTokChunk = 64;
-constexpr int kMaxCols = 16;  // dot products per pass over a token
+constexpr int kMaxCols = 8;  // dot products per pass over a token (register accumulators)
 
 struct CasaPartial {
   std::vector<double> m, l, acc;  // per head: running max logit, sum e^(x-m), sum e^(x-m) u
   float bad = 0;
 };
 
+// g[c] = x . G[c] for NC columns of G (rows of length d); bad accumulates x * 0 when asked.
+template <int NC>
+void dots(const float* x, const float* G, int64_t d, float* g, vf& bad, bool check) {
+  const int64_t dv = d - d % W;
+  vf acc[NC];
+  for (int c = 0; c < NC; ++c) acc[c] = splat(0.0f);
+  for (int64_t j = 0; j < dv; j += W) {
+    const vf xv = loadu(x + j);
+    if (check) bad += xv * 0.0f;
+    for (int c = 0; c < NC; ++c) acc[c] += xv * loadu(G + c * d + j);
+  }
+  for (int c = 0; c < NC; ++c) {
+    double sum = hsum(acc[c]);
+    for (int64_t j = dv; j < d; ++j) sum += static_cast<double>(x[j]) * G[c * d + j];
+    g[c] = static_cast<float>(sum);
+  }
+  if (check) {
+    float tail = 0;
+    for (int64_t j = dv; j < d; ++j) tail += x[j] * 0.0f;
+    bad[0] += tail;
+  }
+}
+
+using DotsFn = void (*)(const float*, const float*, int64_t, float*, vf&, bool);
+constexpr DotsFn kDots[kMaxCols + 1] = {nullptr,  dots<1>, dots<2>, dots<3>, dots<4>,
+                                        dots<5>,  dots<6>, dots<7>, dots<8>};
+
 void casa_tokens(const float* H, int64_t t0, int64_t t1, int64_t d, const float* G, int64_t cols,
                  CasaPartial& P) {
   const int64_t heads = cols - 1;
-  const int64_t dv = d - d % W;
   std::vector<float> g(static_cast<size_t>(cols));
   for (int64_t t = t0; t < t1; ++t) {
     const float* x = H + t * d;
     vf bad = splat(0.0f);
     for (int64_t c0 = 0; c0 < cols; c0 += kMaxCols) {
       const int64_t nc = std::min<int64_t>(kMaxCols, cols - c0);
-      vf acc[kMaxCols];
-      for (int64_t c = 0; c < nc; ++c) acc[c] = splat(0.0f);
-      for (int64_t j = 0; j < dv; j += W) {
-        const vf xv = loadu(x + j);
-        if (c0 == 0) bad += xv * 0.0f;
-        for (int64_t c = 0; c < nc; ++c) acc[c] += xv * loadu(G + (c0 + c) * d + j);
-      }
-      for (int64_t c = 0; c < nc; ++c) {
-        double sum = hsum(acc[c]);
-        for (int64_t j = dv; j < d; ++j) sum += static_cast<double>(x[j]) * G[(c0 + c) * d + j];
-        g[c0 + c] = static_cast<float>(sum);
-      }
+      kDots[nc](x, G + c0 * d, d, g.data() + c0, bad, c0 == 0);
     }
-    float bad1 = static_cast<float>(hsum(bad));
-    for (int64_t j = dv; j < d; ++j) bad1 += x[j] * 0.0f;
-    P.bad += bad1;
+    P.bad += static_cast<float>(hsum(bad));
     const double u = g[heads];
     for (int64_t h = 0; h < heads; ++h) {
       const double x_h = g[h];
@@ -323,14 +336,16 @@ void casa_score(const float* H, int64_t T, int64_t d, const int64_t* cu, int64_t
                 float b, float* s) {
   (void)T;
   const int64_t cols = heads + 1;
-  std::vector<float> G(static_cast<size_t>(cols * d));
-  const double inv_sqrt_r = 1.0 / std::sqrt(static_cast<double>(r));
-  for (int64_t h = 0; h < heads; ++h) {
-    for (int64_t k = 0; k < d; ++k) {
-      double sum = 0;
-      for (int64_t i = 0; i < r; ++i) sum += static_cast<double>(Wk[k * r + i]) * q[h * r + i];
-      G[h * d + k] = static_cast<float>(sum * inv_sqrt_r);
+  // G [cols, d]: row h < heads is Wk q_h / sqrt(r), row heads is w.
+  std::vector<float> G(static_cast<size_t>(cols * d)), wq(static_cast<size_t>(heads));
+  const float inv_sqrt_r = static_cast<float>(1.0 / std::sqrt(static_cast<double>(r)));
+  vf unused = splat(0.0f);
+  for (int64_t k = 0; k < d; ++k) {
+    for (int64_t h0 = 0; h0 < heads; h0 += kMaxCols) {
+      const int64_t nc = std::min<int64_t>(kMaxCols, heads - h0);
+      kDots[nc](Wk + k * r, q + h0 * r, r, wq.data() + h0, unused, false);
     }
+    for (int64_t h = 0; h < heads; ++h) G[h * d + k] = wq[h] * inv_sqrt_r;
   }
   std::memcpy(G.data() + heads * d, w, d * sizeof(float));
   // Tasks: (sequence, token chunk).

@@ -137,3 +137,24 @@ def test_torch_tensors_and_half_precision(rng):
         torch.testing.assert_close(kl, want[1], rtol=1e-4, atol=2e-5)
         assert torch.equal(tok, want[0])
         assert ops._pick("auto", hb) == "ref"
+
+
+@pytest.mark.parametrize("pattern", ["jump-up", "low-first", "huge-range"])
+def test_wide_logit_ranges(impl, rng, pattern):
+    """Logits whose maximum jumps far above everything before it (kernels rescale their
+    running sums; the C++ kernel sweeps such a block again)."""
+    base, safe = logits(rng, 2, 40000 if impl != "triton" else 5000)
+    if pattern == "jump-up":
+        safe[:, 3000:] += 150.0
+        base[:, 1200] = 400.0
+    elif pattern == "low-first":
+        safe[:, 0] = base[:, 0] = -300.0
+    else:
+        safe[0, ::7] = -1e4
+        base[1, 5::11] = 5e3
+    want_out, want_tok, want_kl = oracle(base, safe, 1.4, 1.0)
+    out = nan_like(base)
+    tok, kl = ops.coca_step(base, safe, 1.4, out=out, backend=impl)
+    np.testing.assert_allclose(out, want_out, rtol=2e-6, atol=2e-6)
+    check_tokens(tok, want_tok, want_out)
+    np.testing.assert_allclose(kl, want_kl, rtol=1e-4, atol=2e-5)

@@ -1,0 +1,39 @@
+"""Side-by-side timing: candidates run in alternating blocks, round after round, so a noisy
+machine slows them alike and their ratios stay meaningful. A short pause before each block lets
+the worker threads of the previous candidate's library (OpenBLAS, OpenMP), which spin idle for up
+to ~0.1 s after a call, go to sleep instead of taking the next candidate's cores."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+
+def interleaved(fns: dict[str, Callable[[], object]], min_time: float = 0.3, block_time: float = 0.02,
+                max_rounds: int = 50, settle: float = 0.15) -> dict[str, float]:
+    """Median seconds per call of each function.
+
+    Each function is first calibrated to a block of calls lasting about ``block_time``; then rounds
+    run every block once, in order, until ``min_time`` seconds have passed (3 to ``max_rounds``
+    rounds). The result is the median over rounds of block time / calls.
+    """
+    reps = {}
+    for name, fn in fns.items():
+        fn()  # warm-up
+        t0 = time.perf_counter()
+        fn()
+        reps[name] = max(1, int(block_time / max(time.perf_counter() - t0, 1e-7)))
+    per_call: dict[str, list[float]] = {k: [] for k in fns}
+    spent, rounds = 0.0, 0
+    while rounds < 3 or (spent < min_time and rounds < max_rounds):
+        for name, fn in fns.items():
+            n = reps[name]
+            time.sleep(settle)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            dt = time.perf_counter() - t0
+            spent += dt
+            per_call[name].append(dt / n)
+        rounds += 1
+    return {k: statistics.median(v) for k, v in per_call.items()}
