@@ -1,0 +1,43 @@
+"""The pyguard command as a user runs it."""
+import subprocess
+import sys
+
+import pytest
+
+
+def pyguard(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "pyguard.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_help_has_examples():
+    r = pyguard("--help")
+    assert r.returncode == 0 and "examples:" in r.stdout and "pyguard demo" in r.stdout
+
+
+@pytest.mark.parametrize("args", [(), ("fly",), ("models",), ("models", "delete")])
+def test_usage_errors_exit_2(args):
+    r = pyguard(*args)
+    assert r.returncode == 2 and "usage:" in r.stderr
+
+
+def test_failure_is_one_line_exit_1():
+    r = pyguard("models", "path", "gpt-9")
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == ["pyguard: error: unknown model 'gpt-9'; known: smollm2-135m, qwen2.5-coder-0.5b"]
+    r = pyguard("--debug", "models", "path", "gpt-9")
+    assert r.returncode == 1 and "Traceback" in r.stderr
+
+
+def test_models_list():
+    r = pyguard("models", "list")
+    assert r.returncode == 0
+    assert [line.split()[0] for line in r.stdout.splitlines()] == ["smollm2-135m", "qwen2.5-coder-0.5b"]
+
+
+def test_demo_runs_every_backend_and_agrees():
+    r = pyguard("demo")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "all backends agree with the reference" in r.stdout
+    for label in ("reference (numpy)", "C++ generic", "Triton"):
+        assert r.stdout.count(label) == 3, label
