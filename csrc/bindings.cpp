@@ -4,8 +4,10 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <sstream>
 #include <string>
 
@@ -89,6 +91,8 @@ py::tuple coca_step(const py::object& base_o, const py::object& safe_o, const py
   const float* sp = static_cast<const float*>(safe.data());
   int64_t* tp = token.mutable_data();
   float* kp = kl.mutable_data();
+  std::fill(tp, tp + B, int64_t{-1});  // poisoned: a row the kernel skipped cannot pass a test
+  std::fill(kp, kp + B, std::numeric_limits<float>::quiet_NaN());
   pyguard::active_isa();
   {
     py::gil_scoped_release nogil;
@@ -154,6 +158,7 @@ py::array_t<float> casa_score(const py::object& H_o, const py::object& cu_o, con
   check_finite(static_cast<const float*>(q.data()), heads * r, "q");
   check_finite(static_cast<const float*>(w.data()), d, "w");
   py::array_t<float> s(B);
+  std::fill(s.mutable_data(), s.mutable_data() + B, std::numeric_limits<float>::quiet_NaN());
   const float* Hp = static_cast<const float*>(H.data());
   const float* Wkp = static_cast<const float*>(Wk.data());
   const float* qp = static_cast<const float*>(q.data());

@@ -5,6 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._alloc import outputs
+
 
 @triton.jit
 def _casa_score_kernel(H_ptr, cu_ptr, Wk_ptr, q_ptr, w_ptr, s_ptr, b, d, r, heads, scale,
@@ -57,7 +59,7 @@ def casa_score(H, cu_seqlens, Wk, q, w, b):
     d, r = Wk.shape
     heads = q.shape[0]
     B = cu_seqlens.shape[0] - 1
-    s = torch.empty(B, dtype=torch.float32, device=H.device)
+    s = outputs(B, torch.float32, H.device)
     if B == 0:
         return s
     _casa_score_kernel[(B,)](

@@ -3,6 +3,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._alloc import outputs
+
 
 @triton.jit
 def _coca_step_kernel(base_ptr, safe_ptr, out_ptr, alpha_ptr, temp_ptr, force_ptr, token_ptr,
@@ -62,8 +64,8 @@ def coca_step(base, safe, alpha, temperature, force_token=None, out=None):
     """base, safe: [B, V] (fp32 / bf16 / fp16); alpha, temperature: fp32 [B]; force_token: int64
     [B] or None; out: [B, V] or None. Returns (token int64 [B], kl float32 [B])."""
     B, V = base.shape
-    token = torch.empty(B, dtype=torch.int64, device=base.device)
-    kl = torch.empty(B, dtype=torch.float32, device=base.device)
+    token = outputs(B, torch.int64, base.device)
+    kl = outputs(B, torch.float32, base.device)
     block = min(triton.next_power_of_2(V), 4096)
     _coca_step_kernel[(B,)](
         base, safe, out if out is not None else base, alpha, temperature,
