@@ -96,14 +96,16 @@ def casa_score(H, cu_seqlens, Wk, q, w, b):
     scores = []
     for i in range(len(cu) - 1):
         x = Hd[cu[i] : cu[i + 1]]
+        if not bool(xp.all(xp.isfinite(x))):
+            scores.append(math.nan)
+            continue
         logits = (x @ Wkd) @ qd.T / math.sqrt(r)  # [t, heads]
         logits = logits - xp.amax(logits, axis=0, keepdims=True)
         a = xp.exp(logits)
         a = a / xp.sum(a, axis=0, keepdims=True)
         z = xp.sum(a.T @ x, axis=0) / qd.shape[0]  # [d]
         logit = float(xp.sum(wd * z)) + float(b)
-        ok = bool(xp.all(xp.isfinite(x)))
-        scores.append(1.0 / (1.0 + math.exp(-logit)) if ok else math.nan)
+        scores.append(1.0 / (1.0 + math.exp(-logit)))
     if is_torch(H):
         import torch
 

@@ -12,6 +12,7 @@ LLAMA_VERSION=0.3.36
 # Portable build: the native default enables AMX and crashes on quantized models (DESIGN.md).
 LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF"
 mkdir -p "$CACHE"
+ln -sfn "$CACHE" cache  # the project's view of the per-user cache (git-ignored)
 log() { printf '[setup] %s\n' "$*" >&2; }
 
 if [ ! -x .venv/bin/python ]; then
