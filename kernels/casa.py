@@ -37,10 +37,10 @@ def _casa_score_kernel(H_ptr, cu_ptr, Wk_ptr, q_ptr, w_ptr, s_ptr, b, d, r, head
                         mask=tmask[:, None] & dmask[None, :], other=0.0)  # [T, D]
             wk = tl.load(Wk_ptr + dd[:, None] * r + rr[None, :],
                          mask=dmask[:, None] & (rr < r)[None, :], other=0.0)  # [D, R]
-            K += tl.dot(x, wk, input_precision="ieee")
+            K += tl.dot(x, wk, input_precision="tf32x3")
             u += tl.sum(x * tl.load(w_ptr + dd, mask=dmask, other=0.0)[None, :], axis=1)
             bad += tl.sum(x * 0.0)
-        logits = tl.dot(K, qT, input_precision="ieee") * scale  # [T, H]
+        logits = tl.dot(K, qT, input_precision="tf32x3") * scale  # [T, H]
         logits = tl.where(tmask[:, None] & hmask[None, :], logits, low)
         new_m = tl.maximum(m, tl.max(logits, axis=0))
         f = tl.exp(m - new_m)

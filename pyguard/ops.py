@@ -282,6 +282,7 @@ def casa_score(H, cu_seqlens, Wk, q, w, b, backend="auto"):
     if which == "cpp":
         return _like(native().casa_score(_host(H), cu, _host(Wk), _host(q), _host(w), float(b)), H)
     if which == "triton":
-        args = [_torch(x) for x in (H, _like(cu, H) if is_torch(H) else cu, Wk, q, w)]
-        return _like(triton_kernels().casa_score(*args, float(b)), H)
+        Ht, Wkt, qt, wt = (_torch(x) for x in (H, Wk, q, w))
+        s = triton_kernels().casa_score(Ht, _torch(cu).to(Ht.device), Wkt, qt, wt, float(b))
+        return _like(s, H)
     return reference.casa_score(H, cu, Wk, q, w, b)
