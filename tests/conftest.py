@@ -51,8 +51,3 @@ def impl(request):
         if name == "triton":
             pytest.importorskip("triton")
         yield name
-
-
-def nan_like(a):
-    """A fresh buffer of a's shape and dtype filled with NaN (unwritten outputs then fail)."""
-    return np.full_like(a, np.nan)

@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from conftest import nan_like
+from poison import nan_like
 
 from pyguard import ops
 
