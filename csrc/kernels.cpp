@@ -219,7 +219,7 @@ void coca_step(const float* base, const float* safe, int64_t B, int64_t V, const
                float* kl) {
   const int64_t nc = (V + kChunk - 1) / kChunk;
   std::vector<CocaPartial> parts(static_cast<size_t>(B * nc));
-#pragma omp parallel for schedule(static) if (B * V > 65536)
+#pragma omp parallel for schedule(dynamic) if (B * V > 65536)
   for (int64_t t = 0; t < B * nc; ++t) {
     const int64_t row = t / nc, c0 = (t % nc) * kChunk;
     const int64_t off = row * V + c0;
@@ -243,7 +243,7 @@ void cmrm_shift(float* h, int64_t N, int64_t d, const float* v, float alpha, con
   std::vector<float> av(static_cast<size_t>(d));
   for (int64_t j = 0; j < d; ++j) av[j] = alpha * v[j];
   const float* __restrict__ a = av.data();
-#pragma omp parallel for schedule(static) if (N * d > 262144)
+#pragma omp parallel for schedule(dynamic, 16) if (N * d > 262144)
   for (int64_t n = 0; n < N; ++n) {
     if (mask && !mask[n]) continue;
     float* __restrict__ row = h + n * d;
