@@ -1,7 +1,7 @@
 """Speed of the C++ kernels beside the same math in numpy and torch eager, and beside a memcpy of
 the same traffic, all measured interleaved in one run. Prints a Markdown table, writes a PNG.
 
-    .venv/bin/python benchmarks/ops_report.py [--quick] [--png benchmarks/ops_report.png]
+    .venv/bin/python benchmarks/ops_report.py [--quick] [--passes 3] [--png benchmarks/ops_report.png]
 
 Effective GB/s = bytes the op must move (reads + writes) / time. memcpy copies half that many
 bytes (so it moves the same traffic) with numpy's copyto, single-threaded.
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import sys
 from pathlib import Path
 
@@ -75,13 +76,17 @@ def cases(quick: bool):
             + [casa_case(B, 512, 896) for B in (1, 8)])
 
 
-def run(quick=False, min_time=0.5):
+def run(quick=False, min_time=0.3, passes=3):
+    """Every case measured in each of ``passes`` passes over all cases; per candidate, the median
+    over passes (a disturbance of a few seconds on this shared machine then hits one pass, not
+    every round of a case)."""
+    built = [(name, nbytes, {**fns, "memcpy": memcpy_fn(nbytes)}) for name, nbytes, fns in cases(quick)]
+    per_pass = [[interleaved(fns, min_time=min_time, block_time=0.05) for _, _, fns in built]
+                for _ in range(passes)]
     rows = []
-    for name, nbytes, fns in cases(quick):
-        fns = {**fns, "memcpy": memcpy_fn(nbytes)}
-        t = interleaved(fns, min_time=min_time)
-        gbs = {k: nbytes / v / 1e9 for k, v in t.items()}
-        rows.append(dict(case=name, MB=nbytes / 1e6, times=t, gbs=gbs))
+    for i, (name, nbytes, fns) in enumerate(built):
+        t = {k: statistics.median(p[i][k] for p in per_pass) for k in fns}
+        rows.append(dict(case=name, MB=nbytes / 1e6, times=t, gbs={k: nbytes / v / 1e9 for k, v in t.items()}))
     return rows
 
 
@@ -104,33 +109,44 @@ def table(rows) -> str:
 
 
 def plot(rows, path: Path):
+    """One panel per op: effective GB/s of each implementation and of memcpy, per case."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     impls = [k for k in ("cpp", "numpy", "torch", "memcpy") if k in rows[0]["gbs"]]
-    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(rows)), 4.5))
+    labels = {"cpp": "pyguard C++"}
+    groups = {}
+    for r in rows:
+        op, case = r["case"].split(" ", 1)
+        groups.setdefault(op, []).append((case, r))
+    fig, axes = plt.subplots(1, len(groups), figsize=(3 + 1.0 * len(rows), 4.8),
+                             gridspec_kw={"width_ratios": [len(g) for g in groups.values()]})
+    axes = np.atleast_1d(axes)
     width = 0.8 / len(impls)
-    x = np.arange(len(rows))
-    for i, k in enumerate(impls):
-        ax.bar(x + i * width, [r["gbs"][k] for r in rows], width, label={"cpp": "pyguard C++"}.get(k, k))
-    ax.set_xticks(x + width * (len(impls) - 1) / 2)
-    ax.set_xticklabels([r["case"].replace(" ", "\n", 1) for r in rows], fontsize=7)
-    ax.set_ylabel("effective GB/s (higher is better)")
-    ax.set_title(f"pyguard ops on {platform.machine()}, {os.cpu_count()} cores, ISA {_C.isa()}")
-    ax.legend()
+    for ax, (op, items) in zip(axes, groups.items()):
+        x = np.arange(len(items))
+        for i, k in enumerate(impls):
+            ax.bar(x + i * width, [r["gbs"][k] for _, r in items], width, label=labels.get(k, k))
+        ax.set_xticks(x + width * (len(impls) - 1) / 2)
+        ax.set_xticklabels([c.replace(" mask", "\nmask") for c, _ in items], fontsize=7, rotation=30, ha="right")
+        ax.set_title(op)
+    axes[0].set_ylabel("effective GB/s (higher is better)")
+    axes[-1].legend(fontsize=8)
+    fig.suptitle(f"pyguard ops on {platform.machine()}, {os.cpu_count()} cores, ISA {_C.isa()}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="three small cases (seconds)")
     p.add_argument("--png", type=Path, default=Path(__file__).with_name("ops_report.png"))
-    p.add_argument("--min-time", type=float, default=0.5, help="seconds per case")
+    p.add_argument("--min-time", type=float, default=0.3, help="seconds per case and pass")
+    p.add_argument("--passes", type=int, default=3, help="passes over all cases (median taken)")
     a = p.parse_args(argv)
-    rows = run(a.quick, a.min_time)
+    rows = run(a.quick, a.min_time, a.passes)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"ISA {_C.isa()}, numpy {np.__version__}" + (f", torch {torch.__version__}" if torch else ""))
     print(table(rows))

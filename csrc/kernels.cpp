@@ -114,7 +114,7 @@ __attribute__((always_inline)) inline void merge_lse(float& m, double& S, double
 struct BlockSums {
   double S_s = 0, S_b = 0, A = 0;
   float bad = 0, ms = -kInf, mb = -kInf, cmax = -kInf;
-  bool any_nan = false;
+  bool any_nan = false;  // maybe: some c is NaN or inf
 };
 
 // One sweep over a block: exp-sums against (rs, rb), block maxima, the non-finite flag
@@ -125,8 +125,7 @@ BlockSums coca_block(const float* bp, const float* sp, float* cp, int64_t len, f
   const vf L = splat(kLog2e), vrs = splat(-rs * kLog2e), vrb = splat(-rb * kLog2e);
   const vf va = splat(ca), vb = splat(cb);
   vf Ss = splat(0.0f), Sb = splat(0.0f), Av = splat(0.0f), bad = splat(0.0f);
-  vf ms = splat(-kInf), mb = splat(-kInf), cmax = splat(-kInf);
-  vi cnan = vi{} + 0;
+  vf ms = splat(-kInf), mb = splat(-kInf), cmax = splat(-kInf), cbad = splat(0.0f);
   for (int64_t i = 0; i < lv; i += W) {
     const vf s = loadu(sp + i), b = loadu(bp + i);
     const vf es = vexp2(s * L + vrs), sb = s - b;
@@ -137,7 +136,7 @@ BlockSums coca_block(const float* bp, const float* sp, float* cp, int64_t len, f
     bad += sb * 0.0f;
     Sb += vexp2(b * L + vrb);
     const vf c = vb * b + va * s;
-    cnan |= (c != c);
+    cbad += c * 0.0f;  // NaN iff some c is NaN or inf: then the block is scanned for a NaN
     cmax = vmax(c, cmax);
     storeu(cp + i, c);
   }
@@ -145,7 +144,7 @@ BlockSums coca_block(const float* bp, const float* sp, float* cp, int64_t len, f
   k.S_s = hsum(Ss), k.S_b = hsum(Sb), k.A = hsum(Av);
   k.bad = static_cast<float>(hsum(bad));
   k.ms = hmax(ms), k.mb = hmax(mb), k.cmax = hmax(cmax);
-  for (int i = 0; i < W; ++i) k.any_nan |= cnan[i] != 0;
+  k.any_nan = std::isnan(hsum(cbad));
   for (int64_t i = lv; i < len; ++i) {
     const float s = sp[i], b = bp[i];
     const double es = std::exp(static_cast<double>(s) - rs);
@@ -187,7 +186,7 @@ void coca_chunk(const float* base, const float* safe, int64_t n, int64_t offset,
     if (k.any_nan && P.nan_idx < 0) {
       int64_t i = 0;
       while (i < len && cp[i] == cp[i]) ++i;
-      P.nan_idx = offset + b0 + i;
+      if (i < len) P.nan_idx = offset + b0 + i;
     }
     if (k.cmax > P.best || (P.best_idx < 0 && k.cmax == P.best)) {
       int64_t i = 0;

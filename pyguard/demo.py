@@ -75,7 +75,7 @@ def run(seed: int = 0) -> int:
         got = {label: fn() for label, fn in fns.items()}
         # The Triton interpreter is too slow to time side by side; it is run once above.
         timed = {k: f for k, f in fns.items() if "interpreter" not in k}
-        times = interleaved(timed, min_time=0.3, settle=0.0)
+        times = interleaved(timed, min_time=0.3)
         ref_t = times[backends[0][0]]
         for i, (label, _, _) in enumerate(backends):
             diff = max(float(np.nanmax(np.abs(np.asarray(g, np.float64) - np.asarray(w, np.float64))))

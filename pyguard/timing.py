@@ -1,7 +1,10 @@
 """Side-by-side timing: candidates run in alternating blocks, round after round, so a noisy
-machine slows them alike and their ratios stay meaningful. A short pause before each block lets
-the worker threads of the previous candidate's library (OpenBLAS, OpenMP), which spin idle for up
-to ~0.1 s after a call, go to sleep instead of taking the next candidate's cores."""
+machine slows them alike and their ratios stay meaningful.
+
+Known bias: worker threads of a previous candidate's library (OpenBLAS after a numpy matmul) spin
+idle for up to ~0.1 s and slow the next block; ``settle`` pauses before each block to let them
+sleep, but on a VM a pause also lets the cores cool, which slows multi-threaded candidates more.
+The default is no pause."""
 from __future__ import annotations
 
 import statistics
@@ -10,7 +13,7 @@ from typing import Callable
 
 
 def interleaved(fns: dict[str, Callable[[], object]], min_time: float = 0.3, block_time: float = 0.02,
-                max_rounds: int = 50, settle: float = 0.15) -> dict[str, float]:
+                max_rounds: int = 50, settle: float = 0.0) -> dict[str, float]:
     """Median seconds per call of each function.
 
     Each function is first calibrated to a block of calls lasting about ``block_time``; then rounds
