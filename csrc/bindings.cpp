@@ -39,7 +39,7 @@ py::array check(const py::object& obj, const char* name, int ndim, py::ssize_t d
                 py::ssize_t d1 = -1, bool writeable = false) {
   if (!py::isinstance<py::array>(obj)) fail(name, " must be a numpy array, got ", Py_TYPE(obj.ptr())->tp_name);
   py::array a = py::reinterpret_borrow<py::array>(obj);
-  if (!a.dtype().is(py::dtype::of<T>()))
+  if (!a.dtype().equal(py::dtype::of<T>()))
     fail(name, " must have dtype ", std::string(py::str(py::dtype::of<T>())), ", got ", std::string(py::str(a.dtype())));
   if (a.ndim() != ndim) fail(name, " must be ", ndim, "-D, got shape ", shape_str(a));
   if (d0 >= 0 && a.shape(0) != d0) fail(name, " has shape ", shape_str(a), ", expected dim 0 = ", d0);
@@ -122,7 +122,7 @@ void cmrm_shift_(const py::object& h_o, const py::object& v_o, double alpha, int
   if (!mask_o.is_none()) {
     if (!py::isinstance<py::array>(mask_o)) fail("row_mask must be a numpy array");
     py::array m = py::reinterpret_borrow<py::array>(mask_o);
-    if (!m.dtype().is(py::dtype::of<bool>()) && !m.dtype().is(py::dtype::of<uint8_t>()))
+    if (!m.dtype().equal(py::dtype::of<bool>()) && !m.dtype().equal(py::dtype::of<uint8_t>()))
       fail("row_mask must have dtype bool or uint8, got ", std::string(py::str(m.dtype())));
     if (m.ndim() != 1 || m.shape(0) != N) fail("row_mask has shape ", shape_str(m), ", expected (", N, ",)");
     if (!(m.flags() & py::array::c_style)) fail("row_mask must be C-contiguous");

@@ -1,0 +1,96 @@
+"""OpenAI-style chat messages: validation, images, the CoCA safety principle. Shared by the
+runtimes; no model code here.
+
+A message is ``{"role": "system"|"user"|"assistant", "content": str | [part, ...]}`` with parts
+``{"type": "text", "text": ...}`` and ``{"type": "image_url", "image_url": {"url": ...}}``
+(or ``"image_url": "..."``). Image URLs are local file paths, ``file://`` URLs or ``data:`` URIs;
+nothing is fetched from the network.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class Prompt:
+    """Messages flattened for a text chat template: image parts replaced by ``marker``.
+
+    messages: [{"role", "content": str}]; images: the image bytes, in order of their markers.
+    """
+
+    messages: list[dict]
+    images: list[bytes]
+
+
+def image_bytes(url: str) -> bytes:
+    """The bytes of an image given as a local path, a file:// URL or a data: URI."""
+    if url.startswith("data:"):
+        head, _, data = url.partition(",")
+        if not head.endswith(";base64"):
+            raise ValueError("data: image URIs must be base64-encoded (data:image/png;base64,...)")
+        try:
+            return base64.b64decode(data, validate=True)
+        except binascii.Error as e:
+            raise ValueError(f"data: image URI is not valid base64: {e}") from None
+    parsed = urlparse(url)
+    if parsed.scheme in ("http", "https", "ftp"):
+        raise ValueError(f"image {url!r}: remote URLs are not fetched; pass a local path or a data: URI")
+    path = Path(unquote(parsed.path) if parsed.scheme == "file" else url)
+    if not path.is_file():
+        raise ValueError(f"image file not found: {path}")
+    return path.read_bytes()
+
+
+def _parts(content, i: int) -> list[dict]:
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if not isinstance(content, list):
+        raise ValueError(f"messages[{i}].content must be a string or a list of parts, got {type(content).__name__}")
+    for j, p in enumerate(content):
+        if not isinstance(p, dict) or p.get("type") not in ("text", "image_url"):
+            raise ValueError(f"messages[{i}].content[{j}] must be a text or image_url part, got {p!r:.80}")
+    return content
+
+
+def flatten(messages, marker: str) -> Prompt:
+    """Validate ``messages`` and flatten image parts to ``marker`` in the text."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
+    out, images = [], []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise ValueError(f"messages[{i}] has unknown role {m['role']!r} (known: {', '.join(ROLES)})")
+        text = []
+        for p in _parts(m["content"], i):
+            if p["type"] == "text":
+                text.append(str(p.get("text", "")))
+            else:
+                if m["role"] != "user":
+                    raise ValueError(f"messages[{i}]: images are only accepted in user messages")
+                url = p["image_url"]["url"] if isinstance(p["image_url"], dict) else p["image_url"]
+                images.append(image_bytes(url))
+                text.append(marker)
+        out.append({"role": m["role"], "content": "".join(text) if len(text) != 1 else text[0]})
+    return Prompt(out, images)
+
+
+def with_principle(prompt: Prompt, principle: str, position: str, marker: str) -> Prompt:
+    """The prompt with the safety principle in the last user message: after its images, and
+    before (``position="before"``) or after (``"after"``) its text."""
+    last = max((i for i, m in enumerate(prompt.messages) if m["role"] == "user"), default=None)
+    if last is None:
+        raise ValueError("CoCA needs a user message to attach the safety principle to")
+    content = prompt.messages[last]["content"]
+    head, sep, text = content.rpartition(marker)  # head + sep: everything up to the last image
+    body = f"{principle}\n\n{text.lstrip()}" if position == "before" else f"{text.rstrip()}\n\n{principle}"
+    messages = [dict(m) for m in prompt.messages]
+    messages[last]["content"] = head + sep + body
+    return Prompt(messages, prompt.images)

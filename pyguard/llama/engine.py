@@ -1,0 +1,138 @@
+"""A llama.cpp model and context through llama-cpp-python's low-level API: several sequences,
+batches with explicit positions, zero-copy logit rows, KV-cache copies, control vectors.
+No torch."""
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import numpy as np
+
+try:
+    from llama_cpp import _internals, _logger
+    from llama_cpp import llama_cpp as L
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise ImportError(f"pyguard.llama needs llama-cpp-python: pip install 'pyguard[llama]' ({e})") from e
+
+
+class Engine:
+    """One model, one context with ``n_seq`` sequences of ``n_ctx`` tokens each."""
+
+    def __init__(self, model_path: str | Path, n_ctx: int = 2048, n_seq: int = 2, n_threads: int | None = None,
+                 n_batch: int = 512, verbose: bool = False, cb_eval=None, cb_eval_user_data=None):
+        path = Path(model_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"model file not found: {path}")
+        if n_ctx < 8:
+            raise ValueError(f"n_ctx = {n_ctx} is too small")
+        _logger.set_verbose(verbose)
+        try:
+            self.model = _internals.LlamaModel(path_model=str(path), params=L.llama_model_default_params(),
+                                               verbose=verbose)
+        except ValueError:
+            raise ValueError(f"cannot load model {path}: not a GGUF model llama.cpp can read") from None
+        cp = L.llama_context_default_params()
+        cp.n_ctx = n_ctx * n_seq  # llama.cpp splits n_ctx evenly between sequences
+        cp.n_batch = cp.n_ubatch = n_batch
+        cp.n_seq_max = n_seq
+        cp.kv_unified = False
+        threads = n_threads or max(1, len(__import__("os").sched_getaffinity(0)))
+        cp.n_threads = cp.n_threads_batch = self.n_threads = threads
+        if cb_eval is not None:
+            cp.cb_eval = cb_eval
+            cp.cb_eval_user_data = cb_eval_user_data
+        self._cparams = cp  # keeps the callback alive
+        self.ctx = L.llama_init_from_model(self.model.model, cp)
+        if not self.ctx:
+            self.model.close()
+            raise RuntimeError(f"llama.cpp could not create a context (n_ctx={n_ctx} x {n_seq} sequences)")
+        self.mem = L.llama_get_memory(self.ctx)
+        self.n_ctx = L.llama_n_ctx_seq(self.ctx)
+        self.n_batch = n_batch
+        self.n_seq = n_seq
+        self.n_vocab = self.model.n_vocab()
+        self.n_embd = self.model.n_embd()
+        self.n_layer = L.llama_model_n_layer(self.model.model)
+        self.batch = L.llama_batch_init(n_batch, 0, n_seq)
+        self.metadata = self.model.metadata()
+
+    # -- tokens ----------------------------------------------------------------------------
+    def tokenize(self, text: str, add_bos: bool = False) -> list[int]:
+        return self.model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+
+    def piece(self, token: int) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = L.llama_token_to_piece(self.model.vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = L.llama_token_to_piece(self.model.vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:n]
+
+    def is_eog(self, token: int) -> bool:
+        return bool(L.llama_vocab_is_eog(self.model.vocab, token))
+
+    def token_text(self, token: int) -> str:
+        return self.model.token_get_text(token) if token >= 0 else ""
+
+    # -- evaluation ------------------------------------------------------------------------
+    def decode(self, items) -> None:
+        """Decode (token, pos, seq, want_logits) items, in chunks of n_batch. Logit rows of the
+        final chunk are then read with ``logits(i)``, i = index within that chunk."""
+        for start in range(0, len(items), self.n_batch):
+            part = items[start : start + self.n_batch]
+            b = self.batch
+            b.n_tokens = len(part)
+            for i, (tok, pos, seq, want) in enumerate(part):
+                b.token[i] = tok
+                b.pos[i] = pos
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = seq
+                b.logits[i] = want
+            rc = L.llama_decode(self.ctx, b)
+            if rc != 0:
+                raise RuntimeError(f"llama_decode failed with code {rc}")
+
+    def logits(self, i: int) -> np.ndarray:
+        """Logit row i of the last decode: a float32 [1, V] view (valid until the next decode)."""
+        ptr = L.llama_get_logits_ith(self.ctx, i)
+        if not ptr:
+            raise RuntimeError(f"no logits for batch row {i}")
+        return np.ctypeslib.as_array(ptr, shape=(1, self.n_vocab))
+
+    # -- memory ----------------------------------------------------------------------------
+    def clear(self) -> None:
+        L.llama_memory_clear(self.mem, True)
+
+    def copy_seq(self, src: int, dst: int) -> None:
+        L.llama_memory_seq_cp(self.mem, src, dst, -1, -1)
+
+    def drop_seq(self, seq: int) -> None:
+        L.llama_memory_seq_rm(self.mem, seq, -1, -1)
+
+    def set_cvec(self, data: np.ndarray | None, il_start: int = 0, il_end: int = 0) -> None:
+        """Apply a control vector (float32, n_embd x (n_layer - 1), from layer 1) or clear it."""
+        if data is None:
+            rc = L.llama_set_adapter_cvec(self.ctx, None, 0, self.n_embd, 0, 0)
+        else:
+            self._cvec = np.ascontiguousarray(data, dtype=np.float32)  # llama.cpp copies; keep it anyway
+            ptr = self._cvec.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            rc = L.llama_set_adapter_cvec(self.ctx, ptr, self._cvec.size, self.n_embd, il_start, il_end)
+        if rc != 0:
+            raise RuntimeError(f"llama_set_adapter_cvec failed with code {rc}")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        if getattr(self, "batch", None) is not None:
+            L.llama_batch_free(self.batch)
+            self.batch = None
+        if getattr(self, "ctx", None):
+            L.llama_free(self.ctx)
+            self.ctx = None
+        if getattr(self, "model", None) is not None:
+            self.model.close()
+            self.model = None

@@ -1,0 +1,295 @@
+"""GuardedLlama: chat completions from a GGUF model with CoCA, CMRM and CASA applied."""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .. import chat, ops, responses
+from ..sampling import sample
+from .engine import Engine
+from .template import ChatTemplate
+from .vision import MARKER, Image, Segments, Vision
+
+
+class GuardedLlama:
+    """A llama.cpp model behind OpenAI-style ``create_chat_completion`` with safety methods.
+
+    coca: CoCA config or None; cmrm: CMRM config or None (control vectors, image requests);
+    casa: CASA config or None. ``n_ctx`` is the context of each sequence (CoCA runs two).
+    Use as a context manager or call ``close()``.
+    """
+
+    def __init__(self, model_path, mmproj_path=None, n_ctx: int = 2048, n_threads: int | None = None,
+                 coca=None, cmrm=None, casa=None, n_batch: int = 512, verbose: bool = False):
+        self.model_path = Path(model_path)
+        self.coca, self.cmrm, self.casa = coca, cmrm, casa
+        self._lock = threading.Lock()
+        self.engine = Engine(model_path, n_ctx=n_ctx, n_seq=2 if coca else 1, n_threads=n_threads,
+                             n_batch=n_batch, verbose=verbose)
+        e = self.engine
+        self.vision = None
+        try:
+            if mmproj_path is not None:
+                self.vision = Vision(mmproj_path, e, n_threads or e.n_threads)
+            eos = L_token(e, "eos")
+            self.template = ChatTemplate(e.metadata, e.token_text(eos), e.token_text(L_token(e, "bos")), eos)
+            self._cvec = cmrm.cvec_buffer(e.n_layer, e.n_embd) if cmrm is not None else None
+        except BaseException:
+            self.close()
+            raise
+        self._out = np.empty((1, e.n_vocab), np.float32)
+        self.name = self.model_path.name
+        self._trace: list | None = None  # tests: set to a list to collect calibrated logits per step
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def close(self) -> None:
+        with self._lock:
+            if self.vision is not None:
+                self.vision.close()
+                self.vision = None
+            if self.engine is not None:
+                self.engine.close()
+                self.engine = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- API -------------------------------------------------------------------------------
+    def create_chat_completion(self, messages, max_tokens: int = 256, temperature: float = 0.0,
+                               top_p: float = 1.0, seed: int | None = None, stop=None, stream: bool = False):
+        """OpenAI-style chat completion (a dict), or an iterator of chunks when ``stream``.
+        temperature 0 is greedy; otherwise temperature / top-p sampling, reproducible by seed."""
+        req = self._request(messages, max_tokens, temperature, top_p, seed, stop)
+        if stream:
+            return self._stream(req)
+        with self._lock:
+            self._check_open()
+            text, finish, n, report = "", "length", 0, None
+            for piece, finish_now, n, report in self._run(req):
+                text += piece
+                finish = finish_now or finish
+        return responses.completion(req["id"], self.name, text, finish, req["n_prompt"], n, report)
+
+    # -- internals -------------------------------------------------------------------------
+    def _check_open(self):
+        if self.engine is None:
+            raise RuntimeError("this GuardedLlama is closed")
+
+    def _request(self, messages, max_tokens, temperature, top_p, seed, stop) -> dict:
+        with self._lock:  # mtmd and the tokenizer are used by one thread at a time
+            self._check_open()
+            return self._prepare(messages, max_tokens, temperature, top_p, seed, stop)
+
+    def _prepare(self, messages, max_tokens, temperature, top_p, seed, stop) -> dict:
+        if not isinstance(max_tokens, int) or max_tokens <= 0:
+            raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        if not (temperature >= 0 and np.isfinite(temperature)):
+            raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+        if not (0 < top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        prompt = chat.flatten(messages, MARKER)
+        if prompt.images and self.vision is None:
+            raise ValueError("images given, but this model was loaded without an mmproj file")
+        base = self._segments(prompt)
+        safe = None
+        try:
+            if self.coca is not None:
+                safe = self._segments(chat.with_principle(prompt, self.coca.principle,
+                                                          self.coca.principle_position, MARKER))
+            n_base, n_safe = n_pos(base), n_pos(safe or [])
+            if max(n_base, n_safe) + max_tokens > self.engine.n_ctx:
+                which = "the longer CoCA prompt" if n_safe > n_base else "the prompt"
+                raise ValueError(f"{which} ({max(n_base, n_safe)} tokens) + max_tokens ({max_tokens}) exceeds "
+                                 f"the context of {self.engine.n_ctx} tokens per sequence")
+        except BaseException:
+            for segs in (base, safe):
+                segs is not None and segs.free()
+            raise
+        return dict(id=responses.new_id(), base=base, safe=safe, n_prompt=n_base, max_tokens=max_tokens,
+                    temperature=float(temperature), top_p=float(top_p), stops=stops,
+                    rng=np.random.default_rng(seed), has_image=bool(prompt.images))
+
+    def _segments(self, prompt: chat.Prompt) -> Segments:
+        """The prompt as text-token lists and image chunks."""
+        text, add_bos = self.template.render(prompt.messages)
+        if not prompt.images:
+            return Segments([self.engine.tokenize(text, add_bos=add_bos)])
+        return self.vision.tokenize(text, prompt.images, add_special=add_bos)
+
+    def _stream(self, req) -> Iterator[dict]:
+        with self._lock:
+            self._check_open()
+            yield responses.chunk(req["id"], self.name, {"role": "assistant", "content": ""})
+            for piece, finish, n, report in self._run(req):
+                if piece:
+                    yield responses.chunk(req["id"], self.name, {"content": piece})
+                if finish:
+                    yield responses.chunk(req["id"], self.name, {}, finish, report)
+
+    def _run(self, req):
+        """Yields (text piece, finish reason or None, completion tokens, report)."""
+        try:
+            yield from self._texts(req)
+        finally:
+            for segs in (req["base"], req["safe"]):
+                if segs is not None:
+                    segs.free()
+
+    def _texts(self, req):
+        text = TextAssembler(self.engine, req["stops"])
+        n = 0
+        for tok, report in self._decode(req):
+            n += 1
+            if tok is None or self.engine.is_eog(tok):
+                yield text.flush(), "stop", n - 1, report
+                return
+            piece, stopped = text.add(tok)
+            if stopped:
+                yield piece, "stop", n, report
+                return
+            if n == req["max_tokens"]:
+                yield piece + text.flush(), "length", n, report
+                return
+            yield piece, None, n, report
+
+    def _decode(self, req):
+        """Yields (token, report) until max_tokens; the report is updated in place."""
+        e, coca = self.engine, self.coca
+        t0 = time.perf_counter()
+        e.clear()
+        cmrm_on = self._cvec is not None and (self.cmrm.when == "always" or req["has_image"])
+        e.set_cvec(*self._cvec) if cmrm_on else e.set_cvec(None)
+        report = {"casa": None, "coca": None, "cmrm": {"on": cmrm_on} if self.cmrm is not None else None,
+                  "timings": {}}
+        base, safe = req["base"], req["safe"]
+        T, top_p, rng = req["temperature"], req["top_p"], req["rng"]
+        dual = safe is not None
+        pos0, pos1, shared = self._prefill(base, safe)
+        if dual:
+            C = ops.native()
+            alpha = np.full(1, coca.alpha, np.float32)
+            temp = np.full(1, T if T > 0 else 1.0, np.float32)
+            report["coca"] = coca_report = {"alpha": coca.alpha, "shared_prefix_tokens": shared, "dual_steps": 0,
+                                            "gated": False, "kl_max": 0.0}
+        t_first = time.perf_counter()
+        report["timings"] = timings = {"prefill_ms": (t_first - t0) * 1e3, "decode_ms_per_token": None}
+        for step in range(req["max_tokens"]):
+            if dual:
+                out = self._out if T > 0 or self._trace is not None else None
+                tok, kl = C.coca_step(e.logits(0), e.logits(1), alpha, temp, None, out)
+                if self._trace is not None:
+                    self._trace.append(self._out[0].copy())
+                tok = sample(self._out[0], top_p, rng) if T > 0 else int(tok[0])
+                coca_report["dual_steps"] += 1
+                coca_report["kl_max"] = max(coca_report["kl_max"], float(kl[0]))
+                if coca.gate_kl is not None and step + 1 == coca.gate_tokens and coca_report["kl_max"] < coca.gate_kl:
+                    e.drop_seq(1)
+                    dual, coca_report["gated"] = False, True
+            else:
+                row = e.logits(-1)[0]
+                tok = int(np.argmax(row)) if T <= 0 else sample(row / np.float32(T), top_p, rng)
+            yield tok, report
+            if step + 1 == req["max_tokens"] or e.is_eog(tok):
+                break
+            if dual:
+                e.decode([(tok, pos0, 0, True), (tok, pos1, 1, True)])
+                pos1 += 1
+            else:
+                e.decode([(tok, pos0, 0, True)])
+            pos0 += 1
+            timings["decode_ms_per_token"] = (time.perf_counter() - t_first) * 1e3 / (step + 1)
+
+
+    def _prefill(self, base: Segments, safe: Segments | None) -> tuple[int, int, int]:
+        """Evaluate the prompt(s): what base and safe share (system prompt, images, the common
+        start of the last text) once into sequence 0, copied to sequence 1; then both tails in one
+        batch, logits at the last token of each. Returns (next pos of seq 0, of seq 1, shared)."""
+        e = self.engine
+        k = len(base) - 1
+        if safe is not None:
+            k = 0
+            while k < min(len(base), len(safe)) - 1 and base[k] == safe[k]:
+                k += 1
+        pos = 0
+        for seg in base[:k]:
+            if isinstance(seg, Image):
+                pos = self.vision.eval_image(seg, pos, 0)
+            else:
+                e.decode([(t, pos + i, 0, False) for i, t in enumerate(seg)])
+                pos += len(seg)
+        tb = base[k]
+        ts = safe[k] if safe is not None else None
+        if any(isinstance(x, Image) for x in [*base[k:], *(safe or [])[k:]]):
+            raise AssertionError("base and safe prompts differ before an image")  # with_principle prevents it
+        P = common_prefix(tb, ts) if ts is not None else len(tb) - 1
+        e.decode([(t, pos + i, 0, False) for i, t in enumerate(tb[:P])])
+        if ts is None:
+            e.decode([(tb[-1], pos + P, 0, True)])
+            return pos + len(tb), 0, pos + P
+        e.copy_seq(0, 1)
+        e.decode([(t, pos + P + i, 0, False) for i, t in enumerate(tb[P:-1])]
+                 + [(t, pos + P + i, 1, False) for i, t in enumerate(ts[P:-1])])
+        e.decode([(tb[-1], pos + len(tb) - 1, 0, True), (ts[-1], pos + len(ts) - 1, 1, True)])
+        return pos + len(tb), pos + len(ts), pos + P
+
+
+def n_pos(segments) -> int:
+    """Positions a tokenized prompt takes."""
+    return sum(s.n_pos if isinstance(s, Image) else len(s) for s in segments)
+
+
+def L_token(e: Engine, which: str) -> int:
+    from llama_cpp import llama_cpp as L
+
+    fn = L.llama_vocab_eos if which == "eos" else L.llama_vocab_bos
+    return int(fn(e.model.vocab))
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the shared token prefix, leaving at least one token of each to decode last."""
+    n = 0
+    limit = min(len(a), len(b)) - 1
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n
+
+
+class TextAssembler:
+    """Token pieces -> text: whole UTF-8 characters only, cut at the first stop string, and text
+    that could still become a stop string held back until it is known not to."""
+
+    def __init__(self, engine: Engine, stops: list[str]):
+        self.engine, self.stops = engine, [s for s in stops if s]
+        self.pending = b""   # bytes not yet a whole UTF-8 sequence
+        self.held = ""       # text that may be the start of a stop string
+
+    def add(self, token: int) -> tuple[str, bool]:
+        """Returns (text to emit now, whether a stop string ended the text)."""
+        self.pending += self.engine.piece(token)
+        try:
+            new = self.pending.decode("utf-8")
+            self.pending = b""
+        except UnicodeDecodeError as err:
+            new = self.pending[: err.start].decode("utf-8")
+            self.pending = self.pending[err.start :]
+        text = self.held + new
+        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.held = ""
+            return text[:cut], True
+        keep = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        self.held = text[len(text) - keep :] if keep else ""
+        return text[: len(text) - keep], False
+
+    def flush(self) -> str:
+        out = self.held + self.pending.decode("utf-8", errors="replace")
+        self.held, self.pending = "", b""
+        return out

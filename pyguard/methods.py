@@ -1,0 +1,492 @@
+"""Plain config objects for the three inference-time methods (CoCA, CMRM, CASA) and their files.
+
+Shared by the llama.cpp and PyTorch runtimes. Needs numpy only: ``gguf`` and ``safetensors`` are
+imported when a file of that kind is read or written. Invalid values raise ``ValueError`` naming
+the field and the value; reading a missing file raises ``FileNotFoundError``, an unreadable one
+``ValueError`` naming the path.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import math
+import numbers
+import os
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import numpy as np
+
+from . import ops
+from .reference import is_torch
+
+__all__ = ["CoCA", "CMRM", "CASA", "DEFAULT_PRINCIPLE", "DEFAULT_REFUSAL"]
+
+DEFAULT_PRINCIPLE = (
+    "The assistant should answer in a harmless, ethical and inoffensive manner. "
+    "The assistant cannot provide answers related to illegal activities."
+)
+DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
+
+
+# ----------------------------------------------------------------------------- helpers
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _finite(name: str, x) -> float:
+    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x):
+        raise ValueError(f"{name} must be a finite number, got {x!r}")
+    return float(x)
+
+
+def _int(name: str, x, lo: int) -> int:
+    if not _is_int(x) or x < lo:
+        raise ValueError(f"{name} must be an integer >= {lo}, got {x!r}")
+    return int(x)
+
+
+def _choice(name: str, x, options: tuple) -> str:
+    if x not in options:
+        raise ValueError(f"{name} must be one of {options}, got {x!r}")
+    return x
+
+
+def _text(name: str, x, empty_ok: bool = True) -> str:
+    if not isinstance(x, str) or (not empty_ok and not x):
+        raise ValueError(f"{name} must be a {'' if empty_ok else 'non-empty '}string, got {x!r}")
+    return x
+
+
+def _matrix(name: str, x, ndim: int) -> np.ndarray:
+    """x as a read-only, C-contiguous float32 copy with ndim dims, all >= 1, all finite."""
+    try:
+        a = np.array(x, dtype=np.float32, order="C")
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} must be a float32 array, got {type(x).__name__} ({e})") from e
+    if a.ndim != ndim or 0 in a.shape:
+        raise ValueError(f"{name} must be a non-empty {ndim}-D array, got shape {a.shape}")
+    bad = np.argwhere(~np.isfinite(a))
+    if bad.size:
+        i = tuple(bad[0].tolist())
+        raise ValueError(f"{name}[{', '.join(map(str, i))}] = {a[i]} is not finite")
+    a.setflags(write=False)
+    return a
+
+
+def _same(a, b) -> bool:
+    """Equality that compares arrays by value (also inside dicts)."""
+    if isinstance(a, dict) or isinstance(b, dict):
+        return (isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys()
+                and all(_same(a[k], b[k]) for k in a))
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return np.array_equal(a, b)
+    return a == b
+
+
+class _ValueEq:
+    """== on all dataclass fields, arrays by value."""
+
+    def __eq__(self, other):
+        if type(other) is not type(self):
+            return NotImplemented
+        return all(_same(getattr(self, f.name), getattr(other, f.name)) for f in dataclasses.fields(self))
+
+    __hash__ = None
+
+
+def _require(module: str, package: str):
+    """Import a module that only file I/O needs, or say how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(f"reading and writing this file needs {package}: pip install {package}") from e
+
+
+def _extension(path, kinds: tuple, what: str) -> str:
+    ext = os.path.splitext(os.fspath(path))[1].lower()
+    if ext not in kinds:
+        raise ValueError(f"{what} files end in {' or '.join(kinds)}, got {os.fspath(path)!r}")
+    return ext
+
+
+def _load(path, what: str, parse):
+    """parse(path) -> object, with a missing file as FileNotFoundError and any other failure as
+    ValueError naming the path."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such {what} file: {path!r}")
+    try:
+        return parse(path)
+    except ImportError:
+        raise
+    except Exception as e:
+        raise ValueError(f"{path!r} is not a valid {what} file: {e}") from e
+
+
+def _read_safetensors(path: str):
+    """-> (tensors {name: array}, metadata {str: str})."""
+    safetensors = _require("safetensors", "safetensors")
+    with safetensors.safe_open(path, framework="np") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+
+
+def _write_safetensors(path, tensors: dict, meta: dict):
+    _require("safetensors.numpy", "safetensors").save_file(tensors, os.fspath(path), metadata=meta)
+
+
+def _tensor(tensors: dict, name: str, ndim: int) -> np.ndarray:
+    if name not in tensors:
+        raise ValueError(f"no tensor {name!r} (has {sorted(tensors)})")
+    t = np.asarray(tensors[name])
+    if t.dtype != np.float32 or t.ndim != ndim:
+        raise ValueError(f"tensor {name!r} must be float32 {ndim}-D, got {t.dtype} {t.shape}")
+    return t
+
+
+# ----------------------------------------------------------------------------- CoCA
+@dataclass(frozen=True)
+class CoCA:
+    """Constitutional calibration: decode the prompt with and without a safety principle and use
+    ``l = l_base + alpha * (l_safe - l_base)``.
+
+    alpha: 0 is the unguarded model, 1 plain safety prompting, > 1 amplifies. (One public
+    re-implementation writes ``l_safe + a * (l_safe - l_base)``: that is our ``alpha = 1 + a``.)
+    principle: text added to the safe sequence, always after any image; principle_position:
+    ``"before"`` or ``"after"`` the user text. gate_kl: None (never gate), or drop the safe
+    sequence when KL(p_safe || p_base) stayed below it for the first ``gate_tokens`` steps.
+    """
+
+    alpha: float = 1.5
+    principle: str = DEFAULT_PRINCIPLE
+    principle_position: str = "after"
+    gate_kl: Optional[float] = None
+    gate_tokens: int = 8
+
+    def __post_init__(self):
+        _finite("alpha", self.alpha)
+        _text("principle", self.principle, empty_ok=False)
+        _choice("principle_position", self.principle_position, ("before", "after"))
+        if self.gate_kl is not None and _finite("gate_kl", self.gate_kl) < 0:
+            raise ValueError(f"gate_kl must be None or >= 0, got {self.gate_kl!r}")
+        _int("gate_tokens", self.gate_tokens, 1)
+
+
+# ----------------------------------------------------------------------------- CMRM
+# llama.cpp control vectors, read from its source (ggml-org/llama.cpp):
+# - src/llama-adapter.cpp, llama_adapter_cvec::init: `tensors[0] = nullptr` ("there's never a
+#   tensor for layer 0"), one F32 [n_embd] tensor for each il = 1 .. n_layer-1.
+# - llama_adapter_cvec::apply(data, len, n_embd, il_start, il_end): for il = 1 .. n_layer-1 copies
+#   `data + n_embd*(il-1)` into tensors[il] when `off + n_embd <= len` (len counts floats; layers
+#   past a short buffer keep their old contents). So the buffer of llama_set_adapter_cvec is
+#   [n_layer-1, n_embd] row-major, row 0 = layer 1 ("data should point to an n_embd x n_layers
+#   buffer starting from layer 1", include/llama.h).
+# - tensor_for(il) returns nullptr for il < layer_start or il > layer_end (both inclusive) and for
+#   layer 0; apply_to(ctx, cur, il) does `cur = ggml_add(cur, tensors[il])`. Every model graph
+#   (src/models/*.cpp) calls `cur = build_cvec(cur, il); cb(cur, "l_out", il);` at the end of
+#   block il, so tensors[il] is ADDED to the residual-stream output of 0-based layer il, the
+#   tensor llama.cpp names `l_out-<il>`. Layer 0's output can never be shifted.
+# - common/common.cpp, common_control_vector_load_one: tensor `direction.<k>` (F32, 1-D, same
+#   n_embd for all, k = 0 rejected as invalid) goes to buffer offset n_embd*(k-1), scaled by the
+#   strength (`--control-vector-scaled FILE S`); missing k stay zero. Hence direction.k is added
+#   to l_out-k: k IS the 0-based layer index il. common_init_from_params uses il_start = 1 and
+#   il_end = n_layer by default.
+# - tools/cvector-generator/cvector-generator.cpp, export_gguf: general.architecture =
+#   "controlvector", controlvector.model_hint = the model's architecture, controlvector.layer_count
+#   (i32) = number of tensors (n_layer - 1). Its mean.hpp / pca.hpp name the vector computed from
+#   the i-th captured l_out (i = 0 ..) `direction.<i+1>`, so the generator's own vectors act one
+#   layer after where they were measured; the loader's rule above is what we follow.
+# Here row il of CMRM.vectors is the shift of l_out-<il> and is written as direction.<il>.
+_CVEC_ARCH = "controlvector"
+_CMRM_META = {"alpha": float, "layers": json.loads, "when": str, "model_hint": str}
+
+
+@dataclass(frozen=True, eq=False)
+class CMRM(_ValueEq):
+    """Cross-modal representation manipulation: ``h_il -= alpha * vectors[il]`` on the
+    residual-stream output of decoder layer il (llama.cpp's ``l_out-<il>``, HF's decoder-layer
+    output).
+
+    vectors: float32 [n_layer, n_embd], row il for 0-based layer il; alpha: finite;
+    layers: None (all) or an inclusive (start, end) in [0, n_layer); when: ``"image"`` (only
+    requests with an image) or ``"always"``; model_hint: free text (the model's architecture).
+    """
+
+    vectors: np.ndarray
+    alpha: float = 1.0
+    layers: Optional[Tuple[int, int]] = None
+    when: str = "image"
+    model_hint: str = ""
+
+    def __post_init__(self):
+        object.__setattr__(self, "vectors", _matrix("vectors", self.vectors, 2))
+        object.__setattr__(self, "alpha", _finite("alpha", self.alpha))
+        if self.layers is not None:
+            n = self.n_layer
+            ok = isinstance(self.layers, (tuple, list)) and len(self.layers) == 2 and all(map(_is_int, self.layers))
+            if not ok or not 0 <= self.layers[0] <= self.layers[1] < n:
+                raise ValueError(
+                    f"layers must be None or (start, end) with 0 <= start <= end < {n}, got {self.layers!r}"
+                )
+            object.__setattr__(self, "layers", (int(self.layers[0]), int(self.layers[1])))
+        _choice("when", self.when, ("image", "always"))
+        _text("model_hint", self.model_hint)
+
+    @property
+    def n_layer(self) -> int:
+        return self.vectors.shape[0]
+
+    @property
+    def n_embd(self) -> int:
+        return self.vectors.shape[1]
+
+    def _range(self) -> Tuple[int, int]:
+        """The inclusive layer range; ValueError if it holds a nonzero layer-0 vector, which a
+        llama.cpp control vector cannot apply."""
+        start, end = self.layers or (0, self.n_layer - 1)
+        if start == 0 and self.vectors[0].any():
+            raise ValueError(
+                f"CMRM layers ({start}, {end}) include layer 0 with a nonzero vector, but llama.cpp "
+                "cannot shift layer 0 (control vectors start at layer 1): start layers at 1 or zero vectors[0]"
+            )
+        return start, end
+
+    def cvec_buffer(self, n_layer: int, n_embd: int):
+        """Arguments for ``llama_set_adapter_cvec(ctx, data, len, n_embd, il_start, il_end)``.
+
+        Returns (data, il_start, il_end): data is float32 C-contiguous [(n_layer-1) * n_embd], row
+        il-1 = ``-alpha * vectors[il]`` (llama.cpp adds it, so the shift is subtracted), and the
+        inclusive layer range, clamped to start at 1.
+        """
+        if (n_layer, n_embd) != self.vectors.shape:
+            raise ValueError(
+                f"CMRM vectors are for n_embd={self.n_embd}, n_layer={self.n_layer}; "
+                f"the model has n_embd={n_embd}, n_layer={n_layer}"
+            )
+        start, end = self._range()
+        data = np.ascontiguousarray(self.vectors[1:] * np.float32(-self.alpha)).reshape(-1)
+        return data, max(start, 1), end
+
+    # -- files
+    @classmethod
+    def load(cls, path, **overrides) -> "CMRM":
+        """Read a ``.gguf`` (llama.cpp control vector: missing layers and layer 0 are zero rows,
+        n_layer = max(controlvector.layer_count, highest direction) + 1) or ``.safetensors`` file;
+        overrides replace fields read from it (e.g. ``alpha=0.5``)."""
+        ext = _extension(path, (".gguf", ".safetensors"), "CMRM")
+        parse = cls._parse_gguf if ext == ".gguf" else cls._parse_safetensors
+        return dataclasses.replace(_load(path, "CMRM " + ext, parse), **overrides)
+
+    def save(self, path):
+        """Write ``.gguf`` (``direction.<il>`` for il = 1 .. n_layer-1, plus our alpha, layers and
+        when under ``pyguard.cmrm.*``; the format has no layer 0, so a nonzero ``vectors[0]`` is
+        an error inside ``layers`` and dropped outside) or ``.safetensors``."""
+        if _extension(path, (".gguf", ".safetensors"), "CMRM") == ".gguf":
+            self._save_gguf(path)
+        else:
+            _write_safetensors(path, {"vectors": self.vectors}, self._meta())
+
+    def _meta(self) -> dict:
+        return {"alpha": str(self.alpha), "layers": json.dumps(self.layers and list(self.layers)),
+                "when": self.when, "model_hint": self.model_hint}
+
+    @classmethod
+    def _parse_safetensors(cls, path: str) -> "CMRM":
+        tensors, meta = _read_safetensors(path)
+        kwargs = {k: conv(meta[k]) for k, conv in _CMRM_META.items() if k in meta}
+        return cls(_tensor(tensors, "vectors", 2), **kwargs)
+
+    def _save_gguf(self, path):
+        if self.n_layer < 2:
+            raise ValueError(f"a control vector needs n_layer >= 2 (layer 0 is never stored), got {self.n_layer}")
+        self._range()
+        gguf = _require("gguf", "gguf")
+        w = gguf.GGUFWriter(os.fspath(path), arch=_CVEC_ARCH)  # writes general.architecture
+        w.add_string(f"{_CVEC_ARCH}.model_hint", self.model_hint)
+        w.add_int32(f"{_CVEC_ARCH}.layer_count", self.n_layer - 1)
+        # ours, ignored by llama.cpp
+        w.add_float64("pyguard.cmrm.alpha", self.alpha)
+        w.add_string("pyguard.cmrm.when", self.when)
+        if self.layers is not None:
+            w.add_array("pyguard.cmrm.layers", list(self.layers))
+        for il in range(1, self.n_layer):
+            w.add_tensor(f"direction.{il}", self.vectors[il])
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+    @classmethod
+    def _parse_gguf(cls, path: str) -> "CMRM":
+        gguf = _require("gguf", "gguf")
+        reader = gguf.GGUFReader(path)
+
+        def value(key):
+            field = reader.get_field(key)
+            return None if field is None else field.contents()
+
+        arch = value("general.architecture")
+        if arch != _CVEC_ARCH:
+            raise ValueError(f"general.architecture is {arch!r}, expected {_CVEC_ARCH!r}")
+        rows = {}
+        for t in reader.tensors:
+            prefix, _, k = t.name.partition(".")
+            if prefix != "direction" or not k.isdecimal() or int(k) == 0:
+                raise ValueError(f"tensor {t.name!r} is not direction.<layer> with layer >= 1")
+            if t.tensor_type != gguf.GGMLQuantizationType.F32 or int(np.prod(t.shape[1:])) != 1:
+                raise ValueError(f"tensor {t.name!r} must be F32 and 1-D, got {t.tensor_type.name} {list(t.shape)}")
+            rows[int(k)] = np.array(t.data, dtype=np.float32).reshape(-1)
+        if not rows:
+            raise ValueError("no direction.<layer> tensors")
+        # llama.cpp reads the whole data blob, each tensor padded to the alignment
+        a = reader.alignment
+        end = max(t.data_offset + -(-t.n_bytes // a) * a for t in reader.tensors)
+        if end > os.path.getsize(path):
+            raise ValueError(f"truncated: the tensor data ends at byte {end}, the file has {os.path.getsize(path)}")
+        n_embd = {len(r) for r in rows.values()}
+        if len(n_embd) != 1:
+            raise ValueError(f"direction tensors differ in length: {sorted(n_embd)}")
+        n_layer = max(max(rows), value(f"{_CVEC_ARCH}.layer_count") or 0) + 1
+        vectors = np.zeros((n_layer, n_embd.pop()), dtype=np.float32)
+        for il, row in rows.items():
+            vectors[il] = row
+        layers = value("pyguard.cmrm.layers")
+        kwargs = {"alpha": value("pyguard.cmrm.alpha"), "layers": tuple(layers) if layers else None,
+                  "when": value("pyguard.cmrm.when"), "model_hint": value(f"{_CVEC_ARCH}.model_hint")}
+        return cls(vectors, **{k: v for k, v in kwargs.items() if v is not None})
+
+
+# ----------------------------------------------------------------------------- CASA
+_CASA_TENSORS = {"Wk": 2, "q": 2, "w": 1}
+_CASA_META = {"layer": int, "threshold": float, "on_unsafe": str, "refusal_text": str, "model_hint": str}
+
+
+@dataclass(frozen=True, eq=False)
+class CASA(_ValueEq):
+    """Safety attention on the prompt's hidden states H [T, d] at decoder layer ``layer``:
+    ``s = sigmoid(w . mean_h sum_t softmax_t(H_t Wk q_h / sqrt(r)) H_t + b)``; unsafe if
+    ``s > threshold``.
+
+    params: {"Wk": [d, r], "q": [heads, r], "w": [d], "b": float}, the arguments of
+    :func:`pyguard.ops.casa_score` (stored as float32; b rounded to float32); on_unsafe:
+    ``"refuse"`` (answer ``refusal_text``) or ``"prefix"`` (force ``refusal_text`` as the start of
+    the answer and let the model continue).
+    """
+
+    params: dict
+    layer: int
+    threshold: float = 0.5
+    on_unsafe: str = "refuse"
+    refusal_text: str = DEFAULT_REFUSAL
+    model_hint: str = ""
+
+    def __post_init__(self):
+        p = self.params
+        if not isinstance(p, dict) or set(p) != {*_CASA_TENSORS, "b"}:
+            got = sorted(p) if isinstance(p, dict) else type(p).__name__
+            raise ValueError(f"params must be a dict with keys ['Wk', 'b', 'q', 'w'], got {got}")
+        arrays = {k: _matrix(f"params[{k!r}]", p[k], ndim) for k, ndim in _CASA_TENSORS.items()}
+        b = p["b"].item() if isinstance(p["b"], np.ndarray) and p["b"].size == 1 else p["b"]
+        (d, r), (heads, rq), (dw,) = arrays["Wk"].shape, arrays["q"].shape, arrays["w"].shape
+        if rq != r or dw != d:
+            raise ValueError(
+                f"params shapes do not fit: Wk [d, r] = {[d, r]}, q [heads, r] = {[heads, rq]}, w [d] = {[dw]}"
+            )
+        arrays["b"] = float(np.float32(_finite("params['b']", b)))
+        object.__setattr__(self, "params", arrays)
+        object.__setattr__(self, "layer", _int("layer", self.layer, 0))
+        threshold = _finite("threshold", self.threshold)
+        if not 0 <= threshold <= 1:
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold!r}")
+        object.__setattr__(self, "threshold", threshold)
+        _choice("on_unsafe", self.on_unsafe, ("refuse", "prefix"))
+        _text("refusal_text", self.refusal_text, empty_ok=False)
+        _text("model_hint", self.model_hint)
+
+    @property
+    def n_embd(self) -> int:
+        return self.params["Wk"].shape[0]
+
+    def check_model(self, n_embd: int, n_layer: int):
+        """ValueError unless the model has this n_embd and the layer."""
+        if n_embd != self.n_embd or self.layer >= n_layer:
+            raise ValueError(
+                f"CASA parameters are for n_embd={self.n_embd} (layer {self.layer}), "
+                f"the model has n_embd={n_embd}, n_layer={n_layer}"
+            )
+
+    def score(self, H, cu_seqlens=None, backend: str = "auto"):
+        """Scores float32 [B] for B prompts: H a list of [T_i, d] arrays, or packed [T, d] with
+        cu_seqlens [B + 1]. numpy or torch (any device); ``pyguard.ops.casa_score`` picks the
+        backend."""
+        if isinstance(H, (list, tuple)):
+            if cu_seqlens is not None:
+                raise ValueError("cu_seqlens must be None when H is a list of sequences")
+            if not H:
+                raise ValueError("H is an empty list")
+            cu_seqlens = np.concatenate([[0], np.cumsum([len(h) for h in H])]).astype(np.int64)
+            if is_torch(H[0]):
+                import torch
+
+                H = torch.cat(list(H))
+            else:
+                H = np.concatenate(H)
+        elif cu_seqlens is None:
+            raise ValueError("cu_seqlens is required for packed H")
+        Wk, q, w = (self.params[k] for k in _CASA_TENSORS)
+        if is_torch(H):
+            import torch
+
+            Wk, q, w = (torch.tensor(x, device=H.device) for x in (Wk, q, w))
+        return ops.casa_score(H, cu_seqlens, Wk, q, w, self.params["b"], backend=backend)
+
+    def decide(self, scores):
+        """Unsafe flags (bool, numpy or torch like scores): score > threshold. A NaN score (from
+        non-finite hidden states) counts as unsafe: fail closed."""
+        scores = scores if is_torch(scores) else np.asarray(scores)
+        return ~(scores <= self.threshold)
+
+    # -- files
+    @classmethod
+    def load(cls, path, **overrides) -> "CASA":
+        """Read a ``.safetensors`` or ``.npz`` file; overrides replace fields read from it."""
+        ext = _extension(path, (".safetensors", ".npz"), "CASA")
+        read = _read_safetensors if ext == ".safetensors" else _read_npz
+        return dataclasses.replace(_load(path, "CASA " + ext, lambda p: cls._from_parts(*read(p))), **overrides)
+
+    def save(self, path):
+        """Write ``.safetensors`` (tensors Wk, q, w, b [1]; string metadata) or ``.npz`` (the
+        same, the metadata as JSON in ``__metadata__``; needs numpy only)."""
+        ext = _extension(path, (".safetensors", ".npz"), "CASA")
+        tensors = {k: self.params[k] for k in _CASA_TENSORS}
+        tensors["b"] = np.array([self.params["b"]], dtype=np.float32)
+        meta = {k: str(getattr(self, k)) for k in _CASA_META}
+        meta["n_embd"] = str(self.n_embd)
+        (_write_safetensors if ext == ".safetensors" else _write_npz)(path, tensors, meta)
+
+    @classmethod
+    def _from_parts(cls, tensors: dict, meta: dict) -> "CASA":
+        params = {k: _tensor(tensors, k, ndim) for k, ndim in _CASA_TENSORS.items()}
+        b = _tensor(tensors, "b", 1)
+        if b.size != 1:
+            raise ValueError(f"tensor 'b' must hold 1 value, got shape {b.shape}")
+        params["b"] = b.item()
+        missing = sorted({*_CASA_META, "n_embd"} - set(meta))
+        if missing:
+            raise ValueError(f"metadata lacks {missing}")
+        if int(meta["n_embd"]) != params["Wk"].shape[0]:
+            raise ValueError(f"metadata n_embd={meta['n_embd']} but Wk has shape {params['Wk'].shape}")
+        return cls(params, **{k: conv(meta[k]) for k, conv in _CASA_META.items()})
+
+
+def _write_npz(path, tensors: dict, meta: dict):
+    with open(path, "wb") as f:
+        np.savez(f, **tensors, __metadata__=np.array(json.dumps(meta)))
+
+
+def _read_npz(path: str):
+    with np.load(path, allow_pickle=False) as z:
+        tensors = {k: z[k] for k in z.files if k != "__metadata__"}
+        meta = json.loads(str(z["__metadata__"])) if "__metadata__" in z.files else {}
+    return tensors, meta

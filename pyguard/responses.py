@@ -1,0 +1,30 @@
+"""OpenAI-shaped chat completion responses and stream chunks, with a ``pyguard`` report."""
+from __future__ import annotations
+
+import time
+import uuid
+
+
+def new_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex[:24]}"
+
+
+def completion(cid: str, model: str, text: str, finish_reason: str, prompt_tokens: int,
+               completion_tokens: int, report: dict) -> dict:
+    return {
+        "id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                     "logprobs": None, "finish_reason": finish_reason}],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens},
+        "pyguard": report,
+    }
+
+
+def chunk(cid: str, model: str, delta: dict, finish_reason: str | None = None,
+          report: dict | None = None) -> dict:
+    out = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+           "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+    if report is not None:
+        out["pyguard"] = report
+    return out

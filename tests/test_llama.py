@@ -1,0 +1,287 @@
+"""The llama.cpp runtime on SmolLM2-135M (fast; no safety alignment, so these check the
+machinery: exact equalities against independent runs, not refusals)."""
+import threading
+
+import numpy as np
+import pytest
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+from pyguard import models  # noqa: E402
+from pyguard.llama import GuardedLlama  # noqa: E402
+from pyguard.llama.engine import Engine  # noqa: E402
+from pyguard.llama.reference import naive_coca  # noqa: E402
+from pyguard.methods import CMRM, CoCA  # noqa: E402
+
+MODEL = models.model_path("smollm2-135m")
+pytestmark = pytest.mark.skipif(not MODEL.exists(), reason="SmolLM2 not fetched (scripts/setup.sh)")
+
+MSGS = [{"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "List three uses of a paperclip."}]
+
+
+@pytest.fixture(scope="module")
+def plain():
+    with GuardedLlama(MODEL, n_ctx=512) as g:
+        yield g
+
+
+def guarded(**coca):
+    return GuardedLlama(MODEL, n_ctx=512, coca=CoCA(**coca))
+
+
+def text(r):
+    return r["choices"][0]["message"]["content"]
+
+
+def test_response_is_openai_shaped(plain):
+    r = plain.create_chat_completion(MSGS, max_tokens=8)
+    assert r["object"] == "chat.completion" and r["id"].startswith("chatcmpl-")
+    assert r["choices"][0]["message"]["role"] == "assistant" and text(r)
+    assert r["choices"][0]["finish_reason"] in ("stop", "length")
+    assert r["usage"]["completion_tokens"] <= 8 and r["usage"]["prompt_tokens"] > 10
+    assert r["pyguard"]["coca"] is None and r["pyguard"]["timings"]["prefill_ms"] > 0
+
+
+def test_alpha_zero_equals_unguarded(plain):
+    want = plain.create_chat_completion(MSGS, max_tokens=24)
+    with guarded(alpha=0.0) as g:
+        got = g.create_chat_completion(MSGS, max_tokens=24)
+    assert text(got) == text(want)
+    assert got["usage"] == want["usage"]
+    assert got["pyguard"]["coca"]["dual_steps"] == want["usage"]["completion_tokens"]
+
+
+@pytest.mark.parametrize("position", ["after", "before"])
+def test_shared_prefix_equals_two_independent_runs(position):
+    """Calibrated logits at every step equal those from two separately prefilled and decoded
+    sequences, and so do the greedy tokens."""
+    with guarded(alpha=1.7, principle_position=position) as g:
+        g._trace = []
+        r = g.create_chat_completion(MSGS, max_tokens=16)
+        req = g._request(MSGS, 16, 0.0, 1.0, None, None)
+        assert 0 < r["pyguard"]["coca"]["shared_prefix_tokens"] < len(req["safe"])
+        trace = []
+        naive = naive_coca(g.engine, req["base"], req["safe"], 1.7, 16, trace)
+        pieces = b"".join(g.engine.piece(t) for t in naive if not g.engine.is_eog(t)).decode("utf-8", "replace")
+    assert len(g._trace) == len(trace) == len(naive)
+    for step, (got, want) in enumerate(zip(g._trace, trace)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3, err_msg=f"step {step}")
+    assert text(r) == pieces
+
+
+def test_principle_changes_the_answer():
+    with guarded(alpha=0.0) as g0, guarded(alpha=3.0) as g3:
+        a, b = (g.create_chat_completion(MSGS, max_tokens=24) for g in (g0, g3))
+    assert text(a) != text(b)
+    assert b["pyguard"]["coca"]["kl_max"] > 0
+
+
+def test_gate_drops_the_safe_sequence():
+    with guarded(alpha=1.5, gate_kl=1e9, gate_tokens=3) as g:
+        r = g.create_chat_completion(MSGS, max_tokens=12)
+    c = r["pyguard"]["coca"]
+    assert c["gated"] and c["dual_steps"] == 3 and r["usage"]["completion_tokens"] > 3
+    with guarded(alpha=1.5, gate_kl=0.0, gate_tokens=3) as g:
+        r = g.create_chat_completion(MSGS, max_tokens=12)
+    assert not r["pyguard"]["coca"]["gated"] and r["pyguard"]["coca"]["dual_steps"] == r["usage"]["completion_tokens"]
+
+
+@pytest.mark.parametrize("coca", [False, True])
+def test_streaming_equals_non_streaming(plain, coca):
+    g = guarded(alpha=1.5) if coca else plain
+    try:
+        full = g.create_chat_completion(MSGS, max_tokens=20)
+        chunks = list(g.create_chat_completion(MSGS, max_tokens=20, stream=True))
+    finally:
+        if coca:
+            g.close()
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == text(full)
+    assert chunks[-1]["choices"][0]["finish_reason"] == full["choices"][0]["finish_reason"]
+    assert chunks[-1]["pyguard"]["coca"] == full["pyguard"]["coca"] or not coca
+
+
+def test_sampling_is_reproducible_by_seed(plain):
+    a, b, c = (plain.create_chat_completion(MSGS, max_tokens=16, temperature=0.9, top_p=0.9, seed=s)
+               for s in (7, 7, 8))
+    assert text(a) == text(b) and text(a) != text(c)
+    with guarded(alpha=1.5) as g:
+        d, e = (g.create_chat_completion(MSGS, max_tokens=16, temperature=0.9, top_p=0.9, seed=7) for _ in range(2))
+    assert text(d) == text(e)
+
+
+def test_stop_strings_cut_the_text(plain):
+    full = text(plain.create_chat_completion(MSGS, max_tokens=30))
+    cut = full.split()[3]
+    r = plain.create_chat_completion(MSGS, max_tokens=30, stop=[cut])
+    assert text(r) == full[: full.index(cut)] and r["choices"][0]["finish_reason"] == "stop"
+    chunks = list(plain.create_chat_completion(MSGS, max_tokens=30, stop=cut, stream=True))
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == text(r)
+
+
+def test_two_threads_are_serialized(plain):
+    want = [text(plain.create_chat_completion([{"role": "user", "content": q}], max_tokens=12))
+            for q in ("Name a color.", "Name a fruit.")]
+    got = [None, None]
+
+    def ask(i, q):
+        got[i] = text(plain.create_chat_completion([{"role": "user", "content": q}], max_tokens=12))
+
+    ts = [threading.Thread(target=ask, args=(i, q)) for i, q in enumerate(("Name a color.", "Name a fruit."))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    assert got == want
+
+
+def test_prompt_renders_as_llama_cpp_python_does(plain):
+    """The same messages give the same prompt text as llama-cpp-python's Llama."""
+    llm = llama_cpp.Llama(str(MODEL), n_ctx=256, verbose=False)
+    seen = []
+    orig = llm.tokenize
+    llm.tokenize = lambda text, add_bos=True, special=False: seen.append((text, add_bos)) or orig(text, add_bos, special)
+    llm.create_chat_completion(MSGS, max_tokens=1)
+    ours, add_bos = plain.template.render(MSGS)
+    assert seen[0] == (ours.encode("utf-8"), add_bos)
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(max_tokens=0), "max_tokens must be a positive integer, got 0"),
+    (dict(max_tokens=600), "exceeds the context of 512 tokens per sequence"),
+    (dict(messages=[{"role": "robot", "content": "hi"}]), "unknown role 'robot'"),
+    (dict(messages=[]), "messages must be a non-empty list"),
+    (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}]),
+     "images given, but this model was loaded without an mmproj file"),
+    (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]),
+     "remote URLs are not fetched"),
+    (dict(temperature=-1.0), "temperature must be >= 0"),
+    (dict(top_p=0.0), "top_p must be in (0, 1]"),
+])
+def test_bad_requests_are_clear_errors_and_the_model_stays_usable(plain, kw, msg):
+    args = dict(messages=MSGS, max_tokens=4)
+    args.update(kw)
+    with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        plain.create_chat_completion(**args)
+    assert text(plain.create_chat_completion(MSGS, max_tokens=4))
+
+
+def test_coca_context_counts_the_longer_prompt():
+    with guarded(alpha=1.5) as g:
+        req = g._request(MSGS, 1, 0.0, 1.0, None, None)
+        room = 512 - len(req["safe"])
+        assert len(req["safe"]) > len(req["base"])
+        g.create_chat_completion(MSGS, max_tokens=room)  # fits
+        with pytest.raises(ValueError, match="the longer CoCA prompt"):
+            g.create_chat_completion(MSGS, max_tokens=room + 1)
+
+
+def test_bad_model_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model file not found"):
+        GuardedLlama(tmp_path / "missing.gguf")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + np.random.default_rng(0).bytes(4096))
+    with pytest.raises(ValueError, match="cannot load model"):
+        GuardedLlama(bad)
+
+
+def test_closed_model_says_so():
+    g = GuardedLlama(MODEL, n_ctx=256)
+    g.close()
+    g.close()  # idempotent
+    with pytest.raises(RuntimeError, match="closed"):
+        g.create_chat_completion(MSGS, max_tokens=2)
+
+
+# -- images (a tiny random mmproj beside SmolLM2: the pipeline, not image understanding) ------------
+@pytest.fixture(scope="module")
+def image_files(tmp_path_factory):
+    from tiny_mmproj import write_test_image, write_tiny_mmproj
+
+    d = tmp_path_factory.mktemp("mm")
+    return write_tiny_mmproj(d / "mmproj.gguf", n_embd_text=576), [write_test_image(d / f"img{i}.png", seed=i) for i in range(2)]
+
+
+def image_msgs(path, question="What is in this picture?"):
+    return [{"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(path)}},
+                                         {"type": "text", "text": question}]}]
+
+
+def test_image_requests_end_to_end(image_files):
+    mmproj, images = image_files
+    with GuardedLlama(MODEL, mmproj_path=mmproj, n_ctx=512) as g:
+        a = g.create_chat_completion(image_msgs(images[0]), max_tokens=12)
+        b = g.create_chat_completion(image_msgs(images[1]), max_tokens=12)
+        data = "data:image/png;base64," + __import__("base64").b64encode(images[0].read_bytes()).decode()
+        c = g.create_chat_completion(image_msgs(data), max_tokens=12)
+    assert text(a) == text(c)  # the same image from a path and from a data URI
+    assert a["usage"]["prompt_tokens"] == b["usage"]["prompt_tokens"] > 16  # image positions counted
+    with GuardedLlama(MODEL, mmproj_path=mmproj, n_ctx=512, coca=CoCA(alpha=0.0)) as g:
+        d = g.create_chat_completion(image_msgs(images[0]), max_tokens=12)
+    assert text(d) == text(a)  # alpha 0 with an image: the unguarded answer
+    assert d["pyguard"]["coca"]["shared_prefix_tokens"] > 16  # system prompt and image decoded once
+
+
+def test_bad_images_and_mmproj(image_files, tmp_path):
+    mmproj, images = image_files
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not an image at all")
+    with GuardedLlama(MODEL, mmproj_path=mmproj, n_ctx=512) as g:
+        with pytest.raises(ValueError, match="image 0 cannot be decoded"):
+            g.create_chat_completion(image_msgs(junk), max_tokens=4)
+        with pytest.raises(ValueError, match="image file not found"):
+            g.create_chat_completion(image_msgs(tmp_path / "nope.png"), max_tokens=4)
+        assert text(g.create_chat_completion(image_msgs(images[0]), max_tokens=4))
+    bad = tmp_path / "bad-mmproj.gguf"
+    bad.write_bytes(b"GGUF" + np.random.default_rng(1).bytes(2048))
+    with pytest.raises(ValueError, match="cannot load mmproj"):
+        GuardedLlama(MODEL, mmproj_path=bad)
+    with pytest.raises(FileNotFoundError, match="mmproj file not found"):
+        GuardedLlama(MODEL, mmproj_path=tmp_path / "none.gguf")
+
+
+# -- CMRM ------------------------------------------------------------------------------------------
+def first_step_logits(**kw):
+    """Base logits of the first decode step (CoCA alpha 0 traces them exactly)."""
+    with GuardedLlama(MODEL, n_ctx=512, coca=CoCA(alpha=0.0), **kw) as g:
+        g._trace = []
+        r = g.create_chat_completion(MSGS, max_tokens=1)
+        base = g._request(MSGS, 1, 0.0, 1.0, None, None)["base"][0]
+    return g._trace[0], r, base
+
+
+def test_cmrm_zero_vector_changes_nothing(plain):
+    zero = CMRM(np.zeros((30, 576), np.float32), alpha=2.0, when="always")
+    with GuardedLlama(MODEL, n_ctx=512, cmrm=zero) as g:
+        r = g.create_chat_completion(MSGS, max_tokens=16)
+    assert r["pyguard"]["cmrm"] == {"on": True}
+    assert text(r) == text(plain.create_chat_completion(MSGS, max_tokens=16))
+
+
+def test_cmrm_equals_the_control_vector_applied_by_llama_cpp(rng):
+    v = (rng.standard_normal((30, 576)) * 0.3).astype(np.float32)
+    v[0] = 0
+    shifted, r, base = first_step_logits(cmrm=CMRM(v, alpha=0.8, layers=(3, 20), when="always"))
+    plain_logits, _, _ = first_step_logits()
+    with Engine(MODEL, n_ctx=512, n_seq=1) as e:  # llama.cpp's own control vector, set by hand
+        e.set_cvec((-0.8 * v[1:]).ravel(), 3, 20)
+        e.decode([(t, i, 0, i == len(base) - 1) for i, t in enumerate(base)])
+        direct = e.logits(-1)[0].copy()
+    np.testing.assert_allclose(shifted, direct, rtol=1e-4, atol=1e-3)
+    assert np.abs(shifted - plain_logits).max() > 0.1  # the shift did something
+
+
+def test_cmrm_when_image_is_off_for_text(plain):
+    v = np.ones((30, 576), np.float32)
+    v[0] = 0
+    with GuardedLlama(MODEL, n_ctx=512, cmrm=CMRM(v, alpha=5.0)) as g:
+        r = g.create_chat_completion(MSGS, max_tokens=12)
+    assert r["pyguard"]["cmrm"] == {"on": False}
+    assert text(r) == text(plain.create_chat_completion(MSGS, max_tokens=12))
+
+
+def test_cmrm_vectors_for_another_model_are_refused():
+    with pytest.raises(ValueError, match="CMRM vectors are for n_embd=896, n_layer=24; the model has n_embd=576, n_layer=30"):
+        GuardedLlama(MODEL, cmrm=CMRM(np.zeros((24, 896), np.float32)))
