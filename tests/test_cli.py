@@ -35,9 +35,21 @@ def test_models_list():
     assert [line.split()[0] for line in r.stdout.splitlines()] == ["smollm2-135m", "qwen2.5-coder-0.5b"]
 
 
-def test_demo_runs_every_backend_and_agrees():
-    r = pyguard("demo")
+def test_ops_demo_runs_every_backend_and_agrees():
+    r = pyguard("demo", "--ops")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "all backends agree with the reference" in r.stdout
     for label in ("reference (numpy)", "C++ generic", "Triton"):
         assert r.stdout.count(label) == 3, label
+
+
+def test_chat_demo_runs_guarded_beside_unguarded():
+    from pyguard import models
+
+    if not models.model_path("smollm2-135m").exists():
+        pytest.skip("SmolLM2 not fetched")
+    r = pyguard("demo", "--model", "smollm2-135m", "--max-tokens", "6")
+    assert r.returncode == 0, r.stderr
+    lines = [line.strip() for line in r.stdout.splitlines()]
+    assert sum(x.startswith("unguarded:") for x in lines) == sum(x.startswith("guarded:") for x in lines) == 5
+    assert "CoCA: " in r.stdout and "tok/s" in r.stdout

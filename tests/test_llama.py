@@ -60,9 +60,10 @@ def test_shared_prefix_equals_two_independent_runs(position):
         g._trace = []
         r = g.create_chat_completion(MSGS, max_tokens=16)
         req = g._request(MSGS, 16, 0.0, 1.0, None, None)
-        assert 0 < r["pyguard"]["coca"]["shared_prefix_tokens"] < len(req["safe"])
+        base, safe = req["base"][0], req["safe"][0]  # text-only prompts: one token list each
+        assert 0 < r["pyguard"]["coca"]["shared_prefix_tokens"] < len(safe)
         trace = []
-        naive = naive_coca(g.engine, req["base"], req["safe"], 1.7, 16, trace)
+        naive = naive_coca(g.engine, base, safe, 1.7, 16, trace)
         pieces = b"".join(g.engine.piece(t) for t in naive if not g.engine.is_eog(t)).decode("utf-8", "replace")
     assert len(g._trace) == len(trace) == len(naive)
     for step, (got, want) in enumerate(zip(g._trace, trace)):
@@ -170,8 +171,8 @@ def test_bad_requests_are_clear_errors_and_the_model_stays_usable(plain, kw, msg
 def test_coca_context_counts_the_longer_prompt():
     with guarded(alpha=1.5) as g:
         req = g._request(MSGS, 1, 0.0, 1.0, None, None)
-        room = 512 - len(req["safe"])
-        assert len(req["safe"]) > len(req["base"])
+        room = 512 - len(req["safe"][0])
+        assert len(req["safe"][0]) > len(req["base"][0])
         g.create_chat_completion(MSGS, max_tokens=room)  # fits
         with pytest.raises(ValueError, match="the longer CoCA prompt"):
             g.create_chat_completion(MSGS, max_tokens=room + 1)

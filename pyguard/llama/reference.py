@@ -1,16 +1,16 @@
 """Naive CoCA on llama.cpp, the oracle for tests and the baseline for benchmarks: two independent
 sequences, each prefilled in full and decoded by its own llama_decode every step; nothing shared.
-Greedy, on the reference op."""
+Greedy; the CoCA op's backend is selectable (the reference by default, C++ for benchmarks)."""
 from __future__ import annotations
 
 import numpy as np
 
-from .. import reference
+from .. import ops
 from .engine import Engine
 
 
 def naive_coca(engine: Engine, base: list[int], safe: list[int], alpha: float, max_tokens: int,
-               trace: list | None = None) -> list[int]:
+               trace: list | None = None, backend: str = "ref") -> list[int]:
     """Greedy tokens of CoCA from two separately computed sequences (seq 0 and seq 1).
     ``trace`` collects each step's calibrated logits (float32 [V])."""
     e = engine
@@ -23,7 +23,7 @@ def naive_coca(engine: Engine, base: list[int], safe: list[int], alpha: float, m
     a = np.full(1, alpha, np.float32)
     for step in range(max_tokens):
         cal = np.empty_like(lb)
-        tok, _ = reference.coca_step(lb, ls, a, np.ones(1, np.float32), None, cal)
+        tok, _ = ops.coca_step(lb, ls, a, out=cal, backend=backend)
         tok = int(tok[0])
         if trace is not None:
             trace.append(cal[0])
