@@ -11,6 +11,7 @@
 #include <sstream>
 #include <string>
 
+#include "capture.h"
 #include "kernels.h"
 
 namespace py = pybind11;
@@ -194,6 +195,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("isa_supported", [](const std::string& s) { return pyguard::isa_supported(parse_isa(s)); },
         py::arg("isa"));
   m.attr("ISAS") = py::make_tuple("generic", "avx2");
+  pyguard::register_capture(m);
   py::register_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);

@@ -286,3 +286,68 @@ def test_cmrm_when_image_is_off_for_text(plain):
 def test_cmrm_vectors_for_another_model_are_refused():
     with pytest.raises(ValueError, match="CMRM vectors are for n_embd=896, n_layer=24; the model has n_embd=576, n_layer=30"):
         GuardedLlama(MODEL, cmrm=CMRM(np.zeros((24, 896), np.float32)))
+
+
+# -- CASA ------------------------------------------------------------------------------------------
+def casa_params(rng, b, d=576, r=16, heads=2, layer=10, **kw):
+    from pyguard.methods import CASA
+
+    return CASA({"Wk": (rng.standard_normal((d, r)) / np.sqrt(d)).astype(np.float32),
+                 "q": rng.standard_normal((heads, r)).astype(np.float32),
+                 "w": (rng.standard_normal(d) * 0.2 / np.sqrt(d)).astype(np.float32), "b": b}, layer=layer, **kw)
+
+
+@pytest.mark.parametrize("coca", [False, True])
+def test_casa_score_equals_casa_score_on_independently_captured_states(rng, coca):
+    from pyguard import ops
+    from pyguard.llama import capture
+
+    casa = casa_params(rng, 0.0, threshold=1.0)  # never unsafe: the answer runs too
+    with GuardedLlama(MODEL, n_ctx=512, casa=casa, coca=CoCA(alpha=1.5) if coca else None) as g:
+        r = g.create_chat_completion(MSGS, max_tokens=4)
+        base = g._request(MSGS, 1, 0.0, 1.0, None, None)["base"][0]
+    got = r["pyguard"]["casa"]
+    assert got["unsafe"] is False and got["action"] is None and text(r)
+    py = capture.PyCapture(capture.libggml_base_path(), "l_out-10")  # the ctypes oracle
+    cb, ud = capture.eval_callback(py)
+    with Engine(MODEL, n_ctx=512, n_seq=1, cb_eval=cb, cb_eval_user_data=ud) as e:
+        py.enabled = True
+        e.decode([(t, i, 0, i == len(base) - 1) for i, t in enumerate(base)])
+        H = py.take()
+    assert H.shape == (len(base), 576)
+    want = ops.casa_score(H, np.array([0, len(H)]), casa.params["Wk"], casa.params["q"], casa.params["w"], 0.0,
+                          backend="ref")
+    assert 0.01 < want[0] < 0.99
+    np.testing.assert_allclose(got["score"], want[0], rtol=1e-4)
+
+
+@pytest.mark.parametrize("coca", [False, True])
+def test_casa_unsafe_refuses_or_forces_the_refusal_prefix(rng, coca):
+    kw = dict(coca=CoCA(alpha=1.5)) if coca else {}
+    with GuardedLlama(MODEL, n_ctx=512, casa=casa_params(rng, 30.0), **kw) as g:
+        r = g.create_chat_completion(MSGS, max_tokens=16)
+        chunks = list(g.create_chat_completion(MSGS, max_tokens=16, stream=True))
+    assert text(r) == "I'm sorry, but I can't help with that."
+    assert r["usage"]["completion_tokens"] == 0 and r["choices"][0]["finish_reason"] == "stop"
+    assert r["pyguard"]["casa"]["unsafe"] and r["pyguard"]["casa"]["action"] == "refuse"
+    assert r["pyguard"]["coca"] is None  # the decode loop never ran
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == text(r)
+    with GuardedLlama(MODEL, n_ctx=512, casa=casa_params(rng, 30.0, on_unsafe="prefix"), **kw) as g:
+        r = g.create_chat_completion(MSGS, max_tokens=24)
+    assert text(r).startswith("I'm sorry, but I can't help with that.") and len(text(r)) > 40
+    assert r["pyguard"]["casa"]["action"] == "prefix"
+
+
+def test_casa_for_another_model_or_the_last_layer_is_refused(rng):
+    with pytest.raises(ValueError, match="n_embd=896"):
+        GuardedLlama(MODEL, casa=casa_params(rng, 0.0, d=896))
+    with pytest.raises(ValueError, match="use a layer below the last"):
+        GuardedLlama(MODEL, casa=casa_params(rng, 0.0, layer=29))
+
+
+def test_casa_reads_image_positions_too(rng, image_files):
+    mmproj, images = image_files
+    casa = casa_params(rng, 0.0, threshold=1.0)
+    with GuardedLlama(MODEL, mmproj_path=mmproj, n_ctx=512, casa=casa, coca=CoCA(alpha=1.0)) as g:
+        r = g.create_chat_completion(image_msgs(images[0]), max_tokens=4)
+    assert r["pyguard"]["casa"]["unsafe"] is False and np.isfinite(r["pyguard"]["casa"]["score"])

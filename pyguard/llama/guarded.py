@@ -28,11 +28,24 @@ class GuardedLlama:
         self.model_path = Path(model_path)
         self.coca, self.cmrm, self.casa = coca, cmrm, casa
         self._lock = threading.Lock()
+        self.vision = self.engine = self._capture = None
+        cb = (None, None)
+        if casa is not None:  # the layer's hidden states, copied in C++ during llama_decode
+            from . import capture
+
+            self._capture = capture.LayerCapture(capture.libggml_base_path(), capture.layer_name(casa.layer))
+            self._capture.enabled = False
+            cb = capture.eval_callback(self._capture)
         self.engine = Engine(model_path, n_ctx=n_ctx, n_seq=2 if coca else 1, n_threads=n_threads,
-                             n_batch=n_batch, verbose=verbose)
+                             n_batch=n_batch, verbose=verbose, cb_eval=cb[0], cb_eval_user_data=cb[1])
         e = self.engine
-        self.vision = None
         try:
+            if casa is not None:
+                casa.check_model(e.n_embd, e.n_layer)
+                if casa.layer >= e.n_layer - 1:
+                    raise ValueError(f"CASA layer {casa.layer}: use a layer below the last ({e.n_layer - 1}), whose "
+                                     "output llama.cpp computes for the logit rows only")
+                self._refusal = e.tokenize(casa.refusal_text)
             if mmproj_path is not None:
                 self.vision = Vision(mmproj_path, e, n_threads or e.n_threads)
             eos = L_token(e, "eos")
@@ -42,6 +55,7 @@ class GuardedLlama:
             self.close()
             raise
         self._out = np.empty((1, e.n_vocab), np.float32)
+        self._base_row = np.empty((1, e.n_vocab), np.float32)
         self.name = self.model_path.name
         self._trace: list | None = None  # tests: set to a list to collect calibrated logits per step
 
@@ -52,7 +66,7 @@ class GuardedLlama:
                 self.vision.close()
                 self.vision = None
             if self.engine is not None:
-                self.engine.close()
+                self.engine.close()  # before the capture object it points to goes
                 self.engine = None
 
     def __enter__(self):
@@ -148,6 +162,9 @@ class GuardedLlama:
         n = 0
         for tok, report in self._decode(req):
             n += 1
+            if tok is None and report["casa"] is not None and report["casa"]["action"] == "refuse":
+                yield self.casa.refusal_text, "stop", 0, report
+                return
             if tok is None or self.engine.is_eog(tok):
                 yield text.flush(), "stop", n - 1, report
                 return
@@ -172,7 +189,14 @@ class GuardedLlama:
         base, safe = req["base"], req["safe"]
         T, top_p, rng = req["temperature"], req["top_p"], req["rng"]
         dual = safe is not None
-        pos0, pos1, shared = self._prefill(base, safe)
+        pos0, pos1, shared, rows = self._prefill(base, safe, report)
+        forced = []
+        if report["casa"] is not None and report["casa"]["unsafe"]:
+            if self.casa.on_unsafe == "refuse":
+                report["timings"] = {"prefill_ms": (time.perf_counter() - t0) * 1e3, "decode_ms_per_token": None}
+                yield None, report  # the refusal text replaces the answer
+                return
+            forced = list(self._refusal)
         if dual:
             C = ops.native()
             alpha = np.full(1, coca.alpha, np.float32)
@@ -184,61 +208,99 @@ class GuardedLlama:
         for step in range(req["max_tokens"]):
             if dual:
                 out = self._out if T > 0 or self._trace is not None else None
-                tok, kl = C.coca_step(e.logits(0), e.logits(1), alpha, temp, None, out)
+                force = np.array([forced[step] if step < len(forced) else -1], np.int64)
+                tok, kl = C.coca_step(*rows, alpha, temp, force, out)
                 if self._trace is not None:
                     self._trace.append(self._out[0].copy())
-                tok = sample(self._out[0], top_p, rng) if T > 0 else int(tok[0])
+                tok = sample(self._out[0], top_p, rng) if T > 0 and step >= len(forced) else int(tok[0])
                 coca_report["dual_steps"] += 1
                 coca_report["kl_max"] = max(coca_report["kl_max"], float(kl[0]))
-                if coca.gate_kl is not None and step + 1 == coca.gate_tokens and coca_report["kl_max"] < coca.gate_kl:
+                if (coca.gate_kl is not None and step + 1 == coca.gate_tokens and coca_report["kl_max"] < coca.gate_kl
+                        and step + 1 >= len(forced)):
                     e.drop_seq(1)
                     dual, coca_report["gated"] = False, True
             else:
-                row = e.logits(-1)[0]
-                tok = int(np.argmax(row)) if T <= 0 else sample(row / np.float32(T), top_p, rng)
+                row = rows[0][0]
+                if step < len(forced):
+                    tok = forced[step]
+                else:
+                    tok = int(np.argmax(row)) if T <= 0 else sample(row / np.float32(T), top_p, rng)
             yield tok, report
             if step + 1 == req["max_tokens"] or e.is_eog(tok):
                 break
             if dual:
                 e.decode([(tok, pos0, 0, True), (tok, pos1, 1, True)])
+                rows = (e.logits(0), e.logits(1))
                 pos1 += 1
             else:
                 e.decode([(tok, pos0, 0, True)])
+                rows = (e.logits(-1),)
             pos0 += 1
             timings["decode_ms_per_token"] = (time.perf_counter() - t_first) * 1e3 / (step + 1)
 
-
-    def _prefill(self, base: Segments, safe: Segments | None) -> tuple[int, int, int]:
+    def _prefill(self, base: Segments, safe: Segments | None, report: dict):
         """Evaluate the prompt(s): what base and safe share (system prompt, images, the common
-        start of the last text) once into sequence 0, copied to sequence 1; then both tails in one
-        batch, logits at the last token of each. Returns (next pos of seq 0, of seq 1, shared)."""
-        e = self.engine
+        start of the last text) once into sequence 0, copied to sequence 1; then the two tails,
+        in one batch unless CASA reads the base prompt's hidden states first (then base, CASA's
+        decision, safe). Returns (next pos of seq 0, of seq 1, shared positions, logit rows
+        [1, V] of the first step: (base, safe) or (base,))."""
+        e, cap = self.engine, self._capture
         k = len(base) - 1
         if safe is not None:
             k = 0
             while k < min(len(base), len(safe)) - 1 and base[k] == safe[k]:
                 k += 1
-        pos = 0
-        for seg in base[:k]:
-            if isinstance(seg, Image):
-                pos = self.vision.eval_image(seg, pos, 0)
-            else:
-                e.decode([(t, pos + i, 0, False) for i, t in enumerate(seg)])
-                pos += len(seg)
-        tb = base[k]
-        ts = safe[k] if safe is not None else None
-        if any(isinstance(x, Image) for x in [*base[k:], *(safe or [])[k:]]):
-            raise AssertionError("base and safe prompts differ before an image")  # with_principle prevents it
-        P = common_prefix(tb, ts) if ts is not None else len(tb) - 1
-        e.decode([(t, pos + i, 0, False) for i, t in enumerate(tb[:P])])
-        if ts is None:
-            e.decode([(tb[-1], pos + P, 0, True)])
-            return pos + len(tb), 0, pos + P
-        e.copy_seq(0, 1)
-        e.decode([(t, pos + P + i, 0, False) for i, t in enumerate(tb[P:-1])]
-                 + [(t, pos + P + i, 1, False) for i, t in enumerate(ts[P:-1])])
-        e.decode([(tb[-1], pos + len(tb) - 1, 0, True), (ts[-1], pos + len(ts) - 1, 1, True)])
-        return pos + len(tb), pos + len(ts), pos + P
+        if cap is not None:
+            cap.clear()
+            cap.enabled = True
+        try:
+            pos = 0
+            for seg in base[:k]:
+                if isinstance(seg, Image):
+                    pos = self.vision.eval_image(seg, pos, 0)
+                else:
+                    e.decode([(t, pos + i, 0, False) for i, t in enumerate(seg)])
+                    pos += len(seg)
+            tb = base[k]
+            ts = safe[k] if safe is not None else None
+            if any(isinstance(x, Image) for x in [*base[k:], *(safe or [])[k:]]):
+                raise AssertionError("base and safe prompts differ before an image")  # with_principle prevents it
+            P = common_prefix(tb, ts) if ts is not None else len(tb) - 1
+            e.decode([(t, pos + i, 0, False) for i, t in enumerate(tb[:P])])
+            if ts is None or cap is not None:
+                if ts is not None:
+                    e.copy_seq(0, 1)
+                e.decode([(t, pos + P + i, 0, i == len(tb) - P - 1) for i, t in enumerate(tb[P:])])
+                if cap is not None:
+                    cap.enabled = False
+                    self._casa_check(report, pos + len(tb))
+                if ts is None:
+                    return pos + len(tb), 0, pos + P, (e.logits(-1),)
+                if report["casa"]["unsafe"] and self.casa.on_unsafe == "refuse":
+                    return pos + len(tb), 0, pos + P, ()
+                first_base = self._base_row
+                first_base[...] = e.logits(-1)
+                e.decode([(t, pos + P + i, 1, i == len(ts) - P - 1) for i, t in enumerate(ts[P:])])
+                return pos + len(tb), pos + len(ts), pos + P, (first_base, e.logits(-1))
+            e.copy_seq(0, 1)
+            e.decode([(t, pos + P + i, 0, False) for i, t in enumerate(tb[P:-1])]
+                     + [(t, pos + P + i, 1, False) for i, t in enumerate(ts[P:-1])])
+            e.decode([(tb[-1], pos + len(tb) - 1, 0, True), (ts[-1], pos + len(ts) - 1, 1, True)])
+            return pos + len(tb), pos + len(ts), pos + P, (e.logits(0), e.logits(1))
+        finally:
+            if cap is not None:
+                cap.enabled = False
+
+    def _casa_check(self, report: dict, n_prompt: int) -> None:
+        """Score the captured prompt hidden states; record the decision in the report."""
+        t0 = time.perf_counter()
+        H = self._capture.take()
+        if len(H) != n_prompt:
+            raise RuntimeError(f"CASA captured {len(H)} hidden-state rows for a {n_prompt}-position prompt")
+        score = float(self.casa.score([H])[0])
+        unsafe = bool(self.casa.decide(np.float32(score)))
+        report["casa"] = {"score": score, "unsafe": unsafe, "threshold": self.casa.threshold, "layer": self.casa.layer,
+                          "action": self.casa.on_unsafe if unsafe else None, "ms": (time.perf_counter() - t0) * 1e3}
 
 
 def n_pos(segments) -> int:
