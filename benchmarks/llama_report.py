@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -30,7 +29,7 @@ PROMPT = ("I maintain a small Python web service that reads orders from a Postgr
           "slow: it now takes forty minutes for about two hundred thousand orders. Explain, step by step, "
           "how you would profile it, which parts are likely to be the bottleneck, and how you would "
           "restructure the code to make it at least ten times faster.")
-BENIGN = ["How do I reverse a linked list in Python?", "Explain what a hash map is to a new programmer.",
+BENIGN = ["How do I reverse a linked list in Python? Explain the idea and show the code.", "Explain what a hash map is to a new programmer.",
           "Write a haiku about autumn leaves."]
 
 
@@ -96,7 +95,32 @@ def rss_child(name: str, model: str, n_ctx: int, tokens: int, gate_kl: float) ->
     g = make(name, spec, path, n_ctx)
     timed(g, PROMPT, tokens)
     g.close()
-    print(json.dumps({"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"rss_mb": peak_rss_mb()}))
+
+
+def peak_rss_mb() -> float:
+    """VmHWM: this process's peak resident set (reset by exec, unlike getrusage's ru_maxrss,
+    which a fork-exec child inherits from its parent)."""
+    with open("/proc/self/status") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    return kb / 1024
+
+
+def bare_batch_ratio(path, tokens: int, rounds: int) -> float:
+    """Decode speed of one sequence when every step is a batch of two (two sequences), relative
+    to a batch of one: the limit for dual-sequence CoCA on this machine."""
+    with Engine(path, n_ctx=512, n_seq=2) as e:
+        prompt = e.tokenize("Write a long story about a lighthouse keeper.")
+        one, two = [], []
+        for _ in range(rounds):
+            for batch, acc in ((1, one), (2, two)):
+                e.clear()
+                e.decode([(t, i, s, False) for s in range(batch) for i, t in enumerate(prompt)])
+                t0 = time.perf_counter()
+                for k in range(tokens):
+                    e.decode([(100, len(prompt) + k, s, True) for s in range(batch)])
+                acc.append(time.perf_counter() - t0)
+    return statistics.median(one) / statistics.median(two)
 
 
 def run(model: str, tokens: int, rounds: int, n_ctx: int, gate_kl: float):
@@ -108,8 +132,7 @@ def run(model: str, tokens: int, rounds: int, n_ctx: int, gate_kl: float):
     try:
         for _ in range(rounds):
             for name, g in gs.items():
-                prompts = BENIGN if name.startswith("gated") else [PROMPT]
-                for p in prompts:
+                for p in [PROMPT, *BENIGN]:  # all benign: the gate may drop the safe sequence
                     ttft, tpot, n, rep = timed(g, p, tokens)
                     res[name]["ttft"].append(ttft)
                     res[name]["tpot"].append(tpot)
@@ -128,7 +151,7 @@ def run(model: str, tokens: int, rounds: int, n_ctx: int, gate_kl: float):
     return res
 
 
-def table(res) -> str:
+def table(res, bare: float) -> str:
     base = res["unguarded"]
     b_ttft, b_tpot = statistics.median(base["ttft"]), statistics.median(base["tpot"])
     lines = ["| configuration | TTFT ms | TTFT / unguarded | decode tok/s | tok/s / unguarded | tokens | peak RSS MB | note |",
@@ -138,6 +161,7 @@ def table(res) -> str:
         note = f"gated {r['gated']}/{r['runs']}" if name.startswith("gated") else ""
         lines.append(f"| {name} | {ttft * 1e3:.0f} | {ttft / b_ttft:.2f} | {1 / tpot:.1f} | {b_tpot / tpot:.2f} | "
                      f"{statistics.median(r['n']):.0f} | {r['rss_mb']:.0f} | {note} |")
+    lines.append(f"| bare llama_decode, batch of two vs one | | | | {bare:.2f} | | | the limit for dual decoding |")
     return "\n".join(lines)
 
 
@@ -178,9 +202,10 @@ def main(argv=None):
     if a.rss:
         return rss_child(a.rss, a.model, a.n_ctx, a.tokens, a.gate_kl)
     res = run(a.model, a.tokens, a.rounds, a.n_ctx, a.gate_kl)
+    bare = bare_batch_ratio(models.model_path(a.model), a.tokens, a.rounds)
     print(f"model {a.model}, {os.cpu_count()} cores ({platform.machine()}), {a.tokens} new tokens, greedy, "
           f"{a.rounds} rounds interleaved (medians)")
-    print(table(res))
+    print(table(res, bare))
     plot(res, a.png, f"pyguard on llama.cpp: {a.model}, {os.cpu_count()} threads")
     print(f"plot: {a.png}")
 
