@@ -4,6 +4,7 @@ No torch."""
 from __future__ import annotations
 
 import ctypes
+import os
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,7 @@ class Engine:
         cp.n_batch = cp.n_ubatch = n_batch
         cp.n_seq_max = n_seq
         cp.kv_unified = False
-        threads = n_threads or max(1, len(__import__("os").sched_getaffinity(0)))
+        threads = n_threads or max(1, len(os.sched_getaffinity(0)))
         cp.n_threads = cp.n_threads_batch = self.n_threads = threads
         if cb_eval is not None:
             cp.cb_eval = cb_eval
