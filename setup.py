@@ -37,7 +37,7 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    packages=["pyguard", "pyguard.llama", "pyguard.kernels"],
+    packages=["pyguard", "pyguard.llama", "pyguard.torch", "pyguard.kernels"],
     package_dir={"pyguard": "pyguard", "pyguard.kernels": "kernels"},
     ext_modules=[CMakeExtension("pyguard._C")],
     cmdclass={"build_ext": CMakeBuild},

@@ -1,0 +1,1 @@
+"""The PyTorch / Hugging Face runtime (needs torch: pip install 'pyguard[hf]')."""
