@@ -1,0 +1,51 @@
+"""CMRM on Hugging Face models: forward hooks that shift decoder-layer outputs in place with
+``pyguard.ops.cmrm_shift_`` (C++ on the CPU, Triton on CUDA) on the rows of image-conditioned
+requests."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .. import ops
+from .layers import decoder_layers, layer_output
+
+
+class RowSelector:
+    """Which batch rows are shifted: ``rows`` is a bool [B] (None: all); set it per request."""
+
+    rows: torch.Tensor | None = None
+
+
+@contextlib.contextmanager
+def shift_layers(model: torch.nn.Module, cmrm, select: RowSelector | None = None):
+    """Within the block, the output of every decoder layer il in the CMRM layer range becomes
+    ``h - alpha * vectors[il]`` on the selected batch rows (every position). The vectors must
+    match the model (n_layer, hidden size): ValueError otherwise. Hooks are removed on exit.
+    In-place: for inference (torch.no_grad), not for training."""
+    blocks = decoder_layers(model)
+    d = model.config.get_text_config().hidden_size
+    if cmrm.vectors.shape != (len(blocks), d):
+        raise ValueError(f"CMRM vectors are for n_embd={cmrm.n_embd}, n_layer={cmrm.n_layer}; "
+                         f"the model has n_embd={d}, n_layer={len(blocks)}")
+    start, end = cmrm.layers or (0, len(blocks) - 1)
+    select = select or RowSelector()
+    table = {}
+
+    def hook(il):
+        def fn(_module, _args, output):
+            h = layer_output(output)
+            key = (h.device, h.dtype)
+            if key not in table:
+                table[key] = torch.tensor(cmrm.vectors, device=h.device, dtype=h.dtype)
+            B, T, _ = h.shape
+            rows = None if select.rows is None else select.rows.to(h.device).repeat_interleave(T)
+            ops.cmrm_shift_(h.view(B * T, d), table[key], float(cmrm.alpha), layer=il, row_mask=rows)
+        return fn
+
+    handles = [blocks[il].register_forward_hook(hook(il)) for il in range(start, end + 1)]
+    try:
+        yield select
+    finally:
+        for h in handles:
+            h.remove()
