@@ -78,7 +78,7 @@ def flatten(messages, marker: str) -> Prompt:
                 url = p["image_url"]["url"] if isinstance(p["image_url"], dict) else p["image_url"]
                 images.append(image_bytes(url))
                 text.append(marker)
-        out.append({"role": m["role"], "content": "".join(text) if len(text) != 1 else text[0]})
+        out.append({"role": m["role"], "content": "".join(text)})
     return Prompt(out, images)
 
 

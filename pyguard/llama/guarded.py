@@ -48,8 +48,8 @@ class GuardedLlama:
                 self._refusal = e.tokenize(casa.refusal_text)
             if mmproj_path is not None:
                 self.vision = Vision(mmproj_path, e, n_threads or e.n_threads)
-            eos = L_token(e, "eos")
-            self.template = ChatTemplate(e.metadata, e.token_text(eos), e.token_text(L_token(e, "bos")), eos)
+            eos = e.model.token_eos()
+            self.template = ChatTemplate(e.metadata, e.token_text(eos), e.token_text(e.model.token_bos()), eos)
             self._cvec = cmrm.cvec_buffer(e.n_layer, e.n_embd) if cmrm is not None else None
         except BaseException:
             self.close()
@@ -208,7 +208,7 @@ class GuardedLlama:
         for step in range(req["max_tokens"]):
             if dual:
                 out = self._out if T > 0 or self._trace is not None else None
-                force = np.array([forced[step] if step < len(forced) else -1], np.int64)
+                force = np.array([forced[step]], np.int64) if step < len(forced) else None
                 tok, kl = C.coca_step(*rows, alpha, temp, force, out)
                 if self._trace is not None:
                     self._trace.append(self._out[0].copy())
@@ -306,13 +306,6 @@ class GuardedLlama:
 def n_pos(segments) -> int:
     """Positions a tokenized prompt takes."""
     return sum(s.n_pos if isinstance(s, Image) else len(s) for s in segments)
-
-
-def L_token(e: Engine, which: str) -> int:
-    from llama_cpp import llama_cpp as L
-
-    fn = L.llama_vocab_eos if which == "eos" else L.llama_vocab_bos
-    return int(fn(e.model.vocab))
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
