@@ -1,6 +1,7 @@
 """GuardedLlama: chat completions from a GGUF model with CoCA, CMRM and CASA applied."""
 from __future__ import annotations
 
+import codecs
 import threading
 import time
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Iterator
 import numpy as np
 
 from .. import chat, ops, responses
+from ..text import TextAssembler, common_prefix
 from ..sampling import sample
 from .engine import Engine
 from .template import ChatTemplate
@@ -158,7 +160,8 @@ class GuardedLlama:
                     segs.free()
 
     def _texts(self, req):
-        text = TextAssembler(self.engine, req["stops"])
+        text = TextAssembler(req["stops"])
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # pieces may split characters
         n = 0
         for tok, report in self._decode(req):
             n += 1
@@ -166,14 +169,14 @@ class GuardedLlama:
                 yield self.casa.refusal_text, "stop", 0, report
                 return
             if tok is None or self.engine.is_eog(tok):
-                yield text.flush(), "stop", n - 1, report
+                yield text.flush(utf8.decode(b"", final=True)), "stop", n - 1, report
                 return
-            piece, stopped = text.add(tok)
+            piece, stopped = text.add(utf8.decode(self.engine.piece(tok)))
             if stopped:
                 yield piece, "stop", n, report
                 return
             if n == req["max_tokens"]:
-                yield piece + text.flush(), "length", n, report
+                yield piece + text.flush(utf8.decode(b"", final=True)), "length", n, report
                 return
             yield piece, None, n, report
 
@@ -306,45 +309,3 @@ class GuardedLlama:
 def n_pos(segments) -> int:
     """Positions a tokenized prompt takes."""
     return sum(s.n_pos if isinstance(s, Image) else len(s) for s in segments)
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """Length of the shared token prefix, leaving at least one token of each to decode last."""
-    n = 0
-    limit = min(len(a), len(b)) - 1
-    while n < limit and a[n] == b[n]:
-        n += 1
-    return n
-
-
-class TextAssembler:
-    """Token pieces -> text: whole UTF-8 characters only, cut at the first stop string, and text
-    that could still become a stop string held back until it is known not to."""
-
-    def __init__(self, engine: Engine, stops: list[str]):
-        self.engine, self.stops = engine, [s for s in stops if s]
-        self.pending = b""   # bytes not yet a whole UTF-8 sequence
-        self.held = ""       # text that may be the start of a stop string
-
-    def add(self, token: int) -> tuple[str, bool]:
-        """Returns (text to emit now, whether a stop string ended the text)."""
-        self.pending += self.engine.piece(token)
-        try:
-            new = self.pending.decode("utf-8")
-            self.pending = b""
-        except UnicodeDecodeError as err:
-            new = self.pending[: err.start].decode("utf-8")
-            self.pending = self.pending[err.start :]
-        text = self.held + new
-        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            self.held = ""
-            return text[:cut], True
-        keep = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        self.held = text[len(text) - keep :] if keep else ""
-        return text[: len(text) - keep], False
-
-    def flush(self) -> str:
-        out = self.held + self.pending.decode("utf-8", errors="replace")
-        self.held, self.pending = "", b""
-        return out
