@@ -54,5 +54,7 @@ log "installing pyguard (editable, builds pyguard._C)"
 pip_ install --no-build-isolation --no-deps -e .
 log "fetching default models"
 "$VPY" -m pyguard.cli models fetch --cache "$CACHE/models" --link models
+log "converting the default model for the PyTorch runtime"
+"$VPY" -m pyguard.torch.convert qwen2.5-coder-0.5b
 
 log "done: activate with 'source .venv/bin/activate'"

@@ -1,1 +1,4 @@
-"""The PyTorch / Hugging Face runtime (needs torch: pip install 'pyguard[hf]')."""
+"""The PyTorch / Hugging Face runtime (needs torch and transformers: pip install 'pyguard[hf]')."""
+from .guard import GuardedModel, guard
+
+__all__ = ["GuardedModel", "guard"]

@@ -17,17 +17,24 @@ class RowSelector:
     rows: torch.Tensor | None = None
 
 
+def check_vectors(model: torch.nn.Module, cmrm) -> torch.nn.ModuleList:
+    """The model's decoder layers; ValueError unless the CMRM vectors are [n_layer, hidden size]."""
+    blocks = decoder_layers(model)
+    d = model.config.get_text_config().hidden_size
+    if cmrm.vectors.shape != (len(blocks), d):
+        raise ValueError(f"CMRM vectors are for n_embd={cmrm.n_embd}, n_layer={cmrm.n_layer}; "
+                         f"the model has n_embd={d}, n_layer={len(blocks)}")
+    return blocks
+
+
 @contextlib.contextmanager
 def shift_layers(model: torch.nn.Module, cmrm, select: RowSelector | None = None):
     """Within the block, the output of every decoder layer il in the CMRM layer range becomes
     ``h - alpha * vectors[il]`` on the selected batch rows (every position). The vectors must
     match the model (n_layer, hidden size): ValueError otherwise. Hooks are removed on exit.
     In-place: for inference (torch.no_grad), not for training."""
-    blocks = decoder_layers(model)
-    d = model.config.get_text_config().hidden_size
-    if cmrm.vectors.shape != (len(blocks), d):
-        raise ValueError(f"CMRM vectors are for n_embd={cmrm.n_embd}, n_layer={cmrm.n_layer}; "
-                         f"the model has n_embd={d}, n_layer={len(blocks)}")
+    blocks = check_vectors(model, cmrm)
+    d = cmrm.n_embd
     start, end = cmrm.layers or (0, len(blocks) - 1)
     select = select or RowSelector()
     table = {}

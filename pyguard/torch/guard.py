@@ -1,0 +1,441 @@
+"""Guarded generation for Hugging Face causal LMs and LLaVA-style VLMs: CoCA on a shared-prefix
+KV cache, CMRM forward hooks, the CASA check before the first token.
+
+One mechanism for every family: the prompts are run as batches through the model's own forward
+(``attention_mask``, ``position_ids``, ``past_key_values``, ``logits_to_keep``); hooks exist only
+while a guarded call runs, so the model itself is never changed.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import chat, ops, responses
+from ..text import TextAssembler, common_prefix
+from .cmrm import RowSelector, check_vectors, shift_layers
+from .layers import capture, decoder_layers
+
+_GENERATE_OPTIONS = {"max_new_tokens", "do_sample", "temperature", "top_p", "streamer", "eos_token_id",
+                     "pad_token_id", "generator"}
+
+
+def guard(model, processor_or_tokenizer, coca=None, cmrm=None, casa=None) -> "GuardedModel":
+    """A :class:`GuardedModel` (also a context manager) around a Hugging Face model."""
+    return GuardedModel(model, processor_or_tokenizer, coca=coca, cmrm=cmrm, casa=casa)
+
+
+@dataclass
+class _Request:
+    """One prompt of a batch: token ids without padding (base, and with the principle: safe)."""
+
+    base: list
+    safe: list | None
+    has_image: bool
+    out: list = field(default_factory=list)   # generated tokens
+    forced: list = field(default_factory=list)
+    dual: bool = False     # CoCA's safe row still runs
+    refused: bool = False  # CASA refused: the forced refusal is the whole answer
+    done: bool = False
+    report: dict = field(default_factory=dict)
+
+
+class GuardedModel:
+    """A Hugging Face model with CoCA / CMRM / CASA applied by :meth:`generate` and
+    :meth:`create_chat_completion`. ``last_report`` holds the ``pyguard`` report of each request
+    of the last call. Use as a context manager or call :meth:`close`."""
+
+    def __init__(self, model, processor_or_tokenizer, coca=None, cmrm=None, casa=None):
+        self.layers = decoder_layers(model)  # TypeError naming the class when the guard cannot hook it
+        if model.get_output_embeddings() is None:
+            raise TypeError(f"{type(model).__name__} has no language-model head: pyguard needs a model that "
+                            "returns next-token logits (...ForCausalLM or ...ForConditionalGeneration)")
+        cfg = model.config.get_text_config()
+        self.n_layer, self.n_embd = len(self.layers), cfg.hidden_size
+        if cmrm is not None:
+            check_vectors(model, cmrm)
+        if casa is not None:
+            casa.check_model(self.n_embd, self.n_layer)
+        self.model, self.coca, self.cmrm, self.casa = model, coca, cmrm, casa
+        proc = processor_or_tokenizer
+        self.processor = proc if hasattr(proc, "tokenizer") else None
+        self.tokenizer = proc.tokenizer if self.processor is not None else proc
+        self.image_token_id = getattr(model.config, "image_token_id", getattr(model.config, "image_token_index", None))
+        self.has_vision = getattr(model.config, "vision_config", None) is not None
+        self.last_report: list[dict] = []
+        self._trace: list | None = None  # tests: set to a list to collect calibrated logits [n_dual, V] per step
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def close(self) -> None:
+        self.model = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _check_open(self):
+        if self.model is None:
+            raise RuntimeError("this GuardedModel is closed")
+
+    # -- generate ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, input_ids=None, attention_mask=None, pixel_values=None, **kwargs) -> torch.Tensor:
+        """Like the model's ``generate``: token ids [B, T] (left-padded with ``attention_mask``),
+        ``pixel_values`` for LLaVA, ``max_new_tokens``, ``do_sample``, ``temperature``, ``top_p``,
+        ``streamer``, ``eos_token_id``, ``pad_token_id``, ``generator`` (torch.Generator for sampling).
+        Returns [B, T + n] with finished rows padded. With CoCA the prompts must end with the chat
+        template's generation prompt: the principle is put before it."""
+        self._check_open()
+        opts = {k: kwargs.pop(k) for k in list(kwargs) if k in _GENERATE_OPTIONS}
+        extra = {k: v for k, v in kwargs.items() if k in ("image_sizes",)}
+        unknown = sorted(set(kwargs) - set(extra))
+        if unknown:
+            raise TypeError(f"GuardedModel.generate does not support {', '.join(unknown)} "
+                            f"(supported: {', '.join(sorted(_GENERATE_OPTIONS | {'image_sizes'}))})")
+        if not torch.is_tensor(input_ids) or input_ids.ndim != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be a [B, T] tensor of token ids, got "
+                             f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        elif attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {tuple(input_ids.shape)}")
+        prompts = [row[m.bool()].tolist() for row, m in zip(input_ids.cpu(), attention_mask.cpu())]
+        if any(not p for p in prompts):
+            raise ValueError("a row of input_ids has no tokens (attention_mask all zero)")
+        reqs = [self._request(p, self._spliced(p, b) if self.coca is not None else None) for b, p in enumerate(prompts)]
+        streamer = opts.pop("streamer", None)
+        if streamer is not None:
+            if len(reqs) != 1:
+                raise ValueError("a streamer takes a batch of one prompt")
+            streamer.put(input_ids.cpu())
+        pad = self._pad_id(opts.pop("pad_token_id", None), opts.get("eos_token_id"))
+        steps = 0
+        for toks in self._run(reqs, pixel_values, extra, **opts):
+            steps += 1
+            if streamer is not None and toks[0] is not None:
+                streamer.put(torch.tensor([toks[0]]))
+        if streamer is not None:
+            streamer.end()
+        new = torch.full((len(reqs), steps), pad, dtype=input_ids.dtype)
+        for b, r in enumerate(reqs):
+            new[b, : len(r.out)] = torch.tensor(r.out, dtype=input_ids.dtype)
+        return torch.cat([input_ids, new.to(input_ids.device)], dim=1)
+
+    def _spliced(self, prompt: list, b: int) -> list:
+        """The prompt with the principle's tokens before the chat template's generation prompt."""
+        if self.coca.principle_position != "after":
+            raise ValueError("CoCA principle_position='before' needs the messages: use create_chat_completion")
+        suffix = self._template_suffix()
+        if prompt[len(prompt) - len(suffix):] != suffix:
+            raise ValueError(f"CoCA: prompt {b} does not end with the chat template's generation prompt "
+                             f"{self.tokenizer.decode(suffix)!r}; render it with apply_chat_template("
+                             "add_generation_prompt=True) or use create_chat_completion(messages)")
+        principle = self.tokenizer("\n\n" + self.coca.principle, add_special_tokens=False).input_ids
+        return prompt[: len(prompt) - len(suffix)] + principle + suffix
+
+    def _template_suffix(self) -> list:
+        """Token ids the chat template puts after the last user text (end of turn, assistant header)."""
+        probe = "\x00pyguard\x00"
+        text = self.tokenizer.apply_chat_template([{"role": "user", "content": probe}], add_generation_prompt=True,
+                                                  tokenize=False)
+        return self.tokenizer(text.partition(probe)[2], add_special_tokens=False).input_ids
+
+    def _request(self, base: list, safe: list | None) -> _Request:
+        has_image = self.image_token_id is not None and self.image_token_id in base
+        return _Request(base, safe, has_image)
+
+    def _pad_id(self, pad, eos) -> int:
+        gc = getattr(self.model, "generation_config", None)
+        for cand in (pad, getattr(gc, "pad_token_id", None), self.tokenizer.pad_token_id, *self._eos_ids(eos)):
+            if cand is not None:
+                return int(cand)
+        return 0
+
+    def _eos_ids(self, eos) -> list:
+        gc = getattr(self.model, "generation_config", None)
+        for cand in (eos, getattr(gc, "eos_token_id", None), self.tokenizer.eos_token_id):
+            if cand is not None:
+                return [int(x) for x in (cand if isinstance(cand, (list, tuple)) else [cand])]
+        return []
+
+    # -- chat --------------------------------------------------------------------------------
+    def create_chat_completion(self, messages, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+                               seed: int | None = None, stop=None, stream: bool = False):
+        """OpenAI-style chat completion (a dict with a ``pyguard`` report), or an iterator of
+        chunks when ``stream``. temperature 0 is greedy."""
+        self._check_open()
+        if not isinstance(max_tokens, int) or max_tokens <= 0:
+            raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        if not temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+        marker = getattr(self.processor, "image_token", None) or "<image>"
+        prompt = chat.flatten(messages, marker)
+        if prompt.images and (self.processor is None or not self.has_vision):
+            raise ValueError(f"images given, but {type(self.model).__name__} takes text only"
+                             if not self.has_vision else "images given, but no processor (only a tokenizer) was passed")
+        base, pixel_values = self._encode(prompt)
+        safe = None
+        if self.coca is not None:
+            safe, _ = self._encode(chat.with_principle(prompt, self.coca.principle, self.coca.principle_position, marker),
+                                   pixels=False)
+        req = self._request(base, safe)
+        gen = None if seed is None else torch.Generator(device=self._device()).manual_seed(seed)
+        opts = dict(max_new_tokens=max_tokens, do_sample=temperature > 0, temperature=temperature or 1.0,
+                    top_p=top_p, generator=gen)
+        cid, name = responses.new_id(), type(self.model).__name__
+        pieces = self._texts(req, pixel_values, opts, [stop] if isinstance(stop, str) else list(stop or []))
+        if stream:
+            return self._stream(cid, name, pieces)
+        text, finish = "", "length"
+        for piece, finish_now in pieces:
+            text += piece
+            finish = finish_now or finish
+        return responses.completion(cid, name, text, finish, len(base), len(req.out), req.report)
+
+    def _stream(self, cid, name, pieces):
+        yield responses.chunk(cid, name, {"role": "assistant", "content": ""})
+        for piece, finish in pieces:
+            if piece:
+                yield responses.chunk(cid, name, {"content": piece})
+            if finish:
+                yield responses.chunk(cid, name, {}, finish, self.last_report[0])
+
+    def _encode(self, prompt: chat.Prompt, pixels: bool = True):
+        """-> (token ids, pixel_values or None) of a flattened prompt rendered by the chat template."""
+        text = self.tokenizer.apply_chat_template(prompt.messages, add_generation_prompt=True, tokenize=False)
+        if not prompt.images:
+            return self.tokenizer(text, add_special_tokens=False).input_ids, None
+        import io
+
+        from PIL import Image
+
+        images = [Image.open(io.BytesIO(b)).convert("RGB") for b in prompt.images]
+        enc = self.processor(text=[text], images=images, return_tensors="pt", add_special_tokens=False)
+        return enc["input_ids"][0].tolist(), (enc["pixel_values"] if pixels else None)
+
+    def _texts(self, req: _Request, pixel_values, opts: dict, stops: list):
+        """Yields (text piece, finish reason or None) for one request."""
+        text = TextAssembler(stops)
+        shown = ""
+        eos = set(self._eos_ids(None))
+        for (tok,) in self._run([req], pixel_values, {}, **opts):
+            if tok in eos:
+                yield text.flush(), "stop"
+                return
+            full = self.tokenizer.decode(req.out, skip_special_tokens=True)
+            stable = full[: len(full) - 1] if full.endswith("\ufffd") else full  # a character still incomplete
+            piece, stopped = text.add(stable[len(shown):])
+            shown = stable if len(stable) > len(shown) else shown
+            if stopped:
+                yield piece, "stop"
+                return
+            yield piece, None
+        full = self.tokenizer.decode(req.out, skip_special_tokens=True)
+        yield text.flush(full[len(shown):]), "length"
+
+    # -- the decode loop ---------------------------------------------------------------------
+    def _device(self):
+        return self.model.get_output_embeddings().weight.device
+
+    def _run(self, reqs: list, pixel_values, extra: dict, max_new_tokens=None, do_sample=False, temperature=1.0,
+             top_p=1.0, eos_token_id=None, generator=None):
+        """Validates the options; returns an iterator over steps of the new token of each request
+        (None when it has finished)."""
+        if max_new_tokens is None:
+            max_new_tokens = getattr(getattr(self.model, "generation_config", None), "max_new_tokens", None) or 20
+        if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        if do_sample and not (temperature > 0):
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature!r}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        if pixel_values is not None and not self.has_vision:
+            raise ValueError(f"pixel_values given, but {type(self.model).__name__} takes text only")
+        self.last_report = [r.report for r in reqs]
+        for r in reqs:
+            r.report.update(casa=None, coca=None, timings={},
+                            cmrm={"on": self.cmrm.when == "always" or r.has_image} if self.cmrm is not None else None)
+        return self._decode(reqs, pixel_values, extra, max_new_tokens, (do_sample, temperature, top_p, generator),
+                            self._eos_ids(eos_token_id))
+
+    @torch.no_grad()
+    def _decode(self, reqs, pixel_values, extra, max_new_tokens, sampling, eos):
+        t0 = time.perf_counter()
+        dev = self._device()
+        shift = self.cmrm is not None and any(r.report["cmrm"]["on"] for r in reqs)
+        with shift_layers(self.model, self.cmrm) if shift else contextlib.nullcontext() as select:
+            state = _Batch(self, reqs, select, dev)
+            with capture(self.model, [self.casa.layer]) if self.casa else contextlib.nullcontext() as store:
+                logits, casa_states = state.prefill(pixel_values, extra, store)
+            if store is not None:
+                self._casa_check(reqs, casa_states, eos)
+            t_first = time.perf_counter()
+            for r in reqs:
+                r.report["timings"] = {"prefill_ms": (t_first - t0) * 1e3, "decode_ms_per_token": None}
+            alpha = torch.tensor(self.coca.alpha if self.coca else 0.0, dtype=torch.float32, device=dev)
+            for step in range(max_new_tokens):
+                toks = state.choose(logits, step, alpha, *sampling)
+                for r, t in zip(reqs, toks):
+                    if t is not None:
+                        r.out.append(t)
+                        r.done = (t in eos or len(r.out) == max_new_tokens
+                                  or (r.refused and len(r.out) == len(r.forced)))
+                yield toks
+                if all(r.done for r in reqs):
+                    break
+                logits = state.step(toks)
+                for r in reqs:
+                    r.report["timings"]["decode_ms_per_token"] = (time.perf_counter() - t_first) * 1e3 / (step + 1)
+
+    def _casa_check(self, reqs, states: list, eos: list) -> None:
+        """Score each prompt's layer-L hidden states; record decisions; refused requests end here."""
+        t0 = time.perf_counter()
+        scores = self.casa.score([h.float() for h in states])
+        unsafe = self.casa.decide(scores)
+        ms = (time.perf_counter() - t0) * 1e3
+        refusal = self.tokenizer(self.casa.refusal_text, add_special_tokens=False).input_ids
+        for r, s, u in zip(reqs, scores.tolist(), unsafe.tolist()):
+            r.report["casa"] = {"score": s, "unsafe": bool(u), "threshold": self.casa.threshold,
+                                "layer": self.casa.layer, "action": self.casa.on_unsafe if u else None, "ms": ms}
+            if u:
+                r.forced = list(refusal)
+                if self.casa.on_unsafe == "refuse":  # the refusal is the answer: no more forwards for it
+                    r.forced += eos[:1]
+                    r.refused, r.dual = True, False
+
+
+class _Batch:
+    """The rows in flight: each request's base row and, while CoCA runs for it, its safe row,
+    sharing one KV cache; finished rows are dropped from the cache."""
+
+    def __init__(self, guard: GuardedModel, reqs: list, select: RowSelector | None, device):
+        self.g, self.reqs, self.select, self.dev = guard, reqs, select, device
+        self.rows: list[tuple[int, int]] = []  # (request index, 0 base | 1 safe)
+        self.cache = self.mask = self.pos = None
+
+    def _forward(self, ids, mask, pos, **kw):
+        if self.select is not None:
+            self.select.rows = torch.tensor([self.g.cmrm.when == "always" or self.reqs[i].has_image
+                                             for i, _ in self.rows], device=self.dev)
+        out = self.g.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=self.cache,
+                           use_cache=True, logits_to_keep=1, **kw)
+        self.cache = out.past_key_values
+        return out.logits[:, -1].float()
+
+    def _left_pad(self, seqs: list) -> tuple:
+        n = max(len(s) for s in seqs)
+        ids = torch.zeros((len(seqs), n), dtype=torch.long)
+        mask = torch.zeros((len(seqs), n), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            if s:
+                ids[i, n - len(s):] = torch.tensor(s)
+                mask[i, n - len(s):] = 1
+        return ids.to(self.dev), mask.to(self.dev)
+
+    def _positions(self, new_mask):
+        """Positions of the new columns: previous tokens of the row + 0, 1, ... (pads: 0)."""
+        full = new_mask if self.mask is None else torch.cat([self.mask, new_mask], dim=1)
+        pos = (full.cumsum(1) - 1).clamp(min=0)[:, full.shape[1] - new_mask.shape[1]:]
+        return full, pos
+
+    def prefill(self, pixel_values, extra: dict, store):
+        """Shared prefixes (batch B), then with CoCA the expansion to 2B rows and the two tails.
+        Returns (last-position logits [rows, V], each request's base-prompt layer-L states)."""
+        g, reqs = self.g, self.reqs
+        cut = [common_prefix(r.base, r.safe) if r.safe is not None else len(r.base) for r in reqs]
+        tails = [(r.base[k:], r.safe[k:]) for r, k in zip(reqs, cut) if r.safe is not None]
+        if g.image_token_id is not None and any(g.image_token_id in t for pair in tails for t in pair):
+            raise ValueError("the principle would come before an image: CoCA puts it after the last image")
+        self.rows = [(i, 0) for i in range(len(reqs))]
+        ids, mask = self._left_pad([r.base[:k] for r, k in zip(reqs, cut)])
+        full, pos = self._positions(mask)
+        kw = dict(extra)
+        if pixel_values is not None:
+            kw["pixel_values"] = pixel_values.to(self.dev, dtype=g.model.dtype)
+        logits = self._forward(ids, full, pos, **kw)
+        self.mask, self.pos = full, pos[:, -1]
+        states = [store[g.casa.layer][i][mask[i].bool()] for i in range(len(reqs))] if store is not None else None
+        if tails:
+            for r in reqs:
+                r.dual = True
+            self.cache.batch_repeat_interleave(2)
+            self.mask = self.mask.repeat_interleave(2, dim=0)
+            self.rows = [(i, k) for i in range(len(reqs)) for k in (0, 1)]
+            ids, tmask = self._left_pad([t for pair in tails for t in pair])
+            self.mask, pos = self._positions(tmask)
+            logits = self._forward(ids, self.mask, pos)
+            self.pos = pos[:, -1]
+            if store is not None:
+                tail_h = store[g.casa.layer]
+                states = [torch.cat([s, tail_h[2 * i][tmask[2 * i].bool()]]) for i, s in enumerate(states)]
+            for r, k in zip(reqs, cut):
+                r.report["coca"] = {"alpha": g.coca.alpha, "shared_prefix_tokens": k, "dual_steps": 0,
+                                    "gated": False, "kl_max": 0.0}
+        return logits, states
+
+    def choose(self, logits, step: int, alpha, do_sample, temperature, top_p, generator) -> list:
+        """The next token of every request (None for finished ones) from the rows' logits [R, V]."""
+        g, coca = self.g, self.g.coca
+        toks: list = [None] * len(self.reqs)
+        where = {row: j for j, row in enumerate(self.rows)}
+        dual = [i for i, r in enumerate(self.reqs) if not r.done and r.dual]
+        if dual:
+            base = logits[[where[(i, 0)] for i in dual]]
+            safe = logits[[where[(i, 1)] for i in dual]]
+            force = torch.tensor([self.reqs[i].forced[step] if step < len(self.reqs[i].forced) else -1 for i in dual],
+                                 device=self.dev)
+            temp = torch.full((len(dual),), float(temperature) if do_sample else 1.0, device=self.dev)
+            tok, kl = ops.coca_step(base, safe, alpha.expand(len(dual)).contiguous(), temp, force, out=base)
+            if g._trace is not None:
+                g._trace.append(base.clone())
+            if do_sample:
+                sampled = _sample(base, top_p, generator)
+                tok = torch.where(force >= 0, force, sampled)
+            for j, i in enumerate(dual):
+                r = self.reqs[i]
+                toks[i] = int(tok[j])
+                rep = r.report["coca"]
+                rep["dual_steps"] += 1
+                rep["kl_max"] = max(rep["kl_max"], float(kl[j]))
+                if (coca.gate_kl is not None and step + 1 == coca.gate_tokens and rep["kl_max"] < coca.gate_kl
+                        and step + 1 >= len(r.forced)):
+                    r.dual, rep["gated"] = False, True
+        for i, r in enumerate(self.reqs):
+            if r.done or toks[i] is not None or i in dual:
+                continue
+            if step < len(r.forced):
+                toks[i] = r.forced[step]
+            elif (i, 0) in where:
+                row = logits[where[(i, 0)]][None]
+                toks[i] = int(_sample(row / temperature, top_p, generator)[0] if do_sample else row.argmax(-1)[0])
+        return toks
+
+    def step(self, toks: list):
+        """Drop the rows of finished (or gated) requests; run one forward of the new tokens."""
+        keep = [j for j, (i, k) in enumerate(self.rows) if not self.reqs[i].done and not self.reqs[i].refused
+                and (k == 0 or self.reqs[i].dual)]
+        if not keep:
+            self.rows = []
+            return None
+        if len(keep) != len(self.rows):
+            self.cache.batch_select_indices(torch.tensor(keep, dtype=torch.long, device=self.dev))
+            self.mask, self.pos = self.mask[keep], self.pos[keep]
+            self.rows = [self.rows[j] for j in keep]
+        ids = torch.tensor([[toks[i]] for i, _ in self.rows], device=self.dev)
+        self.mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=self.mask.dtype, device=self.dev)], 1)
+        self.pos = self.pos + 1
+        return self._forward(ids, self.mask, self.pos[:, None])
+
+
+def _sample(logits: torch.Tensor, top_p: float, generator) -> torch.Tensor:
+    """Tokens [R] drawn from softmax(logits [R, V]) within the top-p nucleus."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    if top_p < 1.0:
+        sorted_p, idx = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p >= top_p  # keeps the smallest set reaching top_p
+        probs = probs.scatter(-1, idx, sorted_p.masked_fill(drop, 0.0))
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
