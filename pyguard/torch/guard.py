@@ -17,6 +17,7 @@ from .. import chat, ops, responses
 from ..text import TextAssembler, common_prefix
 from .cmrm import RowSelector, check_vectors, shift_layers
 from .layers import capture, decoder_layers
+from .matmul import SmallBatchLinear
 
 _GENERATE_OPTIONS = {"max_new_tokens", "do_sample", "temperature", "top_p", "streamer", "eos_token_id",
                      "pad_token_id", "generator"}
@@ -321,8 +322,9 @@ class _Batch:
         if self.select is not None:
             self.select.rows = torch.tensor([self.g.cmrm.when == "always" or self.reqs[i].has_image
                                              for i, _ in self.rows], device=self.dev)
-        out = self.g.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=self.cache,
-                           use_cache=True, logits_to_keep=1, **kw)
+        with SmallBatchLinear() if self.dev.type == "cpu" else contextlib.nullcontext():
+            out = self.g.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=self.cache,
+                               use_cache=True, logits_to_keep=1, **kw)
         self.cache = out.past_key_values
         return out.logits[:, -1].float()
 
