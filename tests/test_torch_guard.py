@@ -380,3 +380,22 @@ def test_llava_chat_with_an_image(tmp_path):
     with guard(model, tiny_tokenizer(model.config.image_token_id)) as g:
         with pytest.raises(ValueError, match="no processor"):
             g.create_chat_completion(msg)
+
+
+def test_two_threads_get_what_each_gets_alone():
+    import threading
+
+    model, tok = tiny_llama(), tiny_tokenizer()
+    encs = [chat_batch(tok, [p]) for p in PROMPTS[:2]]
+    with guard(model, tok, coca=CoCA(alpha=1.5)) as g:
+        alone = [g.generate(**e, max_new_tokens=6) for e in encs]
+        got = [None, None]
+
+        def run(i):
+            got[i] = g.generate(**encs[i], max_new_tokens=6)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+    for a, b in zip(alone, got):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

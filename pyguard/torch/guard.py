@@ -8,6 +8,7 @@ while a guarded call runs, so the model itself is never changed.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -66,6 +67,7 @@ class GuardedModel:
         self.image_token_id = getattr(model.config, "image_token_id", getattr(model.config, "image_token_index", None))
         self.has_vision = getattr(model.config, "vision_config", None) is not None
         self.last_report: list[dict] = []
+        self._lock = threading.Lock()
         self._trace: list | None = None  # tests: set to a list to collect calibrated logits [n_dual, V] per step
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -265,6 +267,10 @@ class GuardedModel:
 
     @torch.no_grad()
     def _decode(self, reqs, pixel_values, extra, max_new_tokens, sampling, eos):
+        with self._lock:  # one request batch at a time: the hooks and the cache belong to it
+            yield from self._decode_locked(reqs, pixel_values, extra, max_new_tokens, sampling, eos)
+
+    def _decode_locked(self, reqs, pixel_values, extra, max_new_tokens, sampling, eos):
         t0 = time.perf_counter()
         dev = self._device()
         shift = self.cmrm is not None and any(r.report["cmrm"]["on"] for r in reqs)
