@@ -18,11 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-from pyguard import models
-from pyguard.llama import GuardedLlama
-from pyguard.llama.engine import Engine
-from pyguard.llama.reference import naive_coca
-from pyguard.methods import CASA, CMRM, CoCA
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report_plot import plot  # noqa: E402
+
+from pyguard import models  # noqa: E402
+from pyguard.llama import GuardedLlama  # noqa: E402
+from pyguard.llama.engine import Engine  # noqa: E402
+from pyguard.llama.reference import naive_coca  # noqa: E402
+from pyguard.methods import CASA, CMRM, CoCA  # noqa: E402
 
 PROMPT = ("I maintain a small Python web service that reads orders from a PostgreSQL table, enriches "
           "them with prices from an internal HTTP API and writes a daily CSV report. The job has become "
@@ -165,30 +168,6 @@ def table(res, bare: float) -> str:
     return "\n".join(lines)
 
 
-def plot(res, path: Path, title: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(res)
-    b_ttft, b_tpot = (statistics.median(res["unguarded"][k]) for k in ("ttft", "tpot"))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, label in ((axes[0], "tpot", "decode tokens/s ÷ unguarded"), (axes[1], "ttft", "time to first token ÷ unguarded")):
-        vals = [(b_tpot / statistics.median(res[n]["tpot"])) if key == "tpot" else statistics.median(res[n]["ttft"]) / b_ttft
-                for n in names]
-        ax.barh(names, vals, color=["gray"] + ["tab:blue"] * (len(names) - 1))
-        ax.axvline(1.0, color="k", lw=0.8)
-        ax.set_xlabel(label)
-        ax.invert_yaxis()
-        for y, v in enumerate(vals):
-            ax.text(v, y, f" {v:.2f}", va="center", fontsize=8)
-    axes[1].set_yticklabels([])
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=models.DEFAULT_MODEL)
@@ -206,7 +185,7 @@ def main(argv=None):
     print(f"model {a.model}, {os.cpu_count()} cores ({platform.machine()}), {a.tokens} new tokens, greedy, "
           f"{a.rounds} rounds interleaved (medians)")
     print(table(res, bare))
-    plot(res, a.png, f"pyguard on llama.cpp: {a.model}, {os.cpu_count()} threads")
+    plot({None: res}, a.png, f"pyguard on llama.cpp: {a.model}, {os.cpu_count()} threads")
     print(f"plot: {a.png}")
 
 

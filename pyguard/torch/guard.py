@@ -18,7 +18,7 @@ from .. import chat, ops, responses
 from ..text import TextAssembler, common_prefix
 from .cmrm import RowSelector, check_vectors, shift_layers
 from .layers import capture, decoder_layers
-from .matmul import SmallBatchLinear
+from .matmul import MAX_ROWS, SmallBatchLinear
 
 _GENERATE_OPTIONS = {"max_new_tokens", "do_sample", "temperature", "top_p", "streamer", "eos_token_id",
                      "pad_token_id", "generator"}
@@ -328,7 +328,8 @@ class _Batch:
         if self.select is not None:
             self.select.rows = torch.tensor([self.g.cmrm.when == "always" or self.reqs[i].has_image
                                              for i, _ in self.rows], device=self.dev)
-        with SmallBatchLinear() if self.dev.type == "cpu" else contextlib.nullcontext():
+        few_rows = self.dev.type == "cpu" and 2 <= ids.numel() <= MAX_ROWS
+        with SmallBatchLinear() if few_rows else contextlib.nullcontext():
             out = self.g.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=self.cache,
                                use_cache=True, logits_to_keep=1, **kw)
         self.cache = out.past_key_values
