@@ -32,7 +32,7 @@ from report_plot import plot  # noqa: E402
 from pyguard import ops  # noqa: E402
 from pyguard.methods import CoCA  # noqa: E402
 from pyguard.torch import guard  # noqa: E402
-from pyguard.torch.matmul import SmallBatchLinear  # noqa: E402
+from pyguard.torch.matmul import plain_linears, transposed  # noqa: E402
 
 ALPHA = 1.5  # llama_report.configs' CoCA
 BARE_TEXT = "Write a long story about a lighthouse keeper."
@@ -141,14 +141,14 @@ def run_model(name: str, tokens: int, rounds: int, tmp: Path):
 
 @torch.no_grad()
 def bare_batch(model, tok, tokens: int, rounds: int) -> dict:
-    """Median seconds of a plain decode step (DynamicCache, one token per row) by (batch, SmallBatchLinear)."""
+    """Median seconds of a plain decode step (DynamicCache, one token per row) by (batch, linears transposed)."""
     prompt = torch.tensor([tok(BARE_TEXT, add_special_tokens=False).input_ids])
     times = {(b, s): [] for s in (False, True) for b in (1, 2)}
     for _ in range(rounds):
         for b, s in times:
             cache, ids = DynamicCache(), prompt.expand(b, -1)
             model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            with SmallBatchLinear() if s else contextlib.nullcontext():
+            with transposed(plain_linears(model)) if s else contextlib.nullcontext():
                 t0 = time.perf_counter()
                 for _ in range(tokens):
                     model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -167,9 +167,9 @@ def table(res, bare: dict) -> str:
         ttft, tpot = statistics.median(r["ttft"]), statistics.median(r["tpot"])
         lines.append(f"| {k} | {ttft * 1e3:.0f} | {ttft / b_ttft:.2f} | {1 / tpot:.1f} | {b_tpot / tpot:.2f} | "
                      f"{notes.get(k, '')} |")
-    one = bare[1, False]  # batch 2 (with SmallBatchLinear, as CoCA runs it) against the plain batch-1 step
+    one = bare[1, False]  # batch 2 (transposed linears, as CoCA runs it) against the plain batch-1 step
     for label, two, also in (("", bare[2, False], ""),
-                             (", SmallBatchLinear", bare[2, True], f" ({bare[1, True] * 1e3:.1f} with it)")):
+                             (", linears transposed", bare[2, True], f" ({bare[1, True] * 1e3:.1f} with it)")):
         lines.append(f"| bare forward, batch of two vs one{label} | | | {1 / two:.1f} | {one / two:.2f} | step ms: "
                      f"batch 1 {one * 1e3:.1f}{also}, batch 2 {two * 1e3:.1f}; the limit for dual decoding |")
     return "\n".join(lines)

@@ -1,9 +1,9 @@
-"""SmallBatchLinear: the transposed layout gives F.linear's values for every input shape."""
+"""The transposed layout of few-row linears gives F.linear's values, and the modules come back."""
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from pyguard.torch.matmul import SmallBatchLinear  # noqa: E402
+from pyguard.torch.matmul import linear_t, plain_linears, transposed  # noqa: E402
 
 
 @pytest.mark.parametrize("shape", [(1, 37), (2, 37), (3, 1, 37), (2, 4, 37), (9, 37), (37,)])
@@ -11,18 +11,14 @@ from pyguard.torch.matmul import SmallBatchLinear  # noqa: E402
 def test_equals_linear(shape, bias):
     g = torch.Generator().manual_seed(sum(shape) + bias)
     x = torch.randn(shape, generator=g)
-    w, b = torch.randn(53, 37, generator=g), torch.randn(53, generator=g) if bias else None
-    want = torch.nn.functional.linear(x, w, b)
-    with SmallBatchLinear():
-        got = torch.nn.functional.linear(x, w, b)
-        by_module = torch.nn.Linear(37, 53, bias=bias)
-        with torch.no_grad():
-            by_module.weight.copy_(w)
-            by_module.bias is not None and by_module.bias.copy_(b)
-            got_module = by_module(x)
-    assert got.shape == want.shape == got_module.shape
+    lin = torch.nn.Linear(37, 53, bias=bias)
+    want = lin(x)
+    torch.testing.assert_close(linear_t(x, lin.weight, lin.bias), want, rtol=1e-5, atol=1e-5)
+    with transposed([lin]):
+        got = lin(x)
+    assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got_module, want, rtol=1e-5, atol=1e-5)
+    assert "forward" not in lin.__dict__
 
 
 def test_takes_the_transposed_path_for_a_few_float32_rows_only(monkeypatch):
@@ -30,7 +26,19 @@ def test_takes_the_transposed_path_for_a_few_float32_rows_only(monkeypatch):
     real = torch.Tensor.__matmul__
     monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: calls.append(tuple(b.shape)) or real(a, b))
     w = torch.randn(5, 3)
-    with SmallBatchLinear():
-        for x in (torch.randn(1, 3), torch.randn(2, 3), torch.randn(9, 3), torch.randn(2, 3, dtype=torch.float64)):
-            torch.nn.functional.linear(x, w if x.dtype == torch.float32 else w.double())
+    for x in (torch.randn(1, 3), torch.randn(2, 3), torch.randn(9, 3), torch.randn(2, 3, dtype=torch.float64)):
+        linear_t(x, w if x.dtype == torch.float32 else w.double())
     assert calls == [(3, 2)]
+
+
+def test_only_plain_linears_are_switched_and_restored_after_errors():
+    class Sub(torch.nn.Linear):
+        pass
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), Sub(4, 4), torch.nn.ReLU())
+    assert plain_linears(model) == [model[0]]
+    with pytest.raises(RuntimeError):
+        with transposed(plain_linears(model)):
+            assert "forward" in model[0].__dict__
+            raise RuntimeError
+    assert "forward" not in model[0].__dict__

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import torch_report  # noqa: E402
 
 ROWS = ["unguarded", "unguarded via pyguard", "naive CoCA", "pyguard CoCA", "CMRM", "CASA", "all three",
-        "bare forward, batch of two vs one", "bare forward, batch of two vs one, SmallBatchLinear"]
+        "bare forward, batch of two vs one", "bare forward, batch of two vs one, linears transposed"]
 
 
 def test_tiny_llava_report(tmp_path, capsys):

@@ -18,7 +18,7 @@ from .. import chat, ops, responses
 from ..text import TextAssembler, common_prefix
 from .cmrm import RowSelector, check_vectors, shift_layers
 from .layers import capture, decoder_layers
-from .matmul import MAX_ROWS, SmallBatchLinear
+from .matmul import MAX_ROWS, plain_linears, transposed
 
 _GENERATE_OPTIONS = {"max_new_tokens", "do_sample", "temperature", "top_p", "streamer", "eos_token_id",
                      "pad_token_id", "generator"}
@@ -61,6 +61,7 @@ class GuardedModel:
         if casa is not None:
             casa.check_model(self.n_embd, self.n_layer)
         self.model, self.coca, self.cmrm, self.casa = model, coca, cmrm, casa
+        self._linears = plain_linears(model)  # few-row CPU forwards run them transposed (pyguard.torch.matmul)
         proc = processor_or_tokenizer
         self.processor = proc if hasattr(proc, "tokenizer") else None
         self.tokenizer = proc.tokenizer if self.processor is not None else proc
@@ -329,7 +330,7 @@ class _Batch:
             self.select.rows = torch.tensor([self.g.cmrm.when == "always" or self.reqs[i].has_image
                                              for i, _ in self.rows], device=self.dev)
         few_rows = self.dev.type == "cpu" and 2 <= ids.numel() <= MAX_ROWS
-        with SmallBatchLinear() if few_rows else contextlib.nullcontext():
+        with transposed(self.g._linears) if few_rows else contextlib.nullcontext():
             out = self.g.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=self.cache,
                                use_cache=True, logits_to_keep=1, **kw)
         self.cache = out.past_key_values
