@@ -39,6 +39,7 @@ class CMakeBuild(build_ext):
 setup(
     packages=["pyguard", "pyguard.llama", "pyguard.torch", "pyguard.kernels"],
     package_dir={"pyguard": "pyguard", "pyguard.kernels": "kernels"},
+    package_data={"pyguard": ["data/*.jsonl"]},  # the shipped benign prompts (pyguard.datasets)
     ext_modules=[CMakeExtension("pyguard._C")],
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,

