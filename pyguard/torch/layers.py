@@ -31,9 +31,10 @@ def layer_output(output) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def capture(model: torch.nn.Module, layers: list[int]):
+def capture(model: torch.nn.Module, layers: list[int], detach: bool = True):
     """Within the block, ``store[il]`` holds the output [B, T, d] of decoder layer il from the most
-    recent forward (detached). The hooks are removed on exit."""
+    recent forward (detached, or with its graph for training when ``detach=False``). The hooks are
+    removed on exit."""
     blocks = decoder_layers(model)
     bad = [il for il in layers if not 0 <= il < len(blocks)]
     if bad:
@@ -42,7 +43,8 @@ def capture(model: torch.nn.Module, layers: list[int]):
 
     def hook(il):
         def fn(_module, _args, output):
-            store[il] = layer_output(output).detach()
+            h = layer_output(output)
+            store[il] = h.detach() if detach else h
         return fn
 
     handles = [blocks[il].register_forward_hook(hook(il)) for il in layers]

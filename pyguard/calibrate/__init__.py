@@ -1,0 +1,1 @@
+"""Calibration and fitting: CASA (casa.py); CMRM vectors and TGA come next."""

