@@ -1,4 +1,4 @@
-"""pyguard command line: ``pyguard demo | fit | models``.
+"""pyguard command line: ``pyguard demo | calibrate | fit | models``.
 
 Exit codes: 0 ok, 1 failure, 2 usage. Errors print one line; ``--debug`` shows the traceback.
 """
@@ -8,10 +8,15 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
+
 EXAMPLES = """examples:
   pyguard demo                       guarded chat on the default model: unguarded beside guarded answers
   pyguard demo --model smollm2-135m --max-tokens 16
   pyguard demo --ops                 run the fused ops on every backend, print a speed table
+  pyguard calibrate cmrm --model m.gguf --mmproj p.gguf --out vectors.gguf
+                                     CMRM shift vectors from the shipped anchors (image vs text only)
+  pyguard calibrate cmrm --model m.gguf --mmproj p.gguf --anchors a.jsonl --counterpart blank --method pca --out v.safetensors
   pyguard fit casa --layer 12 --out casa.safetensors
                                      fit CASA on the default model (AdvBench + jailbreaks vs the benign set)
   pyguard fit casa --model m.gguf --harmful h.jsonl --benign b.jsonl --layer 10 --out casa.safetensors
@@ -52,6 +57,16 @@ def _demo(a) -> int:
     return demo_chat.run(a.model, a.max_tokens, a.alpha)
 
 
+def _calibrate(a) -> int:
+    from .calibrate import cmrm
+
+    c = cmrm.run(a.model, a.anchors, a.out, a.mmproj, a.counterpart, a.position, a.method, a.alpha, a.cache)
+    norms = np.linalg.norm(c.vectors, axis=1)
+    print(f"{len(cmrm.read_anchors(a.anchors))} anchors, {c.n_layer} layers, vector norms "
+          f"{norms[1:].min():.3g} .. {norms[1:].max():.3g}; wrote {a.out}")
+    return 0
+
+
 def _fit(a) -> int:
     from .calibrate import casa
 
@@ -77,6 +92,19 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--ops", action="store_true", help="run the fused-ops demo instead")
     d.add_argument("--seed", type=int, default=0, help="with --ops: random inputs")
     d.set_defaults(fn=_demo)
+    c = sub.add_parser("calibrate", help="compute a method's vectors from anchors (cmrm)")
+    c.add_argument("what", choices=["cmrm"], metavar="method")
+    c.add_argument("--model", required=True, help="a .gguf file (with --mmproj) or a Hugging Face LLaVA folder")
+    c.add_argument("--mmproj", type=Path, help="the GGUF model's multimodal projector")
+    c.add_argument("--anchors", type=Path, default=None, help="JSONL of {image, text} (default: the shipped set)")
+    c.add_argument("--out", type=Path, required=True, help="vectors file: .gguf (llama.cpp control vector) or .safetensors")
+    c.add_argument("--counterpart", choices=["remove", "blank", "noise"], default="remove",
+                   help="the text-only input: the image removed, or a blank / noise image")
+    c.add_argument("--position", choices=["last", "mean"], default="last", help="last prompt token or mean over text")
+    c.add_argument("--method", choices=["mean", "pca"], default="mean", help="mean difference or its first PCA component")
+    c.add_argument("--alpha", type=float, default=1.0, help="strength stored with the vectors")
+    c.add_argument("--cache", type=Path, help="per-anchor cache (default: $PYGUARD_CACHE/cmrm)")
+    c.set_defaults(fn=_calibrate)
     f = sub.add_parser("fit", help="fit a method's parameters on labelled prompts (casa)")
     f.add_argument("method", choices=["casa"])
     f.add_argument("--model", default="qwen2.5-coder-0.5b", help="default model name, .gguf file or HF folder")

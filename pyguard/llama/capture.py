@@ -135,15 +135,17 @@ def __getattr__(name):  # LayerCapture lazily, so that importing this module nee
 
 
 class PyCapture:
-    """The same capture as :class:`LayerCapture`, in pure Python (ctypes). For tests and timing.
+    """The same capture as :class:`LayerCapture`, in pure Python (ctypes): the test oracle, and
+    the capture of several tensors at once (``name`` a list: calibration reads every layer).
 
     Same interface: ``callback``, ``user_data`` (None), ``enabled``, ``rows``, ``n_embd``,
-    ``take()``, ``clear()``."""
+    ``take()`` (the first name's rows), ``clear()``; and ``take_all()`` -> {name: rows}."""
 
-    def __init__(self, lib_path: str | os.PathLike, name: str):
+    def __init__(self, lib_path: str | os.PathLike, name: str | list[str]):
         self.lib_path = str(lib_path)
-        self.name = name
-        self._name_b = name.encode()
+        self.names = [name] if isinstance(name, str) else list(name)
+        self.name = self.names[0]
+        self._names_b = {n.encode(): n for n in self.names}
         lib = ctypes.CDLL(self.lib_path)
         self._get_name = lib.ggml_get_name
         self._get_name.argtypes, self._get_name.restype = [ctypes.c_void_p], ctypes.c_char_p
@@ -172,7 +174,7 @@ class PyCapture:
 
     @property
     def rows(self) -> int:
-        return sum(len(c) for c in self._chunks)
+        return sum(len(c) for c in self._chunks[self.name])
 
     def _eval(self, t, ask, _user_data):
         try:
@@ -180,36 +182,41 @@ class PyCapture:
                 return not ask
             if ask:
                 self.asks += 1
-                return self._get_name(t) == self._name_b
-            if self._get_name(t) == self._name_b and self._error is None:
+                return self._get_name(t) in self._names_b
+            name = self._names_b.get(self._get_name(t))
+            if name is not None and self._error is None:
                 ne, nr, nb = self._nelements(t), self._nrows(t), self._nbytes(t)
+                if ne == 0 and len(self.names) > 1:
+                    return True  # a layer computed for no row in this batch (the last one, without logits)
                 if ne <= 0 or nr <= 0 or ne % nr or nb != ne * 4:
-                    self._error = f"tensor '{self.name}' is not a contiguous float32 matrix: {ne} elements in {nr} rows, {nb} bytes"
+                    self._error = f"tensor '{name}' is not a contiguous float32 matrix: {ne} elements in {nr} rows, {nb} bytes"
                     return True
                 d = ne // nr
                 if self.n_embd == 0:
                     self.n_embd = d
                 elif d != self.n_embd:
-                    self._error = f"tensor '{self.name}' has rows of {d} values, earlier ones had {self.n_embd}"
+                    self._error = f"tensor '{name}' has rows of {d} values, earlier ones had {self.n_embd}"
                     return True
                 a = np.empty((nr, d), dtype=np.float32)
                 self._get(t, a.ctypes.data, 0, nb)
-                self._chunks.append(a)
+                self._chunks[name].append(a)
             return True
         except Exception as e:  # an exception cannot cross into C: record it
             self._error = f"{type(e).__name__}: {e}"
             return not ask
 
     def take(self) -> np.ndarray:
-        chunks, err = self._chunks, self._error
-        self._chunks, self._error = [], None
+        return self.take_all()[self.name]
+
+    def take_all(self) -> dict[str, np.ndarray]:
+        """{name: rows [N, n_embd]} captured since the last take / clear; then clears."""
+        chunks, err, d = self._chunks, self._error, self.n_embd
+        self._chunks, self._error = {n: [] for n in self.names}, None
         if err is not None:
             raise RuntimeError(f"PyCapture: {err}")
-        if not chunks:
-            return np.zeros((0, self.n_embd), dtype=np.float32)
-        return np.concatenate(chunks, axis=0)
+        return {n: np.concatenate(c, axis=0) if c else np.zeros((0, d), np.float32) for n, c in chunks.items()}
 
     def clear(self) -> None:
-        self._chunks: list[np.ndarray] = []
+        self._chunks: dict[str, list[np.ndarray]] = {n: [] for n in self.names}
         self._error: str | None = None
         self.n_embd = 0

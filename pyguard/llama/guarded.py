@@ -23,7 +23,8 @@ class GuardedLlama:
     coca: CoCA config or None; cmrm: CMRM config or None (control vectors, image requests);
     casa: CASA config or None. ``n_ctx`` is the context of each sequence (CoCA runs two).
     capture_layer: the decoder layer whose prompt hidden states :meth:`prompt_states` returns
-    (CASA's layer when CASA is on). Use as a context manager or call ``close()``.
+    (CASA's layer when CASA is on), or a list of layers (calibration). Use as a context manager or
+    call ``close()``.
     """
 
     def __init__(self, model_path, mmproj_path=None, n_ctx: int = 2048, n_threads: int | None = None,
@@ -37,10 +38,17 @@ class GuardedLlama:
             raise ValueError(f"capture_layer {capture_layer} differs from the CASA layer {casa.layer}")
         self.capture_layer = casa.layer if casa is not None else capture_layer
         cb = (None, None)
-        if self.capture_layer is not None:  # the layer's hidden states, copied in C++ during llama_decode
+        if isinstance(self.capture_layer, int):  # the layer's hidden states, copied in C++ during llama_decode
             from . import capture
 
             self._capture = capture.LayerCapture(capture.libggml_base_path(), capture.layer_name(self.capture_layer))
+        elif self.capture_layer is not None:  # several layers (calibration): the ctypes capture
+            from . import capture
+
+            self.capture_layer = [int(il) for il in self.capture_layer]
+            self._capture = capture.PyCapture(capture.libggml_base_path(),
+                                              [capture.layer_name(il) for il in self.capture_layer])
+        if self._capture is not None:
             self._capture.enabled = False
             cb = capture.eval_callback(self._capture)
         self.engine = Engine(model_path, n_ctx=n_ctx, n_seq=2 if coca else 1, n_threads=n_threads,
@@ -50,9 +58,11 @@ class GuardedLlama:
             if casa is not None:
                 casa.check_model(e.n_embd, e.n_layer)
                 self._refusal = e.tokenize(casa.refusal_text)
-            if self.capture_layer is not None and not 0 <= self.capture_layer < e.n_layer - 1:
+            if isinstance(self.capture_layer, int) and not 0 <= self.capture_layer < e.n_layer - 1:
                 raise ValueError(f"layer {self.capture_layer}: capture a layer in [0, {e.n_layer - 1}); llama.cpp "
                                  f"computes the last one ({e.n_layer - 1}) for the logit rows only")
+            if isinstance(self.capture_layer, list) and not all(0 <= il < e.n_layer for il in self.capture_layer):
+                raise ValueError(f"capture layers {self.capture_layer} must be in [0, {e.n_layer})")
             if mmproj_path is not None:
                 self.vision = Vision(mmproj_path, e, n_threads or e.n_threads)
             eos = e.model.token_eos()
@@ -304,14 +314,24 @@ class GuardedLlama:
                 cap.enabled = False
 
     def _take_states(self, report: dict, n_prompt: int) -> None:
-        """The captured prompt hidden states [n_prompt, n_embd] into report["states"]."""
-        report["states"] = H = self._capture.take()
-        if len(H) != n_prompt:
-            raise RuntimeError(f"captured {len(H)} hidden-state rows for a {n_prompt}-position prompt")
+        """The captured prompt hidden states [n_prompt, n_embd] into report["states"] (a dict
+        {layer: rows} for several layers; the last layer has the last position only)."""
+        if isinstance(self.capture_layer, list):
+            rows = self._capture.take_all()
+            report["states"] = {il: rows[n] for il, n in zip(self.capture_layer, self._capture.names)}
+            full = [H for il, H in report["states"].items() if il < self.engine.n_layer - 1]
+        else:
+            full = [self._capture.take()]
+            report["states"] = full[0]
+        for H in full:
+            if len(H) != n_prompt:
+                raise RuntimeError(f"captured {len(H)} hidden-state rows for a {n_prompt}-position prompt")
 
-    def prompt_states(self, messages) -> np.ndarray:
+    def prompt_states(self, messages, with_mask: bool = False):
         """Hidden states [T, n_embd] (float32) of the prompt ``messages`` at ``capture_layer``: the
-        output of that decoder layer at every prompt position (images included), as CASA reads them."""
+        output of that decoder layer at every prompt position (images included), as CASA reads them;
+        a dict {layer: states} for several layers (the last layer: the last position only). With
+        ``with_mask``, also a bool [T]: True at text positions, False at image positions."""
         if self._capture is None:
             raise ValueError("prompt_states needs capture_layer= (or casa=) when the model is loaded")
         req = self._request(messages, 1, 0.0, 1.0, None, None)
@@ -323,7 +343,11 @@ class GuardedLlama:
                 self.engine.set_cvec(*self._cvec) if on else self.engine.set_cvec(None)
                 report = {}
                 self._prefill(req["base"], None, report, states=True)
+            if not with_mask:
                 return report["states"]
+            mask = np.concatenate([np.zeros(seg.n_pos, bool) if isinstance(seg, Image) else np.ones(len(seg), bool)
+                                   for seg in req["base"]])
+            return report["states"], mask
         finally:
             for segs in (req["base"], req["safe"]):
                 segs is not None and segs.free()

@@ -209,12 +209,16 @@ class GuardedModel:
                 yield responses.chunk(cid, name, {}, finish, self.last_report[0])
 
     @torch.no_grad()
-    def prompt_states(self, messages, layer: int) -> torch.Tensor:
+    def prompt_states(self, messages, layer, with_mask: bool = False):
         """Hidden states [T, d] of the prompt ``messages`` (chat template, generation prompt) at
-        decoder layer ``layer``: what CASA reads (CMRM applied when it would be)."""
+        decoder layer ``layer``: what CASA reads (CMRM applied when it would be); a dict
+        {layer: [T, d]} when ``layer`` is a list. With ``with_mask``, also a bool [T]: True at text
+        positions, False at image positions."""
         self._check_open()
-        if not 0 <= layer < self.n_layer:
-            raise ValueError(f"layer {layer} is outside the model's {self.n_layer} decoder layers")
+        layers = [layer] if isinstance(layer, int) else list(layer)
+        bad = [il for il in layers if not 0 <= il < self.n_layer]
+        if bad:
+            raise ValueError(f"layers {bad} are outside the model's {self.n_layer} decoder layers")
         marker = getattr(self.processor, "image_token", None) or "<image>"
         prompt = chat.flatten(messages, marker)
         if prompt.images and (self.processor is None or not self.has_vision):
@@ -223,9 +227,12 @@ class GuardedModel:
         kw = {} if pixel_values is None else {"pixel_values": pixel_values.to(self._device(), dtype=self.model.dtype)}
         shift = self.cmrm is not None and (self.cmrm.when == "always" or bool(prompt.images))
         with self._lock, shift_layers(self.model, self.cmrm) if shift else contextlib.nullcontext(), \
-                capture(self.model, [layer]) as store:
+                capture(self.model, layers) as store:
             self.model(input_ids=torch.tensor([ids], device=self._device()), logits_to_keep=1, **kw)
-        return store[layer][0]
+        states = store[layer][0] if isinstance(layer, int) else {il: store[il][0] for il in layers}
+        if not with_mask:
+            return states
+        return states, torch.tensor([t != self.image_token_id for t in ids])
 
     def _encode(self, prompt: chat.Prompt, pixels: bool = True):
         """-> (token ids, pixel_values or None) of a flattened prompt rendered by the chat template."""

@@ -1,0 +1,183 @@
+"""CMRM shift vectors from anchor pairs: for each anchor (an image and a text), every decoder layer's
+output for the multimodal prompt minus the same for its text-only counterpart (the image removed,
+or replaced by a blank or a noise image of the same size), at the last prompt token or averaged
+over the text tokens; the dataset-level vector of a layer is the mean difference over anchors (or
+their first principal component, with the mean's sign and length along it).
+
+Anchor files are JSONL, one ``{"image": path, "text": str}`` per line, image paths relative to the
+file. Each anchor's differences [n_layer, d] are cached on disk (keyed by model, anchor and
+options), so an interrupted run resumes without recomputing finished anchors.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..methods import CMRM
+
+COUNTERPARTS = ("remove", "blank", "noise")
+POSITIONS = ("last", "mean")
+METHODS = ("mean", "pca")
+ANCHORS = Path(__file__).resolve().parents[1] / "data" / "anchors" / "anchors.jsonl"
+
+
+def read_anchors(path=None) -> list[dict]:
+    """The anchors of a JSONL file: [{"image": absolute path, "text": str}]; errors name file:line."""
+    from ..datasets import read_jsonl
+
+    path = path or ANCHORS
+    rows = read_jsonl(path, required=("image", "text"), image_field="image")
+    if not rows:
+        raise ValueError(f"{path}: no anchors")
+    return rows
+
+
+def _data_uri(img) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def messages(anchor: dict, counterpart: str = "remove", seed: int = 0) -> tuple[list, list]:
+    """(multimodal messages, text-only counterpart messages) of one anchor."""
+    from PIL import Image
+
+    if counterpart not in COUNTERPARTS:
+        raise ValueError(f"counterpart must be one of {COUNTERPARTS}, got {counterpart!r}")
+
+    def user(url):
+        parts = [] if url is None else [{"type": "image_url", "image_url": {"url": url}}]
+        return [{"role": "user", "content": parts + [{"type": "text", "text": anchor["text"]}]}]
+
+    mm = user(anchor["image"])
+    if counterpart == "remove":
+        return mm, [{"role": "user", "content": anchor["text"]}]
+    with Image.open(anchor["image"]) as im:
+        size = im.size
+    if counterpart == "blank":
+        other = Image.new("RGB", size, (255, 255, 255))
+    else:
+        rng = np.random.default_rng(seed)
+        other = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    return mm, user(_data_uri(other))
+
+
+def summary(states: dict, mask: np.ndarray, position: str, n_layer: int) -> np.ndarray:
+    """[n_layer, d]: each layer's output at the last prompt position, or its mean over the text
+    positions (``mask``). llama.cpp computes its last layer for the last position only: that
+    layer always uses the last position."""
+    if position not in POSITIONS:
+        raise ValueError(f"position must be one of {POSITIONS}, got {position!r}")
+    rows = []
+    for il in range(n_layer):
+        H = np.asarray(states[il], dtype=np.float32)
+        rows.append(H[mask].mean(0) if position == "mean" and len(H) == len(mask) else H[-1])
+    return np.stack(rows)
+
+
+def combine(diffs: np.ndarray, method: str = "mean") -> np.ndarray:
+    """Dataset-level vectors [n_layer, d] from per-anchor differences [N, n_layer, d]."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    mean = diffs.mean(0)
+    if method == "mean" or len(diffs) < 2:
+        return mean
+    out = np.empty_like(mean)
+    for il in range(diffs.shape[1]):
+        X = diffs[:, il].astype(np.float64)
+        pc = np.linalg.svd(X - X.mean(0), full_matrices=False)[2][0]
+        along = float(mean[il] @ pc)  # the mean's signed length along the component
+        out[il] = pc * along
+    return out
+
+
+def extract(states_fn, anchors: list[dict], n_layer: int, model_key: str, cache=None, counterpart: str = "remove",
+            position: str = "last", progress: bool = True) -> np.ndarray:
+    """Per-anchor differences [N, n_layer, d] (multimodal minus counterpart) through the cache.
+    ``states_fn(messages) -> ({layer: [T, d]}, text mask [T])``."""
+    from tqdm.auto import tqdm
+
+    folder = Path(cache) if cache is not None else None
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i, a in enumerate(tqdm(anchors, desc="CMRM anchors", disable=not progress, unit="anchor")):
+        with open(a["image"], "rb") as f:
+            image_hash = hashlib.sha256(f.read()).hexdigest()
+        key = hashlib.sha256(json.dumps([model_key, a["text"], image_hash, counterpart, position]).encode()).hexdigest()
+        path = folder / f"{key[:32]}.npy" if folder is not None else None
+        if path is not None and path.exists():
+            out.append(np.load(path))
+            continue
+        mm, text = messages(a, counterpart, seed=i)
+        d = (summary(*states_fn(mm), position, n_layer) - summary(*states_fn(text), position, n_layer))
+        if path is not None:
+            tmp = path.with_suffix(".tmp.npy")
+            np.save(tmp, d.astype(np.float32))
+            os.replace(tmp, path)
+        out.append(d.astype(np.float32))
+    return np.stack(out)
+
+
+def states_function(model: str, mmproj=None, n_ctx: int = 4096):
+    """(``messages -> ({layer: [T, d]}, mask)``, n_layer, cache key, closer) for a GGUF (+ mmproj,
+    llama.cpp) or a Hugging Face folder (PyTorch; LLaVA with its processor)."""
+    from .. import models
+
+    if model in models.MODELS or str(model).endswith(".gguf"):
+        from ..llama import GuardedLlama
+        from ..llama.engine import Engine
+
+        path = models.model_path(model) if model in models.MODELS else Path(model)
+        if not path.is_file():
+            raise FileNotFoundError(f"no such model file: {path}")
+        with Engine(path, n_ctx=64, n_seq=1) as e:
+            n_layer = e.n_layer
+        g = GuardedLlama(path, mmproj_path=mmproj, n_ctx=n_ctx, capture_layer=list(range(n_layer)))
+        key = f"gguf-{path.name}-{path.stat().st_size}-{Path(mmproj).name if mmproj else 'text'}"
+        return (lambda m: g.prompt_states(m, with_mask=True)), n_layer, key, g.close
+    import transformers
+
+    from ..torch import guard
+
+    folder = Path(model)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{model}: not a default model name, a .gguf file or a Hugging Face folder")
+    config = transformers.AutoConfig.from_pretrained(folder)
+    vision = getattr(config, "vision_config", None) is not None
+    cls = transformers.AutoModelForImageTextToText if vision else transformers.AutoModelForCausalLM
+    proc = (transformers.AutoProcessor if vision else transformers.AutoTokenizer).from_pretrained(folder)
+    g = guard(cls.from_pretrained(folder).eval(), proc)
+
+    def fn(m):
+        states, mask = g.prompt_states(m, list(range(g.n_layer)), with_mask=True)
+        return {il: h.float().cpu().numpy() for il, h in states.items()}, mask.numpy()
+    return fn, g.n_layer, f"hf-{folder.resolve().name}", g.close
+
+
+def run(model: str, anchors=ANCHORS, out=None, mmproj=None, counterpart: str = "remove", position: str = "last",
+        method: str = "mean", alpha: float = 1.0, cache=None, progress: bool = True) -> CMRM:
+    """Extract dataset-level vectors and, with ``out`` (.gguf or .safetensors), save them. The CMRM
+    applies to layers 1 .. n_layer-1 (llama.cpp cannot shift layer 0), to image requests."""
+    from .. import models
+
+    anchors = anchors or ANCHORS
+    rows = read_anchors(anchors)
+    fn, n_layer, key, close = states_function(model, mmproj)
+    try:
+        folder = Path(cache) if cache else models.cache_dir() / "cmrm"
+        diffs = extract(fn, rows, n_layer, key, folder / key, counterpart, position, progress)
+    finally:
+        close()
+    vectors = combine(diffs, method)
+    vectors[0] = 0.0
+    cmrm = CMRM(vectors, alpha=alpha, layers=(1, n_layer - 1), when="image", model_hint=key)
+    if out is not None:
+        cmrm.save(out)
+    return cmrm
