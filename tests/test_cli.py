@@ -53,3 +53,26 @@ def test_chat_demo_runs_guarded_beside_unguarded():
     lines = [line.strip() for line in r.stdout.splitlines()]
     assert sum(x.startswith("unguarded:") for x in lines) == sum(x.startswith("guarded:") for x in lines) == 5
     assert "CoCA: " in r.stdout and "tok/s" in r.stdout
+
+
+@pytest.mark.parametrize("args", [("fit",), ("fit", "casa"), ("fit", "casa", "--layer", "x", "--out", "o"),
+                                  ("calibrate", "cmrm"), ("calibrate", "tga", "--model", "m", "--out", "o"),
+                                  ("calibrate", "cmrm", "--model", "m", "--out", "o", "--counterpart", "grey")])
+def test_calibration_usage_errors_exit_2(args):
+    r = pyguard(*args)
+    assert r.returncode == 2 and "usage:" in r.stderr
+
+
+def test_calibration_bad_files_are_one_line_errors(tmp_path):
+    bad = tmp_path / "anchors.jsonl"
+    bad.write_text('{"image": "nope.png", "text": "hi"}\n')
+    r = pyguard("calibrate", "cmrm", "--model", str(tmp_path / "m.gguf"), "--anchors", str(bad), "--out",
+                str(tmp_path / "v.gguf"))
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "anchors.jsonl:1" in r.stderr and "nope.png" in r.stderr
+    r = pyguard("calibrate", "cmrm", "--model", str(tmp_path / "m.gguf"), "--out", str(tmp_path / "v.gguf"))
+    assert r.returncode == 1 and "no such model file" in r.stderr and "m.gguf" in r.stderr
+    harmful = tmp_path / "harmful.jsonl"
+    harmful.write_text('{"text": "a"}\n{"text": ""}\n')
+    r = pyguard("fit", "casa", "--model", str(tmp_path / "m.gguf"), "--layer", "3", "--harmful", str(harmful),
+                "--out", str(tmp_path / "c.safetensors"))
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "harmful.jsonl:2" in r.stderr
