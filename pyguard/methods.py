@@ -199,7 +199,7 @@ class CoCA:
 #   layer after where they were measured; the loader's rule above is what we follow.
 # Here row il of CMRM.vectors is the shift of l_out-<il> and is written as direction.<il>.
 _CVEC_ARCH = "controlvector"
-_CMRM_META = {"alpha": float, "layers": json.loads, "when": str, "model_hint": str}
+_CMRM_META = {"alpha": float, "layers": json.loads, "when": str, "model_hint": str, "mode": str}
 
 
 @dataclass(frozen=True, eq=False)
@@ -211,6 +211,10 @@ class CMRM(_ValueEq):
     vectors: float32 [n_layer, n_embd], row il for 0-based layer il; alpha: finite;
     layers: None (all) or an inclusive (start, end) in [0, n_layer); when: ``"image"`` (only
     requests with an image) or ``"always"``; model_hint: free text (the model's architecture).
+    mode: ``"dataset"`` (these vectors) or ``"sample"``: per request with an image, the vectors are
+    that request's own shift, its prompt's last-token layer outputs minus those of the same prompt
+    with the image removed (two extra prefills; layer 0 is left unshifted, as llama.cpp must);
+    ``vectors`` then only gives the shape and may be zeros (``CMRM.sample(n_layer, n_embd)``).
     """
 
     vectors: np.ndarray
@@ -218,6 +222,21 @@ class CMRM(_ValueEq):
     layers: Optional[Tuple[int, int]] = None
     when: str = "image"
     model_hint: str = ""
+    mode: str = "dataset"
+
+    @classmethod
+    def sample(cls, n_layer: int, n_embd: int, **kw) -> "CMRM":
+        """Sample-level CMRM for a model with n_layer layers of n_embd."""
+        return cls(np.zeros((_int("n_layer", n_layer, 1), _int("n_embd", n_embd, 1)), np.float32), mode="sample", **kw)
+
+    def for_request(self, mm_last: np.ndarray, text_last: np.ndarray) -> "CMRM":
+        """The dataset-mode CMRM of one request: vectors = mm_last - text_last ([n_layer, n_embd]:
+        each layer's output at the last prompt token with and without the image), layer 0 zero."""
+        v = np.asarray(mm_last, np.float32) - np.asarray(text_last, np.float32)
+        if v.shape != self.vectors.shape:
+            raise ValueError(f"sample vectors have shape {v.shape}, the CMRM is for {self.vectors.shape}")
+        v[0] = 0.0
+        return dataclasses.replace(self, vectors=v, mode="dataset")
 
     def __post_init__(self):
         object.__setattr__(self, "vectors", _matrix("vectors", self.vectors, 2))
@@ -232,6 +251,7 @@ class CMRM(_ValueEq):
             object.__setattr__(self, "layers", (int(self.layers[0]), int(self.layers[1])))
         _choice("when", self.when, ("image", "always"))
         _text("model_hint", self.model_hint)
+        _choice("mode", self.mode, ("dataset", "sample"))
 
     @property
     def n_layer(self) -> int:
@@ -289,7 +309,7 @@ class CMRM(_ValueEq):
 
     def _meta(self) -> dict:
         return {"alpha": str(self.alpha), "layers": json.dumps(self.layers and list(self.layers)),
-                "when": self.when, "model_hint": self.model_hint}
+                "when": self.when, "model_hint": self.model_hint, "mode": self.mode}
 
     @classmethod
     def _parse_safetensors(cls, path: str) -> "CMRM":
@@ -308,6 +328,7 @@ class CMRM(_ValueEq):
         # ours, ignored by llama.cpp
         w.add_float64("pyguard.cmrm.alpha", self.alpha)
         w.add_string("pyguard.cmrm.when", self.when)
+        w.add_string("pyguard.cmrm.mode", self.mode)
         if self.layers is not None:
             w.add_array("pyguard.cmrm.layers", list(self.layers))
         for il in range(1, self.n_layer):
@@ -353,7 +374,8 @@ class CMRM(_ValueEq):
             vectors[il] = row
         layers = value("pyguard.cmrm.layers")
         kwargs = {"alpha": value("pyguard.cmrm.alpha"), "layers": tuple(layers) if layers else None,
-                  "when": value("pyguard.cmrm.when"), "model_hint": value(f"{_CVEC_ARCH}.model_hint")}
+                  "when": value("pyguard.cmrm.when"), "model_hint": value(f"{_CVEC_ARCH}.model_hint"),
+                  "mode": value("pyguard.cmrm.mode")}
         return cls(vectors, **{k: v for k, v in kwargs.items() if v is not None})
 
 

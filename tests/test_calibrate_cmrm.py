@@ -140,3 +140,38 @@ def test_gguf_file_follows_llama_cpp_layout_and_applies_like_the_vectors(tmp_pat
             got.append(g.prompt_states(msgs))
     np.testing.assert_array_equal(got[0], got[1])  # the file applies exactly like the in-memory vectors
     assert np.abs(got[0] - got[2]).max() > 1e-3  # and it does shift the states
+
+
+def test_sample_level_cmrm_on_llama_equals_its_own_vectors(tmp_path):
+    pytest.importorskip("llama_cpp")
+    from tiny_mmproj import write_test_image, write_tiny_mmproj
+
+    from pyguard import models
+    from pyguard.llama import GuardedLlama
+    from pyguard.methods import CoCA
+
+    path = models.model_path("smollm2-135m")
+    if not path.exists():
+        pytest.skip("SmolLM2 not fetched")
+    mmproj = write_tiny_mmproj(tmp_path / "mmproj.gguf", n_embd_text=576)
+    img = write_test_image(tmp_path / "q.png")
+    text = "What is this?"
+    msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(img)}},
+                                         {"type": "text", "text": text}]}]
+    with GuardedLlama(path, mmproj_path=mmproj, n_ctx=256, capture_layer=list(range(30))) as g:
+        mm = g.prompt_states(msgs)
+        tx = g.prompt_states([{"role": "user", "content": text}])
+    v = np.stack([mm[il][-1] - tx[il][-1] for il in range(30)])
+    v[0] = 0
+    traces, reports = [], []
+    for cmrm in (CMRM.sample(30, 576, alpha=2.0), CMRM(v, alpha=2.0), None):
+        with GuardedLlama(path, mmproj_path=mmproj, n_ctx=256, cmrm=cmrm, coca=CoCA(alpha=0.0)) as g:
+            g._trace = []  # with alpha 0 the calibrated logits are the base sequence's
+            r = g.create_chat_completion(msgs, max_tokens=3)
+            traces.append(np.stack(g._trace))
+            reports.append(r["pyguard"]["cmrm"])
+    assert reports[0]["mode"] == "sample" and reports[0]["on"] and reports[0]["norm"] > 0
+    np.testing.assert_allclose(traces[0], traces[1], rtol=1e-5, atol=1e-5)  # the request's own vectors
+    assert np.abs(traces[0] - traces[2]).max() > 1e-3
+    with GuardedLlama(path, mmproj_path=mmproj, n_ctx=256, cmrm=CMRM.sample(30, 576)) as g:  # text only: off
+        assert g.create_chat_completion([{"role": "user", "content": text}], max_tokens=1)["pyguard"]["cmrm"]["on"] is False

@@ -257,7 +257,7 @@ def test_cmrm_zero_vector_changes_nothing(plain):
     zero = CMRM(np.zeros((30, 576), np.float32), alpha=2.0, when="always")
     with GuardedLlama(MODEL, n_ctx=512, cmrm=zero) as g:
         r = g.create_chat_completion(MSGS, max_tokens=16)
-    assert r["pyguard"]["cmrm"] == {"on": True}
+    assert r["pyguard"]["cmrm"] == {"on": True, "mode": "dataset"}
     assert text(r) == text(plain.create_chat_completion(MSGS, max_tokens=16))
 
 
@@ -279,7 +279,7 @@ def test_cmrm_when_image_is_off_for_text(plain):
     v[0] = 0
     with GuardedLlama(MODEL, n_ctx=512, cmrm=CMRM(v, alpha=5.0)) as g:
         r = g.create_chat_completion(MSGS, max_tokens=12)
-    assert r["pyguard"]["cmrm"] == {"on": False}
+    assert r["pyguard"]["cmrm"] == {"on": False, "mode": "dataset"}
     assert text(r) == text(plain.create_chat_completion(MSGS, max_tokens=12))
 
 

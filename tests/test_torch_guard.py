@@ -147,7 +147,7 @@ def test_cmrm_zero_vectors_change_nothing():
     want = plain_generate(model, enc, 8)
     with guard(model, tok, cmrm=CMRM(np.zeros((3, 64), np.float32), alpha=2.0, when="always")) as g:
         got = g.generate(**enc, max_new_tokens=8, pad_token_id=0)
-        assert g.last_report[0]["cmrm"] == {"on": True}
+        assert g.last_report[0]["cmrm"] == {"on": True, "mode": "dataset"}
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
@@ -375,7 +375,7 @@ def test_llava_chat_with_an_image(tmp_path):
     with guard(model, proc, coca=CoCA(alpha=1.5), cmrm=CMRM(v, alpha=0.5)) as g:
         res = g.create_chat_completion(msg, max_tokens=4)
     rep = res["pyguard"]
-    assert rep["cmrm"] == {"on": True} and rep["coca"]["shared_prefix_tokens"] > 16
+    assert rep["cmrm"] == {"on": True, "mode": "dataset"} and rep["coca"]["shared_prefix_tokens"] > 16
     assert res["usage"]["prompt_tokens"] > 16
     with guard(model, tiny_tokenizer(model.config.image_token_id)) as g:
         with pytest.raises(ValueError, match="no processor"):
@@ -399,3 +399,30 @@ def test_two_threads_get_what_each_gets_alone():
         [t.join() for t in threads]
     for a, b in zip(alone, got):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_sample_level_cmrm_equals_its_own_vectors_applied(tmp_path):
+    model = tiny_llava(seed=3)
+    proc, enc = llava_inputs(tmp_path, model, PROMPTS[:2])  # row 0 with the image, row 1 text only
+    with guard(model, proc, cmrm=CMRM.sample(3, 64, alpha=1.5)) as g:
+        got = g.generate(**enc, max_new_tokens=6, pad_token_id=0)
+        rep = [r["cmrm"] for r in g.last_report]
+    assert rep[0]["on"] and rep[0]["mode"] == "sample" and rep[0]["norm"] > 0 and not rep[1]["on"]
+    # the request's own vectors, by hand: last-token layer outputs with the image minus without it
+    ids = enc.input_ids[0][enc.attention_mask[0].bool()]
+    text_ids = ids[ids != model.config.image_token_id]
+    with torch.no_grad():
+        hs = model(input_ids=ids[None], pixel_values=enc.pixel_values, output_hidden_states=True).hidden_states
+    from pyguard.torch.layers import capture
+
+    with torch.no_grad(), capture(model, [0, 1, 2]) as store:
+        model(input_ids=ids[None], pixel_values=enc.pixel_values)
+        mm = torch.stack([store[il][0, -1] for il in range(3)])
+        model(input_ids=text_ids[None])
+        tx = torch.stack([store[il][0, -1] for il in range(3)])
+    torch.testing.assert_close(mm[:2], torch.stack([hs[1][0, -1], hs[2][0, -1]]))  # capture == hidden_states
+    v = (mm - tx).numpy()
+    v[0] = 0
+    with guard(model, proc, cmrm=CMRM(v, alpha=1.5)) as g:
+        want = g.generate(**enc, max_new_tokens=6, pad_token_id=0)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -37,6 +37,11 @@ class GuardedLlama:
         if casa is not None and capture_layer not in (None, casa.layer):
             raise ValueError(f"capture_layer {capture_layer} differs from the CASA layer {casa.layer}")
         self.capture_layer = casa.layer if casa is not None else capture_layer
+        self._states_layer = self.capture_layer if isinstance(self.capture_layer, int) else None
+        if cmrm is not None and cmrm.mode == "sample":  # per-request vectors need every layer's output
+            extra = [] if self.capture_layer is None else [self.capture_layer] if self._states_layer is not None \
+                else list(self.capture_layer)
+            self.capture_layer = sorted({*range(cmrm.n_layer), *extra})
         cb = (None, None)
         if isinstance(self.capture_layer, int):  # the layer's hidden states, copied in C++ during llama_decode
             from . import capture
@@ -144,8 +149,12 @@ class GuardedLlama:
             for segs in (base, safe):
                 segs is not None and segs.free()
             raise
-        return dict(id=responses.new_id(), base=base, safe=safe, n_prompt=n_base, max_tokens=max_tokens,
-                    temperature=float(temperature), top_p=float(top_p), stops=stops,
+        text_only = None
+        if self.cmrm is not None and self.cmrm.mode == "sample" and prompt.images:  # the image-removed twin
+            text_only = self._segments(chat.Prompt([dict(m, content=m["content"].replace(MARKER, ""))
+                                                    for m in prompt.messages], []))
+        return dict(id=responses.new_id(), base=base, safe=safe, text_only=text_only, n_prompt=n_base,
+                    max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p), stops=stops,
                     rng=np.random.default_rng(seed), has_image=bool(prompt.images))
 
     def _segments(self, prompt: chat.Prompt) -> Segments:
@@ -170,7 +179,7 @@ class GuardedLlama:
         try:
             yield from self._texts(req)
         finally:
-            for segs in (req["base"], req["safe"]):
+            for segs in (req["base"], req["safe"], req["text_only"]):
                 if segs is not None:
                     segs.free()
 
@@ -199,11 +208,13 @@ class GuardedLlama:
         """Yields (token, report) until max_tokens; the report is updated in place."""
         e, coca = self.engine, self.coca
         t0 = time.perf_counter()
+        per_request = self.cmrm is not None and self.cmrm.mode == "sample"
+        cmrm_on = self._cvec is not None and (req["has_image"] or (self.cmrm.when == "always" and not per_request))
+        report = {"casa": None, "coca": None, "timings": {},
+                  "cmrm": {"on": cmrm_on, "mode": self.cmrm.mode} if self.cmrm is not None else None}
+        cvec = self._sample_cvec(req, report) if cmrm_on and per_request else self._cvec
         e.clear()
-        cmrm_on = self._cvec is not None and (self.cmrm.when == "always" or req["has_image"])
-        e.set_cvec(*self._cvec) if cmrm_on else e.set_cvec(None)
-        report = {"casa": None, "coca": None, "cmrm": {"on": cmrm_on} if self.cmrm is not None else None,
-                  "timings": {}}
+        e.set_cvec(*cvec) if cmrm_on else e.set_cvec(None)
         base, safe = req["base"], req["safe"]
         T, top_p, rng = req["temperature"], req["top_p"], req["rng"]
         dual = safe is not None
@@ -294,7 +305,7 @@ class GuardedLlama:
                 if cap is not None:
                     cap.enabled = False
                     self._take_states(report, pos + len(tb))
-                    if self.casa is not None:
+                    if self.casa is not None and not states:
                         self._casa_check(report)
                 if ts is None:
                     return pos + len(tb), 0, pos + P, (e.logits(-1),)
@@ -320,6 +331,9 @@ class GuardedLlama:
             rows = self._capture.take_all()
             report["states"] = {il: rows[n] for il, n in zip(self.capture_layer, self._capture.names)}
             full = [H for il, H in report["states"].items() if il < self.engine.n_layer - 1]
+            if self._states_layer is not None:  # one layer asked for (CASA's), several captured
+                report["all_states"] = report["states"]
+                report["states"] = report["states"][self._states_layer]
         else:
             full = [self._capture.take()]
             report["states"] = full[0]
@@ -339,7 +353,8 @@ class GuardedLlama:
             with self._lock:
                 self._check_open()
                 self.engine.clear()
-                on = self._cvec is not None and (self.cmrm.when == "always" or req["has_image"])
+                on = (self._cvec is not None and self.cmrm.mode == "dataset"
+                      and (self.cmrm.when == "always" or req["has_image"]))
                 self.engine.set_cvec(*self._cvec) if on else self.engine.set_cvec(None)
                 report = {}
                 self._prefill(req["base"], None, report, states=True)
@@ -349,8 +364,23 @@ class GuardedLlama:
                                    for seg in req["base"]])
             return report["states"], mask
         finally:
-            for segs in (req["base"], req["safe"]):
+            for segs in (req["base"], req["safe"], req["text_only"]):
                 segs is not None and segs.free()
+
+    def _sample_cvec(self, req: dict, report: dict):
+        """Sample-level CMRM: this request's vectors (last-token layer outputs of its prompt minus
+        those of the prompt without its images; two extra prefills) as a control-vector buffer."""
+        e, last = self.engine, []
+        for segs in (req["base"], req["text_only"]):
+            e.clear()
+            e.set_cvec(None)
+            rep = {}
+            self._prefill(segs, None, rep, states=True)
+            states = rep.get("all_states", rep["states"])
+            last.append(np.stack([states[il][-1] for il in range(e.n_layer)]))
+        cmrm = self.cmrm.for_request(*last)
+        report["cmrm"]["norm"] = float(np.linalg.norm(cmrm.vectors))
+        return cmrm.cvec_buffer(e.n_layer, e.n_embd)
 
     def _casa_check(self, report: dict) -> None:
         """Score the captured prompt hidden states; record the decision in the report."""

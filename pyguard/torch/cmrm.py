@@ -12,9 +12,11 @@ from .layers import decoder_layers, layer_output
 
 
 class RowSelector:
-    """Which batch rows are shifted: ``rows`` is a bool [B] (None: all); set it per request."""
+    """Which batch rows are shifted: ``rows`` is a bool [B] (None: all); set it per request.
+    ``per_row``: None (the CMRM's vectors for every row) or [B, n_layer, d], each row's own."""
 
     rows: torch.Tensor | None = None
+    per_row: torch.Tensor | None = None
 
 
 def check_vectors(model: torch.nn.Module, cmrm) -> torch.nn.ModuleList:
@@ -46,6 +48,12 @@ def shift_layers(model: torch.nn.Module, cmrm, select: RowSelector | None = None
             if key not in table:
                 table[key] = torch.tensor(cmrm.vectors, device=h.device, dtype=h.dtype)
             B, T, _ = h.shape
+            if select.per_row is not None:  # sample-level CMRM: each row its own vectors
+                per_row = select.per_row.to(h.device, h.dtype)
+                for b in range(B):
+                    if select.rows is None or bool(select.rows[b]):
+                        ops.cmrm_shift_(h[b], per_row[b].contiguous(), float(cmrm.alpha), layer=il)
+                return
             rows = None if select.rows is None else select.rows.to(h.device).repeat_interleave(T)
             ops.cmrm_shift_(h.view(B * T, d), table[key], float(cmrm.alpha), layer=il, row_mask=rows)
         return fn

@@ -225,7 +225,7 @@ class GuardedModel:
             raise ValueError(f"images given, but {type(self.model).__name__} cannot take them here")
         ids, pixel_values = self._encode(prompt)
         kw = {} if pixel_values is None else {"pixel_values": pixel_values.to(self._device(), dtype=self.model.dtype)}
-        shift = self.cmrm is not None and (self.cmrm.when == "always" or bool(prompt.images))
+        shift = self.cmrm is not None and self.cmrm.mode == "dataset" and (self.cmrm.when == "always" or bool(prompt.images))
         with self._lock, shift_layers(self.model, self.cmrm) if shift else contextlib.nullcontext(), \
                 capture(self.model, layers) as store:
             self.model(input_ids=torch.tensor([ids], device=self._device()), logits_to_keep=1, **kw)
@@ -286,9 +286,11 @@ class GuardedModel:
         if pixel_values is not None and not self.has_vision:
             raise ValueError(f"pixel_values given, but {type(self.model).__name__} takes text only")
         self.last_report = [r.report for r in reqs]
+        sample = self.cmrm is not None and self.cmrm.mode == "sample"
         for r in reqs:
+            on = r.has_image if sample else self.cmrm is not None and (self.cmrm.when == "always" or r.has_image)
             r.report.update(casa=None, coca=None, timings={},
-                            cmrm={"on": self.cmrm.when == "always" or r.has_image} if self.cmrm is not None else None)
+                            cmrm={"on": on, "mode": self.cmrm.mode} if self.cmrm is not None else None)
         return self._decode(reqs, pixel_values, extra, max_new_tokens, (do_sample, temperature, top_p, generator),
                             self._eos_ids(eos_token_id))
 
@@ -301,8 +303,9 @@ class GuardedModel:
         t0 = time.perf_counter()
         dev = self._device()
         shift = self.cmrm is not None and any(r.report["cmrm"]["on"] for r in reqs)
+        per_request = self._sample_vectors(reqs, pixel_values) if shift and self.cmrm.mode == "sample" else None
         with shift_layers(self.model, self.cmrm) if shift else contextlib.nullcontext() as select:
-            state = _Batch(self, reqs, select, dev)
+            state = _Batch(self, reqs, select, dev, per_request)
             with capture(self.model, [self.casa.layer]) if self.casa else contextlib.nullcontext() as store:
                 logits, casa_states = state.prefill(pixel_values, extra, store)
             if store is not None:
@@ -325,6 +328,32 @@ class GuardedModel:
                 for r in reqs:
                     r.report["timings"]["decode_ms_per_token"] = (time.perf_counter() - t_first) * 1e3 / (step + 1)
 
+    def _sample_vectors(self, reqs, pixel_values) -> torch.Tensor:
+        """Sample-level CMRM: [n_requests, n_layer, d], for each request with an image its prompt's
+        last-token layer outputs minus those of the prompt with the image tokens removed (zeros
+        for the others). Two extra forwards per image request."""
+        layers = list(range(self.n_layer))
+        dev = self._device()
+        counts = [r.base.count(self.image_token_id) if r.has_image else 0 for r in reqs]
+        per_image = sum(counts) // len(pixel_values)
+        out = torch.zeros(len(reqs), self.n_layer, self.n_embd)
+        first = 0
+        for i, r in enumerate(reqs):
+            n_img = counts[i] // per_image
+            pv, first = pixel_values[first:first + n_img], first + n_img
+            if not r.has_image:
+                continue
+            last = []
+            for ids, kw in ((r.base, {"pixel_values": pv.to(dev, dtype=self.model.dtype)}),
+                            ([t for t in r.base if t != self.image_token_id], {})):
+                with capture(self.model, layers) as store:
+                    self.model(input_ids=torch.tensor([ids], device=dev), logits_to_keep=1, **kw)
+                last.append(torch.stack([store[il][0, -1] for il in layers]).float().cpu().numpy())
+            vec = self.cmrm.for_request(*last).vectors
+            out[i] = torch.tensor(vec)
+            r.report["cmrm"]["norm"] = float((vec ** 2).sum() ** 0.5)
+        return out
+
     def _casa_check(self, reqs, states: list, eos: list) -> None:
         """Score each prompt's layer-L hidden states; record decisions; refused requests end here."""
         t0 = time.perf_counter()
@@ -346,15 +375,17 @@ class _Batch:
     """The rows in flight: each request's base row and, while CoCA runs for it, its safe row,
     sharing one KV cache; finished rows are dropped from the cache."""
 
-    def __init__(self, guard: GuardedModel, reqs: list, select: RowSelector | None, device):
+    def __init__(self, guard: GuardedModel, reqs: list, select: RowSelector | None, device, per_request=None):
         self.g, self.reqs, self.select, self.dev = guard, reqs, select, device
+        self.per_request = per_request  # sample-level CMRM vectors [n_requests, n_layer, d] or None
         self.rows: list[tuple[int, int]] = []  # (request index, 0 base | 1 safe)
         self.cache = self.mask = self.pos = None
 
     def _forward(self, ids, mask, pos, **kw):
         if self.select is not None:
-            self.select.rows = torch.tensor([self.g.cmrm.when == "always" or self.reqs[i].has_image
-                                             for i, _ in self.rows], device=self.dev)
+            self.select.rows = torch.tensor([self.reqs[i].report["cmrm"]["on"] for i, _ in self.rows], device=self.dev)
+            if self.per_request is not None:
+                self.select.per_row = self.per_request[[i for i, _ in self.rows]]
         few_rows = self.dev.type == "cpu" and 2 <= ids.numel() <= MAX_ROWS
         with transposed(self.g._linears) if few_rows else contextlib.nullcontext():
             out = self.g.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=self.cache,
