@@ -39,7 +39,7 @@ class CMakeBuild(build_ext):
 setup(
     packages=["pyguard", "pyguard.llama", "pyguard.torch", "pyguard.calibrate", "pyguard.kernels"],
     package_dir={"pyguard": "pyguard", "pyguard.kernels": "kernels"},
-    package_data={"pyguard": ["data/*.jsonl", "data/anchors/*"]},  # benign prompts, CMRM anchors
+    package_data={"pyguard": ["data/*.jsonl", "data/*.safetensors", "data/anchors/*"]},  # prompts, CASA, anchors
     ext_modules=[CMakeExtension("pyguard._C")],
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,
