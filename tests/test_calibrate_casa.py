@@ -119,3 +119,13 @@ def test_llama_prompt_states_equal_casa_capture(rng):
     np.testing.assert_allclose(r["pyguard"]["casa"]["score"], CASA(p, layer=10).score([H])[0], rtol=1e-5)
     with pytest.raises(ValueError, match="capture a layer in"):
         GuardedLlama(path, n_ctx=256, capture_layer=29)
+
+
+def test_threshold_keeps_the_target_and_takes_the_middle_of_the_gap():
+    labels = np.array([0] * 20 + [1] * 10)
+    scores = np.concatenate([np.linspace(0.01, 0.2, 20), np.linspace(0.6, 0.9, 10)]).astype(np.float32)
+    t = fitcasa.choose_threshold(scores, labels, 0.05)
+    assert t == pytest.approx((0.2 + 0.6) / 2)  # separable: the middle of the gap
+    overlap = np.concatenate([np.linspace(0.01, 0.7, 20), np.linspace(0.3, 0.9, 10)]).astype(np.float32)
+    t = fitcasa.choose_threshold(overlap, labels, 0.05)
+    assert np.mean(overlap[labels == 0] > t) <= 0.05  # the false-refusal target holds on validation

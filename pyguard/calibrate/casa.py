@@ -166,10 +166,7 @@ def fit(train, val, test, layer: int, r: int = 32, heads: int = 4, lr: float = 3
                 break
     model.load_state_dict(best_state)
     model.eval()
-    val_scores = _scores(model, Xva, mu, sigma)
-    benign_val = val_scores[yva == 0]
-    threshold = float(np.quantile(benign_val, 1 - target_frr, method="higher")) if target_frr > 0 else float(benign_val.max())
-    threshold = min(max(threshold, 0.0), 1.0)
+    threshold = choose_threshold(_scores(model, Xva, mu, sigma), yva, target_frr)
     casa = _export(model, mu, sigma, layer, threshold, **casa_kw)
     test_scores = casa.score([h for h, _ in test])
     report = evaluate(np.array([y for _, y in test]), np.asarray(test_scores), threshold)
@@ -177,6 +174,22 @@ def fit(train, val, test, layer: int, r: int = 32, heads: int = 4, lr: float = 3
                   best_val_loss=best, history=history, r=r, heads=heads,
                   n={"train": len(train), "val": len(val), "test": len(test)})
     return casa, report
+
+
+def choose_threshold(scores: np.ndarray, labels: np.ndarray, target_frr: float) -> float:
+    """The threshold (unsafe iff score > threshold) that, on these validation scores, keeps the
+    false-refusal rate <= target_frr and maximizes detection rate - false-refusal rate; of the
+    interval of thresholds that do equally well, its middle (the widest margin on both sides)."""
+    cuts = np.unique(np.concatenate([[0.0], scores]))
+    benign, harmful = scores[labels == 0], scores[labels == 1]
+    frr = np.array([np.mean(benign > t) for t in cuts])
+    det = np.array([np.mean(harmful > t) for t in cuts])
+    gain = np.where(frr <= target_frr, det - frr, -np.inf)
+    best = np.flatnonzero(gain == gain.max())
+    lo = cuts[best[0]]
+    above = scores[scores > cuts[best[-1]]]
+    hi = above.min() if above.size else 1.0
+    return float(min(max((lo + hi) / 2, 0.0), 1.0))
 
 
 def _export(model, mu, sigma, layer: int, threshold: float, **casa_kw) -> CASA:
@@ -298,6 +311,7 @@ def run(model: str, layer: int, out, harmful=None, benign=None, report_dir=None,
     for src in sorted({it.get("source", "?") for it in parts[2]}):
         sel = [i for i, it in enumerate(parts[2]) if it.get("source", "?") == src]
         report["test_by_source"][src] = {"n": len(sel), "flagged": float(np.mean(scores[sel] > casa.threshold))}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     casa.save(out)
     save_report(report, report_dir or Path(out).with_suffix(""), title=f"CASA {key}")
     return casa, report
