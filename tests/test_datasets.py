@@ -1,7 +1,6 @@
 """pyguard.datasets: the JSONL reader/writer, the prompt sets and the deterministic split."""
 import collections
 import json
-import os
 import stat
 
 import pytest
@@ -9,15 +8,12 @@ import pytest
 from pyguard import datasets as D
 from pyguard import models
 
+from fetched import fetched
+
 
 def data_file(name):
     """A fetched data file, or skip (fail under PYGUARD_REQUIRE_MODELS) when it is not fetched."""
-    path = models.data_path(name)
-    if not path.exists():
-        if os.environ.get("PYGUARD_REQUIRE_MODELS"):
-            pytest.fail(f"data file {name} is not fetched: run scripts/setup.sh")
-        pytest.skip(f"data file {name} not fetched (run `python -m pyguard.datasets fetch`)")
-    return path
+    return fetched(models.data_path(name), f"data file {name}", "run `python -m pyguard.datasets fetch`")
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,8 @@ import pytest
 
 from pyguard import models
 
+from fetched import fetched
+
 
 def run_py(code, **env):
     e = {**os.environ, **env}
@@ -89,11 +91,7 @@ def test_models_registry_and_errors(tmp_path):
 @pytest.mark.parametrize("name", list(models.MODELS))
 def test_default_models_fetched_and_verified(name):
     """scripts/setup.sh fetched them; their sha256 is the published one."""
-    path = models.model_path(name)
-    if not path.exists():
-        if os.environ.get("PYGUARD_REQUIRE_MODELS"):
-            pytest.fail(f"{name} is not fetched: run scripts/setup.sh")
-        pytest.skip(f"{name} not fetched (run scripts/setup.sh)")
+    path = fetched(models.model_path(name), name)
     assert models.sha256_file(path) == models.MODELS[name].sha256
     with open(path, "rb") as f:
         assert f.read(4) == b"GGUF"

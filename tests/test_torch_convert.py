@@ -1,11 +1,10 @@
 """pyguard.torch.convert: the registry GGUF turned once into a reusable Hugging Face folder."""
-import os
-
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from fetched import fetched  # noqa: E402
 from pyguard import models  # noqa: E402
 from pyguard.torch import convert  # noqa: E402
 
@@ -14,10 +13,7 @@ NAME = "qwen2.5-coder-0.5b"
 
 @pytest.fixture(scope="module")
 def folder():
-    if not models.model_path(NAME).exists():
-        if os.environ.get("PYGUARD_REQUIRE_MODELS"):
-            pytest.fail(f"{NAME} is not fetched: run scripts/setup.sh")
-        pytest.skip(f"{NAME} not fetched (run scripts/setup.sh)")
+    fetched(models.model_path(NAME), NAME)
     return convert.hf_folder(NAME)  # converts (~1.5 min) unless scripts/setup.sh already did
 
 

@@ -1,6 +1,5 @@
 """The PyTorch runtime on the real Qwen2.5-Coder-0.5B (loaded from its GGUF through transformers)
 and its parity with the llama.cpp runtime."""
-import os
 import sys
 from pathlib import Path
 
@@ -10,6 +9,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("llama_cpp")
 
+from fetched import fetched  # noqa: E402
 from pyguard import models  # noqa: E402
 from pyguard.methods import CoCA  # noqa: E402
 from pyguard.torch import convert, guard  # noqa: E402
@@ -20,10 +20,7 @@ import parity  # noqa: E402
 
 @pytest.fixture(scope="module")
 def qwen():
-    if not models.model_path(models.DEFAULT_MODEL).exists():
-        if os.environ.get("PYGUARD_REQUIRE_MODELS"):
-            pytest.fail(f"{models.DEFAULT_MODEL} is not fetched: run scripts/setup.sh")
-        pytest.skip(f"{models.DEFAULT_MODEL} not fetched (run scripts/setup.sh)")
+    fetched(models.model_path(models.DEFAULT_MODEL), models.DEFAULT_MODEL)
     return convert.load(models.DEFAULT_MODEL)
 
 

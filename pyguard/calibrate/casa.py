@@ -9,38 +9,22 @@ and the attention weights sum to one), so the file scores raw hidden states.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 
 from ..methods import CASA
+from . import NpyCache, hf_guard, locate, model_key
 
 
 # ----------------------------------------------------------------------------- hidden states
-class StateCache:
-    """One ``.npy`` per prompt under ``folder/<model key>-L<layer>/``, named by the text's sha256:
-    a run that stops is resumed without recomputing finished prompts."""
+class StateCache(NpyCache):
+    """Prompt hidden states under ``folder/<model key>-L<layer>/``, one file per prompt text."""
 
     def __init__(self, folder, model_key: str, layer: int):
-        self.dir = Path(folder) / f"{model_key}-L{layer}"
-        self.dir.mkdir(parents=True, exist_ok=True)
-
-    def path(self, text: str) -> Path:
-        return self.dir / (hashlib.sha256(text.encode()).hexdigest()[:32] + ".npy")
-
-    def get(self, text: str):
-        p = self.path(text)
-        return np.load(p) if p.exists() else None
-
-    def put(self, text: str, H: np.ndarray) -> None:
-        p = self.path(text)
-        tmp = p.with_suffix(".tmp.npy")
-        np.save(tmp, np.ascontiguousarray(H, dtype=np.float32))
-        os.replace(tmp, p)  # a killed run never leaves a half file under the final name
+        super().__init__(Path(folder) / f"{model_key}-L{layer}")
 
 
 def collect(states_fn, texts: list[str], cache: StateCache | None = None, progress: bool = True,
@@ -266,25 +250,14 @@ def prompt_sets(harmful=None, benign=None, jailbreaks: int = 260) -> list[dict]:
 def states_function(model: str, layer: int, n_ctx: int = 4096):
     """(``messages -> [T, d]``, cache key, closer) for a default model name or GGUF path (llama.cpp)
     or a Hugging Face folder (PyTorch)."""
-    from .. import models
-
-    if model in models.MODELS or str(model).endswith(".gguf"):
+    kind, path = locate(model)
+    if kind == "gguf":
         from ..llama import GuardedLlama
 
-        path = models.model_path(model) if model in models.MODELS else Path(model)
-        if not path.is_file():
-            raise FileNotFoundError(f"no such model file: {path}")
         g = GuardedLlama(path, n_ctx=n_ctx, capture_layer=layer)
-        return g.prompt_states, f"gguf-{path.name}-{path.stat().st_size}", g.close
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ..torch import guard
-
-    folder = Path(model)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{model}: not a default model name, a .gguf file or a Hugging Face folder")
-    g = guard(AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder))
-    return (lambda m: g.prompt_states(m, layer)), f"hf-{folder.resolve().name}", g.close
+        return g.prompt_states, model_key(kind, path), g.close
+    g = hf_guard(path)
+    return (lambda m: g.prompt_states(m, layer)), model_key(kind, path), g.close
 
 
 def run(model: str, layer: int, out, harmful=None, benign=None, report_dir=None, cache=None,

@@ -14,12 +14,12 @@ import base64
 import hashlib
 import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from ..methods import CMRM
+from . import NpyCache, hf_guard, locate, model_key
 
 COUNTERPARTS = ("remove", "blank", "noise")
 POSITIONS = ("last", "mean")
@@ -97,68 +97,48 @@ def combine(diffs: np.ndarray, method: str = "mean") -> np.ndarray:
     return out
 
 
-def extract(states_fn, anchors: list[dict], n_layer: int, model_key: str, cache=None, counterpart: str = "remove",
+def extract(states_fn, anchors: list[dict], n_layer: int, model_id: str, cache=None, counterpart: str = "remove",
             position: str = "last", progress: bool = True) -> np.ndarray:
     """Per-anchor differences [N, n_layer, d] (multimodal minus counterpart) through the cache.
     ``states_fn(messages) -> ({layer: [T, d]}, text mask [T])``."""
     from tqdm.auto import tqdm
 
-    folder = Path(cache) if cache is not None else None
-    if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
+    store = NpyCache(cache) if cache is not None else None
     out = []
     for i, a in enumerate(tqdm(anchors, desc="CMRM anchors", disable=not progress, unit="anchor")):
         with open(a["image"], "rb") as f:
             image_hash = hashlib.sha256(f.read()).hexdigest()
-        key = hashlib.sha256(json.dumps([model_key, a["text"], image_hash, counterpart, position]).encode()).hexdigest()
-        path = folder / f"{key[:32]}.npy" if folder is not None else None
-        if path is not None and path.exists():
-            out.append(np.load(path))
-            continue
-        mm, text = messages(a, counterpart, seed=i)
-        d = (summary(*states_fn(mm), position, n_layer) - summary(*states_fn(text), position, n_layer))
-        if path is not None:
-            tmp = path.with_suffix(".tmp.npy")
-            np.save(tmp, d.astype(np.float32))
-            os.replace(tmp, path)
-        out.append(d.astype(np.float32))
+        key = json.dumps([model_id, a["text"], image_hash, counterpart, position])
+        d = store.get(key) if store is not None else None
+        if d is None:
+            mm, text = messages(a, counterpart, seed=i)
+            d = (summary(*states_fn(mm), position, n_layer) - summary(*states_fn(text), position, n_layer))
+            d = d.astype(np.float32)
+            if store is not None:
+                store.put(key, d)
+        out.append(d)
     return np.stack(out)
 
 
 def states_function(model: str, mmproj=None, n_ctx: int = 4096):
     """(``messages -> ({layer: [T, d]}, mask)``, n_layer, cache key, closer) for a GGUF (+ mmproj,
     llama.cpp) or a Hugging Face folder (PyTorch; LLaVA with its processor)."""
-    from .. import models
-
-    if model in models.MODELS or str(model).endswith(".gguf"):
+    kind, path = locate(model)
+    if kind == "gguf":
         from ..llama import GuardedLlama
         from ..llama.engine import Engine
 
-        path = models.model_path(model) if model in models.MODELS else Path(model)
-        if not path.is_file():
-            raise FileNotFoundError(f"no such model file: {path}")
         with Engine(path, n_ctx=64, n_seq=1) as e:
             n_layer = e.n_layer
         g = GuardedLlama(path, mmproj_path=mmproj, n_ctx=n_ctx, capture_layer=list(range(n_layer)))
-        key = f"gguf-{path.name}-{path.stat().st_size}-{Path(mmproj).name if mmproj else 'text'}"
+        key = f"{model_key(kind, path)}-{Path(mmproj).name if mmproj else 'text'}"
         return (lambda m: g.prompt_states(m, with_mask=True)), n_layer, key, g.close
-    import transformers
-
-    from ..torch import guard
-
-    folder = Path(model)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{model}: not a default model name, a .gguf file or a Hugging Face folder")
-    config = transformers.AutoConfig.from_pretrained(folder)
-    vision = getattr(config, "vision_config", None) is not None
-    cls = transformers.AutoModelForImageTextToText if vision else transformers.AutoModelForCausalLM
-    proc = (transformers.AutoProcessor if vision else transformers.AutoTokenizer).from_pretrained(folder)
-    g = guard(cls.from_pretrained(folder).eval(), proc)
+    g = hf_guard(path)
 
     def fn(m):
         states, mask = g.prompt_states(m, list(range(g.n_layer)), with_mask=True)
         return {il: h.float().cpu().numpy() for il, h in states.items()}, mask.numpy()
-    return fn, g.n_layer, f"hf-{folder.resolve().name}", g.close
+    return fn, g.n_layer, model_key(kind, path), g.close
 
 
 def run(model: str, anchors=ANCHORS, out=None, mmproj=None, counterpart: str = "remove", position: str = "last",

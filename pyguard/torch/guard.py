@@ -8,6 +8,7 @@ while a guarded call runs, so the model itself is never changed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -133,20 +134,22 @@ class GuardedModel:
         """The prompt with the principle's tokens before the chat template's generation prompt."""
         if self.coca.principle_position != "after":
             raise ValueError("CoCA principle_position='before' needs the messages: use create_chat_completion")
-        suffix = self._template_suffix()
+        principle, suffix = self._splice_tokens
         if prompt[len(prompt) - len(suffix):] != suffix:
             raise ValueError(f"CoCA: prompt {b} does not end with the chat template's generation prompt "
                              f"{self.tokenizer.decode(suffix)!r}; render it with apply_chat_template("
                              "add_generation_prompt=True) or use create_chat_completion(messages)")
-        principle = self.tokenizer("\n\n" + self.coca.principle, add_special_tokens=False).input_ids
         return prompt[: len(prompt) - len(suffix)] + principle + suffix
 
-    def _template_suffix(self) -> list:
-        """Token ids the chat template puts after the last user text (end of turn, assistant header)."""
+    @functools.cached_property
+    def _splice_tokens(self) -> tuple[list, list]:
+        """(the principle's token ids, the ids the chat template puts after the last user text: end
+        of turn, assistant header), tokenized once per guard."""
         probe = "\x00pyguard\x00"
         text = self.tokenizer.apply_chat_template([{"role": "user", "content": probe}], add_generation_prompt=True,
                                                   tokenize=False)
-        return self.tokenizer(text.partition(probe)[2], add_special_tokens=False).input_ids
+        return (self.tokenizer("\n\n" + self.coca.principle, add_special_tokens=False).input_ids,
+                self.tokenizer(text.partition(probe)[2], add_special_tokens=False).input_ids)
 
     def _request(self, base: list, safe: list | None) -> _Request:
         has_image = self.image_token_id is not None and self.image_token_id in base
@@ -176,11 +179,7 @@ class GuardedModel:
             raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
         if not temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {temperature!r}")
-        marker = getattr(self.processor, "image_token", None) or "<image>"
-        prompt = chat.flatten(messages, marker)
-        if prompt.images and (self.processor is None or not self.has_vision):
-            raise ValueError(f"images given, but {type(self.model).__name__} takes text only"
-                             if not self.has_vision else "images given, but no processor (only a tokenizer) was passed")
+        prompt, marker = self._flatten(messages)
         base, pixel_values = self._encode(prompt)
         safe = None
         if self.coca is not None:
@@ -219,10 +218,7 @@ class GuardedModel:
         bad = [il for il in layers if not 0 <= il < self.n_layer]
         if bad:
             raise ValueError(f"layers {bad} are outside the model's {self.n_layer} decoder layers")
-        marker = getattr(self.processor, "image_token", None) or "<image>"
-        prompt = chat.flatten(messages, marker)
-        if prompt.images and (self.processor is None or not self.has_vision):
-            raise ValueError(f"images given, but {type(self.model).__name__} cannot take them here")
+        prompt, _ = self._flatten(messages)
         ids, pixel_values = self._encode(prompt)
         kw = {} if pixel_values is None else {"pixel_values": pixel_values.to(self._device(), dtype=self.model.dtype)}
         shift = self.cmrm is not None and self.cmrm.mode == "dataset" and (self.cmrm.when == "always" or bool(prompt.images))
@@ -233,6 +229,16 @@ class GuardedModel:
         if not with_mask:
             return states
         return states, torch.tensor([t != self.image_token_id for t in ids])
+
+    def _flatten(self, messages) -> tuple[chat.Prompt, str]:
+        """(the messages flattened with the processor's image token as marker, the marker);
+        ValueError when they hold images this model or this guard cannot take."""
+        marker = getattr(self.processor, "image_token", None) or "<image>"
+        prompt = chat.flatten(messages, marker)
+        if prompt.images and (self.processor is None or not self.has_vision):
+            raise ValueError(f"images given, but {type(self.model).__name__} takes text only"
+                             if not self.has_vision else "images given, but no processor (only a tokenizer) was passed")
+        return prompt, marker
 
     def _encode(self, prompt: chat.Prompt, pixels: bool = True):
         """-> (token ids, pixel_values or None) of a flattened prompt rendered by the chat template."""
