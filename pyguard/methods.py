@@ -13,7 +13,8 @@ import json
 import math
 import numbers
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 import numpy as np
@@ -91,7 +92,7 @@ class _ValueEq:
     def __eq__(self, other):
         if type(other) is not type(self):
             return NotImplemented
-        return all(_same(getattr(self, f.name), getattr(other, f.name)) for f in dataclasses.fields(self))
+        return all(_same(getattr(self, f.name), getattr(other, f.name)) for f in dataclasses.fields(self) if f.compare)
 
     __hash__ = None
 
@@ -123,6 +124,49 @@ def _load(path, what: str, parse):
         raise
     except Exception as e:
         raise ValueError(f"{path!r} is not a valid {what} file: {e}") from e
+
+
+# A model's identity as pyguard writes it into ``model_hint``: llama.cpp's convention (the
+# architecture, as cvector-generator writes it) followed by the shape, e.g.
+# "qwen2 n_layer=24 n_embd=896 n_vocab=151936". Hugging Face model types that llama.cpp converts to
+# another architecture are mapped to it, so one file serves both runtimes.
+_ARCH_ALIAS = {"mistral": "llama"}
+_HINT_KEYS = ("n_layer", "n_embd", "n_vocab")
+
+
+def describe_model(arch: str, n_layer: int, n_embd: int, n_vocab: int) -> str:
+    """The ``model_hint`` for a model: ``"<arch> n_layer=.. n_embd=.. n_vocab=.."``."""
+    return f"{_ARCH_ALIAS.get(arch, arch)} n_layer={n_layer} n_embd={n_embd} n_vocab={n_vocab}"
+
+
+def _parse_hint(hint: str) -> dict:
+    """The fields a hint states: its first word as ``arch`` when it looks like an architecture name
+    (lower-case letters, digits, underscores), and ``key=int`` words. Free text states nothing."""
+    words = hint.split()
+    out = {}
+    if words and re.fullmatch(r"[a-z][a-z0-9_]*", words[0]):
+        out["arch"] = words[0]
+    for w in words[1:]:
+        k, eq, v = w.partition("=")
+        if eq and k in _HINT_KEYS and v.isdecimal():
+            out[k] = int(v)
+    return out
+
+
+def _check_hint(obj, what: str, model: dict) -> None:
+    """ValueError naming the file when ``obj.model_hint`` states an architecture or size that
+    ``model`` ({"arch", "n_layer", "n_embd", "n_vocab"}; None values unknown) contradicts."""
+    stated = _parse_hint(obj.model_hint)
+    model = {k: (_ARCH_ALIAS.get(v, v) if k == "arch" else v) for k, v in model.items() if v is not None}
+    bad = [k for k in stated if k in model and stated[k] != model[k]]
+    if bad:
+        mine = describe_model(*(model.get(k, "?") for k in ("arch", *_HINT_KEYS)))
+        raise ValueError(f"{what}{_from(obj)} were fitted on another model: its model_hint is "
+                         f"{obj.model_hint!r}, the model is {mine!r} ({', '.join(bad)} differ)")
+
+
+def _from(obj) -> str:
+    return f" from {obj.source!r}" if obj.source else ""
 
 
 def _read_safetensors(path: str):
@@ -210,7 +254,8 @@ class CMRM(_ValueEq):
 
     vectors: float32 [n_layer, n_embd], row il for 0-based layer il; alpha: finite;
     layers: None (all) or an inclusive (start, end) in [0, n_layer); when: ``"image"`` (only
-    requests with an image) or ``"always"``; model_hint: free text (the model's architecture).
+    requests with an image) or ``"always"``; model_hint: the model it was fitted on
+    (``describe_model``; llama.cpp's files hold the architecture only; free text is not checked).
     mode: ``"dataset"`` (these vectors) or ``"sample"``: per request with an image, the vectors are
     that request's own shift, its prompt's last-token layer outputs minus those of the same prompt
     with the image removed (two extra prefills; layer 0 is left unshifted, as llama.cpp must);
@@ -223,6 +268,7 @@ class CMRM(_ValueEq):
     when: str = "image"
     model_hint: str = ""
     mode: str = "dataset"
+    source: str = field(default="", compare=False, repr=False)  # the file it was loaded from
 
     @classmethod
     def sample(cls, n_layer: int, n_embd: int, **kw) -> "CMRM":
@@ -272,6 +318,14 @@ class CMRM(_ValueEq):
             )
         return start, end
 
+    def check_model(self, n_embd: int, n_layer: int, arch: str | None = None, n_vocab: int | None = None):
+        """ValueError naming the file unless the vectors are [n_layer, n_embd] and the model_hint
+        agrees with the model's architecture and vocabulary size (when given)."""
+        if (n_layer, n_embd) != self.vectors.shape:
+            raise ValueError(f"CMRM vectors{_from(self)} are for n_embd={self.n_embd}, n_layer={self.n_layer}; "
+                             f"the model has n_embd={n_embd}, n_layer={n_layer}")
+        _check_hint(self, "CMRM vectors", {"arch": arch, "n_layer": n_layer, "n_embd": n_embd, "n_vocab": n_vocab})
+
     def cvec_buffer(self, n_layer: int, n_embd: int):
         """Arguments for ``llama_set_adapter_cvec(ctx, data, len, n_embd, il_start, il_end)``.
 
@@ -279,11 +333,7 @@ class CMRM(_ValueEq):
         il-1 = ``-alpha * vectors[il]`` (llama.cpp adds it, so the shift is subtracted), and the
         inclusive layer range, clamped to start at 1.
         """
-        if (n_layer, n_embd) != self.vectors.shape:
-            raise ValueError(
-                f"CMRM vectors are for n_embd={self.n_embd}, n_layer={self.n_layer}; "
-                f"the model has n_embd={n_embd}, n_layer={n_layer}"
-            )
+        self.check_model(n_embd, n_layer)
         start, end = self._range()
         data = np.ascontiguousarray(self.vectors[1:] * np.float32(-self.alpha)).reshape(-1)
         return data, max(start, 1), end
@@ -296,7 +346,7 @@ class CMRM(_ValueEq):
         overrides replace fields read from it (e.g. ``alpha=0.5``)."""
         ext = _extension(path, (".gguf", ".safetensors"), "CMRM")
         parse = cls._parse_gguf if ext == ".gguf" else cls._parse_safetensors
-        return dataclasses.replace(_load(path, "CMRM " + ext, parse), **overrides)
+        return dataclasses.replace(_load(path, "CMRM " + ext, parse), source=os.fspath(path), **overrides)
 
     def save(self, path):
         """Write ``.gguf`` (``direction.<il>`` for il = 1 .. n_layer-1, plus our alpha, layers and
@@ -402,6 +452,7 @@ class CASA(_ValueEq):
     on_unsafe: str = "refuse"
     refusal_text: str = DEFAULT_REFUSAL
     model_hint: str = ""
+    source: str = field(default="", compare=False, repr=False)  # the file it was loaded from
 
     def __post_init__(self):
         p = self.params
@@ -430,13 +481,15 @@ class CASA(_ValueEq):
     def n_embd(self) -> int:
         return self.params["Wk"].shape[0]
 
-    def check_model(self, n_embd: int, n_layer: int):
-        """ValueError unless the model has this n_embd and the layer."""
+    def check_model(self, n_embd: int, n_layer: int, arch: str | None = None, n_vocab: int | None = None):
+        """ValueError naming the file unless the model has this n_embd and the layer, and the
+        model_hint agrees with the model (architecture, size; each when given)."""
         if n_embd != self.n_embd or self.layer >= n_layer:
             raise ValueError(
-                f"CASA parameters are for n_embd={self.n_embd} (layer {self.layer}), "
+                f"CASA parameters{_from(self)} are for n_embd={self.n_embd} (layer {self.layer}), "
                 f"the model has n_embd={n_embd}, n_layer={n_layer}"
             )
+        _check_hint(self, "CASA parameters", {"arch": arch, "n_layer": n_layer, "n_embd": n_embd, "n_vocab": n_vocab})
 
     def score(self, H, cu_seqlens=None, backend: str = "auto"):
         """Scores float32 [B] for B prompts: H a list of [T_i, d] arrays, or packed [T, d] with
@@ -475,7 +528,8 @@ class CASA(_ValueEq):
         """Read a ``.safetensors`` or ``.npz`` file; overrides replace fields read from it."""
         ext = _extension(path, (".safetensors", ".npz"), "CASA")
         read = _read_safetensors if ext == ".safetensors" else _read_npz
-        return dataclasses.replace(_load(path, "CASA " + ext, lambda p: cls._from_parts(*read(p))), **overrides)
+        return dataclasses.replace(_load(path, "CASA " + ext, lambda p: cls._from_parts(*read(p))),
+                                   source=os.fspath(path), **overrides)
 
     def save(self, path):
         """Write ``.safetensors`` (tensors Wk, q, w, b [1]; string metadata) or ``.npz`` (the

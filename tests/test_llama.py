@@ -283,9 +283,14 @@ def test_cmrm_when_image_is_off_for_text(plain):
     assert text(r) == text(plain.create_chat_completion(MSGS, max_tokens=12))
 
 
-def test_cmrm_vectors_for_another_model_are_refused():
+def test_cmrm_vectors_for_another_model_are_refused(tmp_path):
     with pytest.raises(ValueError, match="CMRM vectors are for n_embd=896, n_layer=24; the model has n_embd=576, n_layer=30"):
         GuardedLlama(MODEL, cmrm=CMRM(np.zeros((24, 896), np.float32)))
+    # same shape, fitted on another architecture and vocabulary: refused, naming the file
+    CMRM(np.zeros((30, 576), np.float32), model_hint="qwen2 n_layer=30 n_embd=576 n_vocab=151936").save(tmp_path / "q.gguf")
+    with pytest.raises(ValueError, match=r"CMRM vectors from '.*q.gguf' were fitted on another model: .* the model is "
+                                         r"'llama n_layer=30 n_embd=576 n_vocab=49152' \(arch, n_vocab differ\)"):
+        GuardedLlama(MODEL, cmrm=CMRM.load(tmp_path / "q.gguf"))
 
 
 # -- CASA ------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pyguard import ops
-from pyguard.methods import CASA, CMRM, DEFAULT_PRINCIPLE, DEFAULT_REFUSAL, CoCA
+from pyguard.methods import CASA, CMRM, DEFAULT_PRINCIPLE, DEFAULT_REFUSAL, CoCA, describe_model
 
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("safetensors")
@@ -291,6 +291,34 @@ def test_casa_check_model(rng):
     for n_embd, n_layer in [(17, 6), (16, 5)]:
         raises(rf"CASA parameters are for n_embd=16 \(layer 5\), the model has n_embd={n_embd}, n_layer={n_layer}",
                c.check_model, n_embd, n_layer)
+
+
+def test_model_hint_mismatch_names_the_file(rng, tmp_path):
+    hint = describe_model("qwen2", 5, 12, 1000)
+    assert hint == "qwen2 n_layer=5 n_embd=12 n_vocab=1000"
+    CMRM(vectors(rng), model_hint=hint).save(tmp_path / "v.gguf")
+    c = CMRM.load(tmp_path / "v.gguf")
+    assert c.source == str(tmp_path / "v.gguf") and c == CMRM(c.vectors, model_hint=hint)  # source not compared
+    c.check_model(12, 5, "qwen2", 1000)
+    c.check_model(12, 5)  # architecture and vocabulary unknown: only the shape is checked
+    raises(r"CMRM vectors from '.*v.gguf' were fitted on another model: its model_hint is 'qwen2 n_layer=5 "
+           r"n_embd=12 n_vocab=1000', the model is 'llama n_layer=5 n_embd=12 n_vocab=1000' \(arch differ\)",
+           c.check_model, 12, 5, "llama", 1000)
+    raises(r"n_vocab differ", c.check_model, 12, 5, "qwen2", 999)
+    raises(r"CMRM vectors from '.*v.gguf' are for n_embd=12, n_layer=5; the model has n_embd=13",
+           c.check_model, 13, 5)
+    # llama.cpp's cvector-generator writes the architecture only; HF's "mistral" is llama.cpp's "llama"
+    CMRM(vectors(rng), model_hint="llama").check_model(12, 5, "mistral", 7)
+    raises(r"arch differ", CMRM(vectors(rng), model_hint="llama").check_model, 12, 5, "qwen2", 7)
+    # free text (another tool's note) states nothing
+    CMRM(vectors(rng), model_hint="gguf-some-model.gguf-123").check_model(12, 5, "qwen2", 7)
+    CMRM(vectors(rng), model_hint="Fitted by hand n_vocab=x").check_model(12, 5, "qwen2", 7)
+    casa = CASA(casa_params(rng), layer=5, model_hint=describe_model("qwen2", 6, 16, 50))
+    casa.save(tmp_path / "c.safetensors")
+    loaded = CASA.load(tmp_path / "c.safetensors")
+    loaded.check_model(16, 6, "qwen2", 50)
+    raises(r"CASA parameters from '.*c.safetensors' were fitted on another model.*\(n_layer, n_vocab differ\)",
+           loaded.check_model, 16, 8, "qwen2", 51)
 
 
 def test_casa_score_matches_op(rng):

@@ -1,4 +1,6 @@
 """The guarded PyTorch / Hugging Face runtime on tiny models built offline."""
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -330,6 +332,11 @@ def test_bad_configs_are_refused_and_the_model_left_unpatched(rng):
         guard(model, tok, casa=casa_for(rng, d=32))
     with pytest.raises(ValueError, match="CASA parameters are for n_embd=64 \\(layer 7\\)"):
         guard(model, tok, casa=casa_for(rng, layer=7))
+    with guard(model, tok) as g:
+        hint = g.model_hint
+    assert hint == f"llama n_layer=3 n_embd=64 n_vocab={model.config.vocab_size}"
+    with pytest.raises(ValueError, match="CASA parameters were fitted on another model.*n_vocab differ"):
+        guard(model, tok, casa=dataclasses.replace(casa_for(rng), model_hint=hint.replace("n_vocab=", "n_vocab=1")))
     with pytest.raises(TypeError, match="cannot find the decoder layers of Linear"):
         guard(torch.nn.Linear(2, 2), tok)
     with pytest.raises(TypeError, match="LlamaModel has no language-model head"):

@@ -248,16 +248,16 @@ def prompt_sets(harmful=None, benign=None, jailbreaks: int = 260) -> list[dict]:
 
 
 def states_function(model: str, layer: int, n_ctx: int = 4096):
-    """(``messages -> [T, d]``, cache key, closer) for a default model name or GGUF path (llama.cpp)
+    """(``messages -> [T, d]``, cache key, model_hint, closer) for a default model name or GGUF path (llama.cpp)
     or a Hugging Face folder (PyTorch)."""
     kind, path = locate(model)
     if kind == "gguf":
         from ..llama import GuardedLlama
 
         g = GuardedLlama(path, n_ctx=n_ctx, capture_layer=layer)
-        return g.prompt_states, model_key(kind, path), g.close
+        return g.prompt_states, model_key(kind, path), g.model_hint, g.close
     g = hf_guard(path)
-    return (lambda m: g.prompt_states(m, layer)), model_key(kind, path), g.close
+    return (lambda m: g.prompt_states(m, layer)), model_key(kind, path), g.model_hint, g.close
 
 
 def run(model: str, layer: int, out, harmful=None, benign=None, report_dir=None, cache=None,
@@ -267,7 +267,7 @@ def run(model: str, layer: int, out, harmful=None, benign=None, report_dir=None,
     from .. import datasets, models
 
     items = prompt_sets(harmful, benign, jailbreaks)
-    fn, key, close = states_function(model, layer)
+    fn, key, hint, close = states_function(model, layer)
     try:
         sc = StateCache(Path(cache) if cache else models.cache_dir() / "states", key, layer)
         H = collect(fn, [it["text"] for it in items], sc, progress)
@@ -278,7 +278,7 @@ def run(model: str, layer: int, out, harmful=None, benign=None, report_dir=None,
     parts = datasets.split(items, (0.6, 0.2, 0.2), seed)
     train, val, test = ([(it["states"], int(it["label"] == "harmful")) for it in p] for p in parts)
     casa, report = fit(train, val, test, layer, target_frr=target_frr, seed=seed, progress=progress,
-                       model_hint=key, **fit_kw)
+                       model_hint=hint, **fit_kw)
     report["test_by_source"] = {}
     scores = casa.score([it["states"] for it in parts[2]])
     for src in sorted({it.get("source", "?") for it in parts[2]}):

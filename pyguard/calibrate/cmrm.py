@@ -121,7 +121,7 @@ def extract(states_fn, anchors: list[dict], n_layer: int, model_id: str, cache=N
 
 
 def states_function(model: str, mmproj=None, n_ctx: int = 4096):
-    """(``messages -> ({layer: [T, d]}, mask)``, n_layer, cache key, closer) for a GGUF (+ mmproj,
+    """(``messages -> ({layer: [T, d]}, mask)``, n_layer, cache key, model_hint, closer) for a GGUF (+ mmproj,
     llama.cpp) or a Hugging Face folder (PyTorch; LLaVA with its processor)."""
     kind, path = locate(model)
     if kind == "gguf":
@@ -132,13 +132,13 @@ def states_function(model: str, mmproj=None, n_ctx: int = 4096):
             n_layer = e.n_layer
         g = GuardedLlama(path, mmproj_path=mmproj, n_ctx=n_ctx, capture_layer=list(range(n_layer)))
         key = f"{model_key(kind, path)}-{Path(mmproj).name if mmproj else 'text'}"
-        return (lambda m: g.prompt_states(m, with_mask=True)), n_layer, key, g.close
+        return (lambda m: g.prompt_states(m, with_mask=True)), n_layer, key, g.model_hint, g.close
     g = hf_guard(path)
 
     def fn(m):
         states, mask = g.prompt_states(m, list(range(g.n_layer)), with_mask=True)
         return {il: h.float().cpu().numpy() for il, h in states.items()}, mask.numpy()
-    return fn, g.n_layer, model_key(kind, path), g.close
+    return fn, g.n_layer, model_key(kind, path), g.model_hint, g.close
 
 
 def run(model: str, anchors=ANCHORS, out=None, mmproj=None, counterpart: str = "remove", position: str = "last",
@@ -149,7 +149,7 @@ def run(model: str, anchors=ANCHORS, out=None, mmproj=None, counterpart: str = "
 
     anchors = anchors or ANCHORS
     rows = read_anchors(anchors)
-    fn, n_layer, key, close = states_function(model, mmproj)
+    fn, n_layer, key, hint, close = states_function(model, mmproj)
     try:
         folder = Path(cache) if cache else models.cache_dir() / "cmrm"
         diffs = extract(fn, rows, n_layer, key, folder / key, counterpart, position, progress)
@@ -157,7 +157,7 @@ def run(model: str, anchors=ANCHORS, out=None, mmproj=None, counterpart: str = "
         close()
     vectors = combine(diffs, method)
     vectors[0] = 0.0
-    cmrm = CMRM(vectors, alpha=alpha, layers=(1, n_layer - 1), when="image", model_hint=key)
+    cmrm = CMRM(vectors, alpha=alpha, layers=(1, n_layer - 1), when="image", model_hint=hint)
     if out is not None:
         cmrm.save(out)
     return cmrm

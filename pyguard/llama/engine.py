@@ -56,6 +56,7 @@ class Engine:
         self.n_layer = L.llama_model_n_layer(self.model.model)
         self.batch = L.llama_batch_init(n_batch, 0, n_seq)
         self.metadata = self.model.metadata()
+        self.arch = self.metadata.get("general.architecture", "")
 
     # -- tokens ----------------------------------------------------------------------------
     def tokenize(self, text: str, add_bos: bool = False) -> list[int]:

@@ -10,6 +10,7 @@ from typing import Iterator
 import numpy as np
 
 from .. import chat, ops, responses
+from ..methods import describe_model
 from ..text import TextAssembler, common_prefix
 from ..sampling import sample
 from .engine import Engine
@@ -60,8 +61,11 @@ class GuardedLlama:
                              n_batch=n_batch, verbose=verbose, cb_eval=cb[0], cb_eval_user_data=cb[1])
         e = self.engine
         try:
+            self.model_hint = describe_model(e.arch, e.n_layer, e.n_embd, e.n_vocab)
+            for method in (casa, cmrm):
+                if method is not None:
+                    method.check_model(e.n_embd, e.n_layer, e.arch, e.n_vocab)
             if casa is not None:
-                casa.check_model(e.n_embd, e.n_layer)
                 self._refusal = e.tokenize(casa.refusal_text)
             if isinstance(self.capture_layer, int) and not 0 <= self.capture_layer < e.n_layer - 1:
                 raise ValueError(f"layer {self.capture_layer}: capture a layer in [0, {e.n_layer - 1}); llama.cpp "

@@ -22,10 +22,7 @@ class RowSelector:
 def check_vectors(model: torch.nn.Module, cmrm) -> torch.nn.ModuleList:
     """The model's decoder layers; ValueError unless the CMRM vectors are [n_layer, hidden size]."""
     blocks = decoder_layers(model)
-    d = model.config.get_text_config().hidden_size
-    if cmrm.vectors.shape != (len(blocks), d):
-        raise ValueError(f"CMRM vectors are for n_embd={cmrm.n_embd}, n_layer={cmrm.n_layer}; "
-                         f"the model has n_embd={d}, n_layer={len(blocks)}")
+    cmrm.check_model(model.config.get_text_config().hidden_size, len(blocks))
     return blocks
 
 

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import chat, ops, responses
+from ..methods import describe_model
 from ..text import TextAssembler, common_prefix
-from .cmrm import RowSelector, check_vectors, shift_layers
+from .cmrm import RowSelector, shift_layers
 from .layers import capture, decoder_layers
 from .matmul import MAX_ROWS, plain_linears, transposed
 
@@ -57,10 +58,11 @@ class GuardedModel:
                             "returns next-token logits (...ForCausalLM or ...ForConditionalGeneration)")
         cfg = model.config.get_text_config()
         self.n_layer, self.n_embd = len(self.layers), cfg.hidden_size
-        if cmrm is not None:
-            check_vectors(model, cmrm)
-        if casa is not None:
-            casa.check_model(self.n_embd, self.n_layer)
+        model_id = (self.n_embd, self.n_layer, cfg.model_type, cfg.vocab_size)
+        self.model_hint = describe_model(cfg.model_type, self.n_layer, self.n_embd, cfg.vocab_size)
+        for method in (cmrm, casa):
+            if method is not None:
+                method.check_model(*model_id)
         self.model, self.coca, self.cmrm, self.casa = model, coca, cmrm, casa
         self._linears = plain_linears(model)  # few-row CPU forwards run them transposed (pyguard.torch.matmul)
         proc = processor_or_tokenizer
