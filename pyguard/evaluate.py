@@ -1,0 +1,319 @@
+"""Evaluation harness: every method on every item of a data set, then attack success rate,
+refusals on benign items and latency per method, as JSONL, Markdown, CSV and PNG.
+
+Output folder::
+
+    run.json                 the run's settings; resuming with other settings is refused
+    responses.jsonl          one row per (item, method), appended and fsynced as it is made
+    judgments-model.jsonl    the model judge's verdicts (resumable too)
+    summary-<judge>.md/.csv  the table; every number names the judge that produced it
+    asr_vs_refusal-<judge>.png, latency.png
+
+Metrics per method: ASR = harmful items whose response the judge does not call a refusal;
+benign refusal rate = benign items it calls a refusal; TTFT = mean time to the first token
+(prefill, CASA and CoCA's twin prefill included; a CASA refusal answers at prefill); tokens/s =
+decoded tokens over decode time, summed over items that decoded at least two tokens.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import datasets, judges
+from .methods import CASA, CMRM, CoCA
+
+PARTS = ("coca", "cmrm", "casa")
+ALIASES = {"none": (), "all": PARTS}
+
+
+def parse_methods(spec: str) -> list[str]:
+    """``"none,coca,coca+casa,all"`` -> the method names, checked: each is none, all, or parts of
+    coca / cmrm / casa joined with +."""
+    out = []
+    for m in (s.strip() for s in spec.split(",")):
+        parts = m.split("+")
+        if m not in ALIASES and (not m or any(p not in PARTS for p in parts) or len(set(parts)) != len(parts)):
+            raise ValueError(f"unknown method {m!r}: use none, all, or {', '.join(PARTS)} joined with + "
+                             "(e.g. coca+casa), separated by commas")
+        if m not in out:
+            out.append(m)
+    return out
+
+
+def method_parts(method: str) -> tuple[str, ...]:
+    return ALIASES[method] if method in ALIASES else tuple(method.split("+"))
+
+
+@dataclass
+class Defences:
+    """The method objects a run can use; a method that needs a missing one is an error."""
+
+    coca: CoCA | None = None
+    cmrm: CMRM | None = None
+    casa: CASA | None = None
+
+    def for_method(self, method: str) -> dict:
+        kw = {}
+        for p in method_parts(method):
+            obj = getattr(self, p)
+            if obj is None:
+                flag = {"cmrm": "--cmrm vectors.gguf", "casa": "--casa casa.safetensors"}.get(p, "")
+                raise ValueError(f"method {method!r} needs {p.upper()} parameters ({flag})")
+            kw[p] = obj
+        return kw
+
+
+# ----------------------------------------------------------------------------------- models
+class Runtime:
+    """Opens a guarded model per method: GuardedLlama for a .gguf (or default model name), the
+    PyTorch GuardedModel for a Hugging Face folder (weights loaded once)."""
+
+    def __init__(self, model, mmproj=None, n_ctx: int = 4096):
+        from .calibrate import locate
+
+        self.kind, self.path = locate(model)
+        self.mmproj, self.n_ctx = mmproj, n_ctx
+        if mmproj is not None and self.kind != "gguf":
+            raise ValueError("--mmproj goes with a .gguf model; a Hugging Face folder brings its own vision tower")
+        self._hf = None
+
+    def open(self, **methods):
+        if self.kind == "gguf":
+            from .llama import GuardedLlama
+
+            return GuardedLlama(self.path, mmproj_path=self.mmproj, n_ctx=self.n_ctx, **methods)
+        from .calibrate import hf_model
+        from .torch import guard
+
+        if self._hf is None:
+            self._hf = hf_model(self.path)
+        return guard(*self._hf, **methods)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def messages(item: dict) -> list[dict]:
+    """The item as one OpenAI-style user message (image first, then the text)."""
+    if not item.get("image"):
+        return [{"role": "user", "content": item["text"]}]
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": item["image"]}},
+                                         {"type": "text", "text": item["text"]}]}]
+
+
+def _row(item: dict, method: str, r: dict) -> dict:
+    rep = r["pyguard"]
+    t = rep.get("timings") or {}
+    casa = rep.get("casa")
+    coca = rep.get("coca")
+    return {"id": item["id"], "method": method, "label": item.get("label"), "category": item.get("category"),
+            "source": item.get("source"), "request": item["text"], "image": item.get("image"),
+            "response": r["choices"][0]["message"]["content"], "finish_reason": r["choices"][0]["finish_reason"],
+            "completion_tokens": r["usage"]["completion_tokens"], "prompt_tokens": r["usage"]["prompt_tokens"],
+            "ttft_ms": t.get("prefill_ms"), "decode_ms_per_token": t.get("decode_ms_per_token"),
+            "casa": None if casa is None else {"score": casa["score"], "unsafe": casa["unsafe"]},
+            "coca": None if coca is None else {k: coca.get(k) for k in ("dual_steps", "kl_max", "gated")},
+            "cmrm": (rep.get("cmrm") or {}).get("on")}
+
+
+# ------------------------------------------------------------------------------------- run
+def load_items(dataset, folder) -> list[dict]:
+    """A JSONL data set (text, label; image, category optional) or built-in set names
+    (``datasets.BUILTIN``, joined with +), built into ``folder``."""
+    path = Path(dataset)
+    if not path.suffix == ".jsonl":
+        path = datasets.build(str(dataset), folder)
+    rows = datasets.read_jsonl(path, required=("text", "label"), optional=("category", "id"), image_field="image")
+    ids = set()
+    for i, r in enumerate(rows):
+        r.setdefault("id", f"{path.stem}-{i + 1}")
+        if r["id"] in ids:
+            raise datasets.DatasetError(f"{path}: duplicate id {r['id']!r}")
+        ids.add(r["id"])
+    return rows
+
+
+def _settings_check(out: Path, settings: dict) -> None:
+    f = out / "run.json"
+    if f.exists():
+        old = json.loads(f.read_text())
+        diff = [k for k in settings if k in old and old[k] != settings[k]]
+        if diff:
+            raise ValueError(f"{out} holds results of another run ({', '.join(f'{k}: {old[k]!r} != {settings[k]!r}' for k in diff)}); "
+                             "use another --out folder or delete it")
+    f.write_text(json.dumps(settings, indent=1))
+
+
+def done_rows(out: Path) -> list[dict]:
+    f = out / "responses.jsonl"
+    return datasets.read_jsonl(f, required=("id", "method")) if f.exists() else []
+
+
+def run(model, dataset, methods="none,coca,casa,coca+casa", out="results", defences: Defences | None = None,
+        mmproj=None, max_tokens: int = 64, n_ctx: int = 4096, judge: str = "refusal", judge_model=None,
+        limit: int | None = None, progress: bool = True) -> dict:
+    """Run, resume, judge and summarize; returns {"rows": [...], "summary": [...], "files": [...]}."""
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = parse_methods(methods) if isinstance(methods, str) else list(methods)
+    defences = defences or Defences()
+    for m in names:
+        defences.for_method(m)  # fail before any work
+    if judge not in judges.JUDGES:
+        raise ValueError(f"judge must be one of {judges.JUDGES}, got {judge!r}")
+    items = load_items(dataset, out)
+    if limit is not None:
+        items = items[:limit]
+    if any(it.get("image") for it in items) and mmproj is None and Path(str(model)).suffix == ".gguf":
+        raise ValueError(f"{dataset}: items have images but the model has no --mmproj")
+    _settings_check(out, {"model": str(model), "mmproj": str(mmproj) if mmproj else None, "max_tokens": max_tokens,
+                          "dataset": str(dataset)})
+    rt = Runtime(model, mmproj, n_ctx)
+    done = {(r["id"], r["method"]) for r in done_rows(out)}
+    todo = {m: [it for it in items if (it["id"], m) not in done] for m in names}
+    bar = tqdm(total=sum(map(len, todo.values())), desc="eval", unit="item", disable=not progress)
+    for m in names:
+        if not todo[m]:
+            continue
+        g = rt.open(**defences.for_method(m))
+        try:
+            for it in todo[m]:
+                bar.set_postfix_str(m)
+                r = g.create_chat_completion(messages(it), max_tokens=max_tokens, temperature=0.0)
+                datasets.append_jsonl(out / "responses.jsonl", _row(it, m, r))
+                bar.update()
+        finally:
+            g.close()
+    bar.close()
+    wanted = {(it["id"], m) for it in items for m in names}
+    rows = [r for r in done_rows(out) if (r["id"], r["method"]) in wanted]
+    verdicts = judge_rows(rows, judge, out, judge_model, progress)
+    table = summarize(rows, verdicts, names, judge)
+    files = write_summary(table, out, judge)
+    return {"rows": rows, "summary": table, "files": files}
+
+
+# ------------------------------------------------------------------------------------ judge
+def judge_rows(rows: list[dict], judge: str, out: Path, judge_model=None, progress: bool = True) -> list[bool | None]:
+    """A verdict per row (True: refused). The model judge's verdicts are cached in
+    ``judgments-model.jsonl`` by (id, method, response)."""
+    if judge == "refusal":
+        return [judges.is_refusal(r["response"]) for r in rows]
+    from tqdm.auto import tqdm
+
+    if judge_model is None:
+        raise ValueError("--judge model needs --judge-model M.gguf")
+    f = out / "judgments-model.jsonl"
+    cache = {(j["id"], j["method"], j["response"]): j["refused"]
+             for j in (datasets.read_jsonl(f, required=("id", "method")) if f.exists() else [])}
+    todo = [r for r in rows if (r["id"], r["method"], r["response"]) not in cache]
+    if todo:
+        jm = judges.ModelJudge(judge_model)
+        try:
+            for r in tqdm(todo, desc="judge", unit="item", disable=not progress):
+                v = jm(r["request"], r["response"])
+                cache[(r["id"], r["method"], r["response"])] = v
+                datasets.append_jsonl(f, {"id": r["id"], "method": r["method"], "response": r["response"],
+                                          "refused": v, "judge_model": str(judge_model)})
+        finally:
+            jm.close()
+    return [cache[(r["id"], r["method"], r["response"])] for r in rows]
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else math.nan
+
+
+def summarize(rows: list[dict], verdicts: list, methods: list[str], judge: str) -> list[dict]:
+    """One dict per method: n, ASR, benign refusal rate, unclear verdicts, TTFT, tokens/s, CASA flags."""
+    table = []
+    for m in methods:
+        sel = [(r, v) for r, v in zip(rows, verdicts) if r["method"] == m]
+        harm = [v for r, v in sel if r["label"] == "harmful"]
+        ben = [v for r, v in sel if r["label"] == "benign"]
+        dec = [r for r, _ in sel if r["decode_ms_per_token"] and r["completion_tokens"] > 1]
+        ms = sum(r["decode_ms_per_token"] * r["completion_tokens"] for r in dec)
+        table.append({
+            "method": m, "judge": judge, "n_harmful": len(harm), "n_benign": len(ben),
+            "asr": _mean([None if v is None else float(not v) for v in harm]),
+            "benign_refusal": _mean([None if v is None else float(v) for v in ben]),
+            "unclear": sum(v is None for _, v in sel),
+            "ttft_ms": _mean([r["ttft_ms"] for r, _ in sel]),
+            "tokens_per_s": sum(r["completion_tokens"] for r in dec) / ms * 1e3 if ms else math.nan,
+            "casa_flagged": _mean([float(r["casa"]["unsafe"]) for r, _ in sel if r["casa"]]),
+        })
+    return table
+
+
+COLUMNS = [("method", "method", "{}"), ("judge", "judge", "{}"), ("n_harmful", "harmful", "{}"),
+           ("asr", "ASR", "{:.1%}"), ("n_benign", "benign", "{}"), ("benign_refusal", "benign refused", "{:.1%}"),
+           ("unclear", "unclear", "{}"), ("casa_flagged", "CASA flagged", "{:.1%}"),
+           ("ttft_ms", "TTFT ms", "{:.0f}"), ("tokens_per_s", "tokens/s", "{:.1f}")]
+
+
+def _fmt(fmt: str, v) -> str:
+    return "-" if isinstance(v, float) and math.isnan(v) else fmt.format(v)
+
+
+def markdown(table: list[dict]) -> str:
+    head = "| " + " | ".join(t for _, t, _ in COLUMNS) + " |"
+    rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
+    body = ["| " + " | ".join(_fmt(f, row[k]) for k, _, f in COLUMNS) + " |" for row in table]
+    return "\n".join([head, rule, *body]) + "\n"
+
+
+def write_summary(table: list[dict], out: Path, judge: str) -> list[Path]:
+    md = out / f"summary-{judge}.md"
+    md.write_text(markdown(table), encoding="utf-8")
+    path_csv = out / f"summary-{judge}.csv"
+    with open(path_csv, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(table[0]) if table else ["method"])
+        w.writeheader()
+        w.writerows(table)
+    return [md, path_csv, *plots(table, out, judge)]
+
+
+def plots(table: list[dict], out: Path, judge: str) -> list[Path]:
+    """ASR against benign refusals per method, and TTFT / tokens/s per method."""
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    for row in table:
+        x, y = row["benign_refusal"] * 100, row["asr"] * 100
+        if not (math.isnan(x) or math.isnan(y)):
+            ax.scatter(x, y, s=50)
+            ax.annotate(row["method"], (x, y), textcoords="offset points", xytext=(5, 5))
+    ax.set_xlabel("refusals on benign items (%)")
+    ax.set_ylabel("attack success rate (%)")
+    ax.set_xlim(-5, 105)
+    ax.set_ylim(-5, 105)
+    ax.grid(alpha=0.3)
+    ax.set_title(f"safety vs over-refusal (judge: {judge})")
+    fig.tight_layout()
+    p1 = out / f"asr_vs_refusal-{judge}.png"
+    fig.savefig(p1, dpi=110)
+    plt.close(fig)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.8))
+    names = [r["method"] for r in table]
+    a1.bar(names, [r["ttft_ms"] for r in table], color="tab:orange")
+    a1.set_ylabel("mean time to first token (ms)")
+    a2.bar(names, [r["tokens_per_s"] for r in table], color="tab:blue")
+    a2.set_ylabel("decode tokens/s")
+    for a in (a1, a2):
+        a.tick_params(axis="x", rotation=30)
+        a.grid(axis="y", alpha=0.3)
+    fig.suptitle("latency per method")
+    fig.tight_layout()
+    p2 = out / "latency.png"
+    fig.savefig(p2, dpi=110)
+    plt.close(fig)
+    return [p1, p2]
