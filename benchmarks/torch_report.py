@@ -26,8 +26,7 @@ from transformers import DynamicCache
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
-import llama_report  # noqa: E402  (PROMPT, BENIGN, configs)
-from report_plot import plot  # noqa: E402
+from pyguard import bench as llama_report  # noqa: E402  (PROMPT, BENIGN, configs, plot)
 
 from pyguard import ops  # noqa: E402
 from pyguard.methods import CoCA  # noqa: E402
@@ -190,7 +189,7 @@ def main(argv=None):
     labels = {"qwen": "Qwen2.5-Coder-0.5B-Instruct (3 text prompts)", "tiny-llava": "tiny random LLaVA (image prompt)"}
     for n, (res, bare) in out.items():
         print(f"\n{labels[n]}\n\n{table(res, bare)}")
-    plot({labels[n]: res for n, (res, _) in out.items()}, a.png,
+    llama_report.plot({labels[n]: res for n, (res, _) in out.items()}, a.png,
          f"pyguard on PyTorch (CPU, float32): {torch.get_num_threads()} threads")
     print(f"\nplot: {a.png}")
     return out

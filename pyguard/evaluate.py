@@ -53,7 +53,7 @@ class Defences:
     """The method objects a run can use; a method that needs a missing one is an error."""
 
     coca: CoCA | None = None
-    cmrm: CMRM | None = None
+    cmrm: CMRM | str | None = None  # "sample": sample-level CMRM sized for the model
     casa: CASA | None = None
 
     def for_method(self, method: str) -> dict:
@@ -81,7 +81,22 @@ class Runtime:
             raise ValueError("--mmproj goes with a .gguf model; a Hugging Face folder brings its own vision tower")
         self._hf = None
 
+    def shape(self) -> tuple[int, int]:
+        """(n_layer, n_embd) of the model."""
+        if self.kind == "gguf":
+            from .llama.engine import Engine
+
+            with Engine(self.path, n_ctx=64, n_seq=1) as e:
+                return e.n_layer, e.n_embd
+        import transformers
+
+        cfg = transformers.AutoConfig.from_pretrained(self.path).get_text_config()
+        return cfg.num_hidden_layers, cfg.hidden_size
+
     def open(self, **methods):
+        """A guarded model with ``methods`` (coca=, cmrm=, casa=); cmrm="sample" is sized here."""
+        if isinstance(methods.get("cmrm"), str):
+            methods["cmrm"] = CMRM.sample(*self.shape())
         if self.kind == "gguf":
             from .llama import GuardedLlama
 
@@ -112,7 +127,7 @@ def _row(item: dict, method: str, r: dict) -> dict:
     casa = rep.get("casa")
     coca = rep.get("coca")
     return {"id": item["id"], "method": method, "label": item.get("label"), "category": item.get("category"),
-            "source": item.get("source"), "request": item["text"], "image": item.get("image"),
+            "source": item.get("source"), "image": item.get("image"),
             "response": r["choices"][0]["message"]["content"], "finish_reason": r["choices"][0]["finish_reason"],
             "completion_tokens": r["usage"]["completion_tokens"], "prompt_tokens": r["usage"]["prompt_tokens"],
             "ttft_ms": t.get("prefill_ms"), "decode_ms_per_token": t.get("decode_ms_per_token"),
@@ -194,16 +209,18 @@ def run(model, dataset, methods="none,coca,casa,coca+casa", out="results", defen
     bar.close()
     wanted = {(it["id"], m) for it in items for m in names}
     rows = [r for r in done_rows(out) if (r["id"], r["method"]) in wanted]
-    verdicts = judge_rows(rows, judge, out, judge_model, progress)
+    requests = {it["id"]: it["text"] for it in items}
+    verdicts = judge_rows(rows, requests, judge, out, judge_model, progress)
     table = summarize(rows, verdicts, names, judge)
     files = write_summary(table, out, judge)
     return {"rows": rows, "summary": table, "files": files}
 
 
 # ------------------------------------------------------------------------------------ judge
-def judge_rows(rows: list[dict], judge: str, out: Path, judge_model=None, progress: bool = True) -> list[bool | None]:
-    """A verdict per row (True: refused). The model judge's verdicts are cached in
-    ``judgments-model.jsonl`` by (id, method, response)."""
+def judge_rows(rows: list[dict], requests: dict, judge: str, out: Path, judge_model=None,
+               progress: bool = True) -> list[bool | None]:
+    """A verdict per row (True: refused); ``requests``: item id -> request text. The model judge's
+    verdicts are cached in ``judgments-model.jsonl`` by (id, method, response)."""
     if judge == "refusal":
         return [judges.is_refusal(r["response"]) for r in rows]
     from tqdm.auto import tqdm
@@ -218,7 +235,7 @@ def judge_rows(rows: list[dict], judge: str, out: Path, judge_model=None, progre
         jm = judges.ModelJudge(judge_model)
         try:
             for r in tqdm(todo, desc="judge", unit="item", disable=not progress):
-                v = jm(r["request"], r["response"])
+                v = jm(requests[r["id"]], r["response"])
                 cache[(r["id"], r["method"], r["response"])] = v
                 datasets.append_jsonl(f, {"id": r["id"], "method": r["method"], "response": r["response"],
                                           "refused": v, "judge_model": str(judge_model)})

@@ -80,9 +80,13 @@ class ModelJudge:
     name = "model"
 
     def __init__(self, model_path, n_ctx: int = 4096, max_chars: int = 3000):
+        from .calibrate import locate
         from .llama import GuardedLlama
 
-        self.llm = GuardedLlama(model_path, n_ctx=n_ctx)
+        kind, path = locate(model_path)
+        if kind != "gguf":
+            raise ValueError(f"the judge model must be a GGUF file or a default model name, got {model_path}")
+        self.llm = GuardedLlama(path, n_ctx=n_ctx)
         self.max_chars = max_chars
 
     def __call__(self, request: str, response: str) -> bool | None:
