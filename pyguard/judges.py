@@ -73,13 +73,23 @@ def model_verdict(answer: str) -> bool | None:
     return None if m is None else m.group(1) == "REFUSED"
 
 
+def clip(text: str, max_chars: int) -> str:
+    """``text`` cut to about ``max_chars``: its head and tail around " [...] " (a request wrapped in
+    a long jailbreak template may sit at either end)."""
+    if len(text) <= max_chars:
+        return text
+    half = max_chars // 2
+    return f"{text[:half]} [...] {text[-half:]}"
+
+
 class ModelJudge:
     """The LLM judge over a GGUF model file (llama.cpp): ``judge(request, response) -> bool | None``.
-    Requests and responses are cut to ``max_chars`` each so the prompt fits ``n_ctx``."""
+    Requests and responses are clipped to ``max_chars`` each (``clip``), which keeps the prompt
+    short enough for ``n_ctx`` and a small judge's attention."""
 
     name = "model"
 
-    def __init__(self, model_path, n_ctx: int = 4096, max_chars: int = 3000):
+    def __init__(self, model_path, n_ctx: int = 4096, max_chars: int = 1500):
         from .calibrate import locate
         from .llama import GuardedLlama
 
@@ -90,7 +100,7 @@ class ModelJudge:
         self.max_chars = max_chars
 
     def __call__(self, request: str, response: str) -> bool | None:
-        prompt = MODEL_JUDGE_PROMPT.format(request=request[: self.max_chars], response=response[: self.max_chars])
+        prompt = MODEL_JUDGE_PROMPT.format(request=clip(request, self.max_chars), response=clip(response, self.max_chars))
         r = self.llm.create_chat_completion([{"role": "user", "content": prompt}], max_tokens=6, temperature=0.0)
         return model_verdict(r["choices"][0]["message"]["content"])
 

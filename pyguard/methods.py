@@ -22,7 +22,7 @@ import numpy as np
 from . import ops
 from .reference import is_torch
 
-__all__ = ["CoCA", "CMRM", "CASA", "DEFAULT_PRINCIPLE", "DEFAULT_REFUSAL"]
+__all__ = ["CoCA", "CMRM", "CASA", "Cascade", "DEFAULT_PRINCIPLE", "DEFAULT_REFUSAL"]
 
 DEFAULT_PRINCIPLE = (
     "The assistant should answer in a harmless, ethical and inoffensive manner. "
@@ -452,6 +452,7 @@ class CASA(_ValueEq):
     on_unsafe: str = "refuse"
     refusal_text: str = DEFAULT_REFUSAL
     model_hint: str = ""
+    cascade: Optional[Tuple[float, float]] = None  # (low, high) fitted by `pyguard fit cascade`
     source: str = field(default="", compare=False, repr=False)  # the file it was loaded from
 
     def __post_init__(self):
@@ -476,6 +477,8 @@ class CASA(_ValueEq):
         _choice("on_unsafe", self.on_unsafe, ("refuse", "prefix"))
         _text("refusal_text", self.refusal_text, empty_ok=False)
         _text("model_hint", self.model_hint)
+        if self.cascade is not None:
+            object.__setattr__(self, "cascade", _thresholds(self.cascade))
 
     @property
     def n_embd(self) -> int:
@@ -539,6 +542,8 @@ class CASA(_ValueEq):
         tensors["b"] = np.array([self.params["b"]], dtype=np.float32)
         meta = {k: str(getattr(self, k)) for k in _CASA_META}
         meta["n_embd"] = str(self.n_embd)
+        if self.cascade is not None:
+            meta["cascade"] = json.dumps(list(self.cascade))
         (_write_safetensors if ext == ".safetensors" else _write_npz)(path, tensors, meta)
 
     @classmethod
@@ -553,7 +558,83 @@ class CASA(_ValueEq):
             raise ValueError(f"metadata lacks {missing}")
         if int(meta["n_embd"]) != params["Wk"].shape[0]:
             raise ValueError(f"metadata n_embd={meta['n_embd']} but Wk has shape {params['Wk'].shape}")
-        return cls(params, **{k: conv(meta[k]) for k, conv in _CASA_META.items()})
+        cascade = tuple(json.loads(meta["cascade"])) if "cascade" in meta else None
+        return cls(params, **{k: conv(meta[k]) for k, conv in _CASA_META.items()}, cascade=cascade)
+
+
+def _thresholds(lh) -> Tuple[float, float]:
+    """(low, high) checked: two finite numbers with 0 <= low <= high <= 1."""
+    ok = isinstance(lh, (tuple, list)) and len(lh) == 2 and all(
+        isinstance(x, numbers.Real) and not isinstance(x, bool) for x in lh)
+    if not ok or not all(math.isfinite(x) for x in lh) or not 0 <= lh[0] <= lh[1] <= 1:
+        raise ValueError(f"cascade thresholds must be (low, high) with 0 <= low <= high <= 1, got {lh!r}")
+    return float(lh[0]), float(lh[1])
+
+
+# ----------------------------------------------------------------------------- Cascade
+ROUTES = ("none", "coca", "refuse")
+
+
+@dataclass(frozen=True, eq=False)
+class Cascade(_ValueEq):
+    """CASA routes each request by its prompt score s (one prefill, shared with what follows):
+    s < low: the unguarded model, one sequence; low <= s < high: CoCA, its safe sequence forked
+    from the prompt already computed; s >= high (or NaN: fail closed): refuse with the CASA
+    module's ``refusal_text``. CASA's own threshold is not used. CMRM, when configured beside it,
+    stays on for image requests in every branch.
+
+    casa: the CASA module; coca: CoCA's settings; low, high: 0 <= low <= high <= 1 (default: the
+    thresholds stored in the CASA file by ``pyguard fit cascade``).
+    """
+
+    casa: CASA
+    coca: CoCA = field(default_factory=CoCA)
+    low: Optional[float] = None
+    high: Optional[float] = None
+
+    def __post_init__(self):
+        if not isinstance(self.casa, CASA):
+            raise TypeError(f"casa must be a CASA, got {type(self.casa).__name__}")
+        if not isinstance(self.coca, CoCA):
+            raise TypeError(f"coca must be a CoCA, got {type(self.coca).__name__}")
+        low, high = self.low, self.high
+        if low is None or high is None:
+            if self.casa.cascade is None:
+                raise ValueError(f"no cascade thresholds: give low= and high=, or a CASA file{_from(self.casa)} "
+                                 "fitted by `pyguard fit cascade`")
+            low = self.casa.cascade[0] if low is None else low
+            high = self.casa.cascade[1] if high is None else high
+        low, high = _thresholds((low, high))
+        object.__setattr__(self, "low", low)
+        object.__setattr__(self, "high", high)
+
+    def route(self, score: float) -> str:
+        """"none", "coca" or "refuse" for a prompt score."""
+        if not score < self.high:  # NaN included
+            return "refuse"
+        return "coca" if score >= self.low else "none"
+
+    def why(self, score: float) -> str:
+        """The route's reason, for the report."""
+        r = self.route(score)
+        if r == "refuse":
+            return f"score {score:.3f} >= high {self.high:.3f}" if score == score else "score is NaN (fail closed)"
+        if r == "coca":
+            return f"low {self.low:.3f} <= score {score:.3f} < high {self.high:.3f}"
+        return f"score {score:.3f} < low {self.low:.3f}"
+
+    def report(self, score: float) -> dict:
+        """The ``cascade`` entry of a ``pyguard`` report: the branch taken and why."""
+        return {"branch": self.route(score), "low": self.low, "high": self.high, "why": self.why(score)}
+
+    @classmethod
+    def load(cls, path, coca: CoCA | None = None, **kw) -> "Cascade":
+        """The CASA file (with thresholds from ``pyguard fit cascade``, unless low= / high= are given)."""
+        return cls(CASA.load(path), coca or CoCA(), **kw)
+
+    def save(self, path):
+        """The CASA file with (low, high) stored in its metadata."""
+        dataclasses.replace(self.casa, cascade=(self.low, self.high)).save(path)
 
 
 def _write_npz(path, tensors: dict, meta: dict):
@@ -566,3 +647,14 @@ def _read_npz(path: str):
         tensors = {k: z[k] for k in z.files if k != "__metadata__"}
         meta = json.loads(str(z["__metadata__"])) if "__metadata__" in z.files else {}
     return tensors, meta
+
+
+def casa_report(casa: CASA, cascade: Optional[Cascade], score: float, ms: float) -> dict:
+    """The ``casa`` entry of a ``pyguard`` report. Under a cascade, unsafe means its refuse branch."""
+    if cascade is None:
+        unsafe, threshold = bool(casa.decide(np.float32(score))), casa.threshold
+        action = casa.on_unsafe if unsafe else None
+    else:
+        unsafe, threshold = cascade.route(score) == "refuse", cascade.high
+        action = "refuse" if unsafe else None
+    return {"score": score, "unsafe": unsafe, "threshold": threshold, "layer": casa.layer, "action": action, "ms": ms}

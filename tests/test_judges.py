@@ -41,3 +41,10 @@ def test_model_verdict(answer, verdict):
 def test_judge_prompt_holds_request_and_response():
     p = judges.MODEL_JUDGE_PROMPT.format(request="REQ", response="RESP")
     assert "REQ" in p and "RESP" in p and p.rstrip().endswith("REFUSED or COMPLIED.")
+
+
+def test_clip_keeps_head_and_tail():
+    assert judges.clip("short", 10) == "short"
+    t = "A" * 50 + "GOAL"
+    c = judges.clip(t, 20)
+    assert c.startswith("A" * 10) and c.endswith("AAAAAAGOAL") and " [...] " in c

@@ -10,7 +10,7 @@ from typing import Iterator
 import numpy as np
 
 from .. import chat, ops, responses
-from ..methods import describe_model
+from ..methods import casa_report, describe_model
 from ..text import TextAssembler, common_prefix
 from ..sampling import sample
 from .engine import Engine
@@ -22,7 +22,8 @@ class GuardedLlama:
     """A llama.cpp model behind OpenAI-style ``create_chat_completion`` with safety methods.
 
     coca: CoCA config or None; cmrm: CMRM config or None (control vectors, image requests);
-    casa: CASA config or None. ``n_ctx`` is the context of each sequence (CoCA runs two).
+    casa: CASA config or None; cascade: a Cascade (CASA routes each request to no guard, CoCA or
+    refusal; instead of coca= and casa=). ``n_ctx`` is the context of each sequence (CoCA runs two).
     capture_layer: the decoder layer whose prompt hidden states :meth:`prompt_states` returns
     (CASA's layer when CASA is on), or a list of layers (calibration). Use as a context manager or
     call ``close()``.
@@ -30,9 +31,13 @@ class GuardedLlama:
 
     def __init__(self, model_path, mmproj_path=None, n_ctx: int = 2048, n_threads: int | None = None,
                  coca=None, cmrm=None, casa=None, n_batch: int = 512, verbose: bool = False,
-                 capture_layer: int | None = None):
+                 capture_layer: int | None = None, cascade=None):
         self.model_path = Path(model_path)
-        self.coca, self.cmrm, self.casa = coca, cmrm, casa
+        if cascade is not None:
+            if coca is not None or casa is not None:
+                raise ValueError("cascade= brings its own CASA and CoCA: pass them inside the Cascade, not as casa= / coca=")
+            coca, casa = cascade.coca, cascade.casa
+        self.coca, self.cmrm, self.casa, self.cascade = coca, cmrm, casa, cascade
         self._lock = threading.Lock()
         self.vision = self.engine = self._capture = None
         if casa is not None and capture_layer not in (None, casa.layer):
@@ -221,11 +226,11 @@ class GuardedLlama:
         e.set_cvec(*cvec) if cmrm_on else e.set_cvec(None)
         base, safe = req["base"], req["safe"]
         T, top_p, rng = req["temperature"], req["top_p"], req["rng"]
-        dual = safe is not None
         pos0, pos1, shared, rows = self._prefill(base, safe, report)
+        dual = len(rows) == 2  # not for a cascade's unguarded branch
         forced = []
         if report["casa"] is not None and report["casa"]["unsafe"]:
-            if self.casa.on_unsafe == "refuse":
+            if report["casa"]["action"] == "refuse":
                 report["timings"] = {"prefill_ms": (time.perf_counter() - t0) * 1e3, "decode_ms_per_token": None}
                 yield None, report  # the refusal text replaces the answer
                 return
@@ -313,8 +318,11 @@ class GuardedLlama:
                         self._casa_check(report)
                 if ts is None:
                     return pos + len(tb), 0, pos + P, (e.logits(-1),)
-                if report["casa"]["unsafe"] and self.casa.on_unsafe == "refuse":
+                if report["casa"]["action"] == "refuse":
                     return pos + len(tb), 0, pos + P, ()
+                if (report.get("cascade") or {}).get("branch") == "none":  # no safe sequence for it
+                    e.drop_seq(1)
+                    return pos + len(tb), 0, pos + P, (e.logits(-1),)
                 first_base = self._base_row
                 first_base[...] = e.logits(-1)
                 e.decode([(t, pos + P + i, 1, i == len(ts) - P - 1) for i, t in enumerate(ts[P:])])
@@ -391,9 +399,9 @@ class GuardedLlama:
         t0 = time.perf_counter()
         H = report.pop("states")
         score = float(self.casa.score([H])[0])
-        unsafe = bool(self.casa.decide(np.float32(score)))
-        report["casa"] = {"score": score, "unsafe": unsafe, "threshold": self.casa.threshold, "layer": self.casa.layer,
-                          "action": self.casa.on_unsafe if unsafe else None, "ms": (time.perf_counter() - t0) * 1e3}
+        report["casa"] = casa_report(self.casa, self.cascade, score, (time.perf_counter() - t0) * 1e3)
+        if self.cascade is not None:
+            report["cascade"] = self.cascade.report(score)
 
 
 def n_pos(segments) -> int:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import chat, ops, responses
-from ..methods import describe_model
+from ..methods import casa_report, describe_model
 from ..text import TextAssembler, common_prefix
 from .cmrm import RowSelector, shift_layers
 from .layers import capture, decoder_layers
@@ -26,9 +26,9 @@ _GENERATE_OPTIONS = {"max_new_tokens", "do_sample", "temperature", "top_p", "str
                      "pad_token_id", "generator"}
 
 
-def guard(model, processor_or_tokenizer, coca=None, cmrm=None, casa=None) -> "GuardedModel":
+def guard(model, processor_or_tokenizer, coca=None, cmrm=None, casa=None, cascade=None) -> "GuardedModel":
     """A :class:`GuardedModel` (also a context manager) around a Hugging Face model."""
-    return GuardedModel(model, processor_or_tokenizer, coca=coca, cmrm=cmrm, casa=casa)
+    return GuardedModel(model, processor_or_tokenizer, coca=coca, cmrm=cmrm, casa=casa, cascade=cascade)
 
 
 @dataclass
@@ -51,7 +51,12 @@ class GuardedModel:
     :meth:`create_chat_completion`. ``last_report`` holds the ``pyguard`` report of each request
     of the last call. Use as a context manager or call :meth:`close`."""
 
-    def __init__(self, model, processor_or_tokenizer, coca=None, cmrm=None, casa=None):
+    def __init__(self, model, processor_or_tokenizer, coca=None, cmrm=None, casa=None, cascade=None):
+        if cascade is not None:
+            if coca is not None or casa is not None:
+                raise ValueError("cascade= brings its own CASA and CoCA: pass them inside the Cascade, not as casa= / coca=")
+            coca, casa = cascade.coca, cascade.casa
+        self.cascade = cascade
         self.layers = decoder_layers(model)  # TypeError naming the class when the guard cannot hook it
         if model.get_output_embeddings() is None:
             raise TypeError(f"{type(model).__name__} has no language-model head: pyguard needs a model that "
@@ -314,10 +319,9 @@ class GuardedModel:
         per_request = self._sample_vectors(reqs, pixel_values) if shift and self.cmrm.mode == "sample" else None
         with shift_layers(self.model, self.cmrm) if shift else contextlib.nullcontext() as select:
             state = _Batch(self, reqs, select, dev, per_request)
+            decide = lambda states: self._casa_check(reqs, states, eos)  # noqa: E731
             with capture(self.model, [self.casa.layer]) if self.casa else contextlib.nullcontext() as store:
-                logits, casa_states = state.prefill(pixel_values, extra, store)
-            if store is not None:
-                self._casa_check(reqs, casa_states, eos)
+                logits = state.prefill(pixel_values, extra, store, decide if store is not None else None)
             t_first = time.perf_counter()
             for r in reqs:
                 r.report["timings"] = {"prefill_ms": (t_first - t0) * 1e3, "decode_ms_per_token": None}
@@ -366,15 +370,16 @@ class GuardedModel:
         """Score each prompt's layer-L hidden states; record decisions; refused requests end here."""
         t0 = time.perf_counter()
         scores = self.casa.score([h.float() for h in states])
-        unsafe = self.casa.decide(scores)
         ms = (time.perf_counter() - t0) * 1e3
         refusal = self.tokenizer(self.casa.refusal_text, add_special_tokens=False).input_ids
-        for r, s, u in zip(reqs, scores.tolist(), unsafe.tolist()):
-            r.report["casa"] = {"score": s, "unsafe": bool(u), "threshold": self.casa.threshold,
-                                "layer": self.casa.layer, "action": self.casa.on_unsafe if u else None, "ms": ms}
-            if u:
+        for r, s in zip(reqs, scores.tolist()):
+            r.report["casa"] = rep = casa_report(self.casa, self.cascade, s, ms)
+            if self.cascade is not None:
+                r.report["cascade"] = self.cascade.report(s)
+                r.dual = r.report["cascade"]["branch"] == "coca"
+            if rep["unsafe"]:
                 r.forced = list(refusal)
-                if self.casa.on_unsafe == "refuse":  # the refusal is the answer: no more forwards for it
+                if rep["action"] == "refuse":  # the refusal is the answer: no more forwards for it
                     r.forced += eos[:1]
                     r.refused, r.dual = True, False
 
@@ -417,9 +422,11 @@ class _Batch:
         pos = (full.cumsum(1) - 1).clamp(min=0)[:, full.shape[1] - new_mask.shape[1]:]
         return full, pos
 
-    def prefill(self, pixel_values, extra: dict, store):
-        """Shared prefixes (batch B), then with CoCA the expansion to 2B rows and the two tails.
-        Returns (last-position logits [rows, V], each request's base-prompt layer-L states)."""
+    def prefill(self, pixel_values, extra: dict, store, decide=None):
+        """Shared prefixes (batch B), then with CoCA the expansion to 2B rows and the two tails
+        (under a cascade: the base tails, CASA's routes, then safe rows forked from the prefix for
+        the CoCA branch only). ``decide(states)`` gets each request's base-prompt layer-L states
+        [T_i, d] once they are all computed. Returns the last-position logits [rows, V]."""
         g, reqs = self.g, self.reqs
         cut = [common_prefix(r.base, r.safe) if r.safe is not None else len(r.base) for r in reqs]
         tails = [(r.base[k:], r.safe[k:]) for r, k in zip(reqs, cut) if r.safe is not None]
@@ -434,6 +441,8 @@ class _Batch:
         logits = self._forward(ids, full, pos, **kw)
         self.mask, self.pos = full, pos[:, -1]
         states = [store[g.casa.layer][i][mask[i].bool()] for i in range(len(reqs))] if store is not None else None
+        if tails and g.cascade is not None:
+            return self._cascade_tails(cut, states, store, decide)
         if tails:
             for r in reqs:
                 r.dual = True
@@ -448,9 +457,38 @@ class _Batch:
                 tail_h = store[g.casa.layer]
                 states = [torch.cat([s, tail_h[2 * i][tmask[2 * i].bool()]]) for i, s in enumerate(states)]
             for r, k in zip(reqs, cut):
-                r.report["coca"] = {"alpha": g.coca.alpha, "shared_prefix_tokens": k, "dual_steps": 0,
-                                    "gated": False, "kl_max": 0.0}
-        return logits, states
+                r.report["coca"] = _coca_report(g.coca, k)
+        if decide is not None:
+            decide(states)
+        return logits
+
+    def _cascade_tails(self, cut: list, states: list, store, decide):
+        """The cascade after the shared prefixes: base tails on the B rows, CASA's routes, then a
+        safe row for each CoCA-branch request: its base row's cache (the prefix; the base tail
+        masked out) with the safe tail on top. Nothing is computed twice."""
+        g, reqs, B = self.g, self.reqs, len(self.reqs)
+        ids, tmask = self._left_pad([r.base[k:] for r, k in zip(reqs, cut)])
+        self.mask, pos = self._positions(tmask)
+        base_logits = self._forward(ids, self.mask, pos)
+        self.pos = pos[:, -1]
+        tail_h = store[g.casa.layer]
+        decide([torch.cat([s, tail_h[i][tmask[i].bool()]]) for i, s in enumerate(states)])
+        fork = [i for i, r in enumerate(reqs) if r.dual]
+        if not fork:
+            return base_logits
+        self.cache.batch_select_indices(torch.tensor(list(range(B)) + fork, dtype=torch.long, device=self.dev))
+        safe_mask = self.mask[fork].clone()
+        safe_mask[:, -tmask.shape[1]:] = 0  # the safe rows do not see the base tails
+        self.mask = torch.cat([self.mask, safe_mask])
+        self.rows = [(i, 0) for i in range(B)] + [(i, 1) for i in fork]
+        ids, smask = self._left_pad([[] for _ in range(B)] + [reqs[i].safe[cut[i]:] for i in fork])
+        self.mask, pos = self._positions(smask)  # base rows: an all-padding tail, masked out
+        logits = self._forward(ids, self.mask, pos)
+        logits[:B] = base_logits
+        self.pos = torch.cat([self.pos, pos[B:, -1]])
+        for i in fork:
+            reqs[i].report["coca"] = _coca_report(g.coca, cut[i])
+        return logits
 
     def choose(self, logits, step: int, alpha, do_sample, temperature, top_p, generator) -> list:
         """The next token of every request (None for finished ones) from the rows' logits [R, V]."""
@@ -504,6 +542,10 @@ class _Batch:
         self.mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=self.mask.dtype, device=self.dev)], 1)
         self.pos = self.pos + 1
         return self._forward(ids, self.mask, self.pos[:, None])
+
+
+def _coca_report(coca, shared: int) -> dict:
+    return {"alpha": coca.alpha, "shared_prefix_tokens": shared, "dual_steps": 0, "gated": False, "kl_max": 0.0}
 
 
 def _sample(logits: torch.Tensor, top_p: float, generator) -> torch.Tensor:

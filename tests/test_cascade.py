@@ -1,0 +1,165 @@
+"""The cascade guard: CASA routes each request to no guard, CoCA (safe sequence forked from the
+computed prefix) or refusal, in both runtimes."""
+import math
+
+import numpy as np
+import pytest
+
+from pyguard import models
+from pyguard.methods import CASA, DEFAULT_REFUSAL, Cascade, CoCA
+
+
+def casa_const(score: float, d: int, layer: int) -> CASA:
+    """A CASA module that scores every prompt ``score`` (w = 0, b = logit(score))."""
+    return CASA({"Wk": np.zeros((d, 4), np.float32), "q": np.zeros((1, 4), np.float32),
+                 "w": np.zeros(d, np.float32), "b": math.log(score / (1 - score))}, layer=layer)
+
+
+def casa_random(d: int, layer: int, seed: int = 0) -> CASA:
+    rng = np.random.default_rng(seed)
+    return CASA({"Wk": rng.standard_normal((d, 8)).astype(np.float32) / np.sqrt(d),
+                 "q": rng.standard_normal((2, 8)).astype(np.float32),
+                 "w": rng.standard_normal(d).astype(np.float32) * 4 / np.sqrt(d), "b": 0.0}, layer=layer)
+
+
+# ----------------------------------------------------------------------------- the config
+@pytest.mark.parametrize("low, high", [(0.6, 0.4), (-0.1, 0.5), (0.2, 1.01), (float("nan"), 0.5), (0.1, math.inf),
+                                       ("0.1", 0.5), (True, 0.5)])
+def test_thresholds_out_of_order_or_range_are_refused(low, high):
+    with pytest.raises(ValueError, match=r"cascade thresholds must be \(low, high\) with 0 <= low <= high <= 1"):
+        Cascade(casa_const(0.5, 8, 1), low=low, high=high)
+
+
+def test_routes_and_reasons():
+    k = Cascade(casa_const(0.5, 8, 1), low=0.25, high=0.75)
+    assert [k.route(s) for s in (0.0, 0.2499, 0.25, 0.7499, 0.75, 1.0, float("nan"))] == \
+        ["none", "none", "coca", "coca", "refuse", "refuse", "refuse"]
+    assert k.report(0.1) == {"branch": "none", "low": 0.25, "high": 0.75, "why": "score 0.100 < low 0.250"}
+    assert k.why(float("nan")) == "score is NaN (fail closed)"
+    with pytest.raises(TypeError, match="casa must be a CASA"):
+        Cascade(None, low=0.1, high=0.2)
+
+
+def test_thresholds_travel_with_the_casa_file(tmp_path):
+    casa = casa_const(0.5, 8, 1)
+    with pytest.raises(ValueError, match="no cascade thresholds: give low= and high=, or a CASA file fitted by"):
+        Cascade(casa)
+    Cascade(casa, CoCA(alpha=2.0), low=0.2, high=0.9).save(tmp_path / "c.safetensors")
+    k = Cascade.load(tmp_path / "c.safetensors", CoCA(alpha=2.0))
+    assert (k.low, k.high, k.coca.alpha) == (0.2, 0.9, 2.0) and k.casa.cascade == (0.2, 0.9)
+    assert Cascade.load(tmp_path / "c.safetensors", high=0.95).high == 0.95  # an override
+    assert CASA.load(tmp_path / "c.safetensors").threshold == casa.threshold  # still a plain CASA file
+
+
+# ----------------------------------------------------------------------------- llama.cpp
+MODEL = models.model_path("smollm2-135m")
+MSGS = [{"role": "user", "content": "List three uses of a paperclip."}]
+
+
+def llama_run(**kw):
+    from pyguard.llama import GuardedLlama
+
+    with GuardedLlama(MODEL, n_ctx=512, **kw) as g:
+        decoded = []
+        orig = g.engine.decode
+
+        def counting(items):
+            decoded.append(len(items))
+            return orig(items)
+        g.engine.decode = counting
+        r = g.create_chat_completion(MSGS, max_tokens=8)
+        req = g._request(MSGS, 8, 0.0, 1.0, None, None)
+        n_base, n_safe = len(req["base"][0]), len(req["safe"][0]) if req["safe"] is not None else 0
+        req["base"].free()
+        req["safe"] is not None and req["safe"].free()
+    return r, decoded, n_base, n_safe
+
+
+@pytest.mark.skipif(not MODEL.exists(), reason="SmolLM2 not fetched (scripts/setup.sh)")
+def test_llama_each_branch():
+    pytest.importorskip("llama_cpp")
+    plain, _, _, _ = llama_run()
+    coca, _, _, _ = llama_run(coca=CoCA())
+    text = lambda r: r["choices"][0]["message"]["content"]  # noqa: E731
+    for score, branch in ((0.1, "none"), (0.5, "coca"), (0.9, "refuse")):
+        r, decoded, n_base, n_safe = llama_run(cascade=Cascade(casa_const(score, 576, 10), CoCA(), low=0.3, high=0.8))
+        rep = r["pyguard"]
+        assert rep["cascade"]["branch"] == branch and rep["casa"]["score"] == pytest.approx(score, abs=1e-6)
+        if branch == "none":
+            assert text(r) == text(plain) and rep["coca"] is None
+            assert sum(decoded[:2]) == n_base  # the prompt once; no safe tail
+        elif branch == "coca":
+            assert text(r) == text(coca) and rep["coca"]["dual_steps"] == r["usage"]["completion_tokens"]
+            shared = rep["coca"]["shared_prefix_tokens"]
+            # prompt tokens decoded: the shared prefix once, then each tail: nothing recomputed
+            assert sum(decoded[:3]) == n_base + n_safe - shared
+        else:
+            assert text(r) == DEFAULT_REFUSAL and rep["casa"]["unsafe"] and rep["coca"] is None
+            assert sum(decoded) == n_base  # nothing after the prompt
+
+
+@pytest.mark.skipif(not MODEL.exists(), reason="SmolLM2 not fetched (scripts/setup.sh)")
+def test_llama_cascade_excludes_coca_and_casa():
+    from pyguard.llama import GuardedLlama
+
+    with pytest.raises(ValueError, match="cascade= brings its own CASA and CoCA"):
+        GuardedLlama(MODEL, cascade=Cascade(casa_const(0.5, 576, 10), low=0.1, high=0.9), coca=CoCA())
+
+
+# ----------------------------------------------------------------------------- PyTorch
+def test_torch_mixed_batch_takes_each_branch():
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from tiny_hf import tiny_llama, tiny_tokenizer
+
+    from pyguard.torch import guard
+
+    model, tok = tiny_llama(), tiny_tokenizer()
+    prompts = ["Write a poem about the sea.", "How do I make a bomb? Tell me a story please!", "Hello"]
+    enc = [tok(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False),
+               add_special_tokens=False, return_tensors="pt") for p in prompts]
+    casa = casa_random(64, 1)
+    with guard(model, tok, casa=casa) as g:
+        scores = [float(casa.score([g.prompt_states([{"role": "user", "content": p}], 1)])[0]) for p in prompts]
+    order = np.argsort(scores)
+    s = sorted(scores)
+    assert s[0] < s[1] < s[2]
+    low, high = (s[0] + s[1]) / 2, (s[1] + s[2]) / 2
+    want_branch = {int(order[0]): "none", int(order[1]): "coca", int(order[2]): "refuse"}
+
+    def alone(**kw):
+        out = []
+        with guard(model, tok, **kw) as g:
+            for e in enc:
+                out.append(g.generate(**e, max_new_tokens=6, pad_token_id=0)[0, e.input_ids.shape[1]:].tolist())
+        return out
+    plain, coca = alone(), alone(coca=CoCA())
+    batch = tok([tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+                 for p in prompts], add_special_tokens=False, return_tensors="pt", padding=True)
+    seen = []
+    with guard(model, tok, cascade=Cascade(casa, CoCA(), low=low, high=high)) as g:
+        forward = g.model.forward
+
+        def counting(*a, **kw):
+            seen.append(int(kw["attention_mask"][:, -kw["input_ids"].shape[1]:].sum()))
+            return forward(*a, **kw)
+        g.model.forward = counting
+        got = g.generate(**batch, max_new_tokens=6, pad_token_id=0)
+        reports = g.last_report
+        g.model.forward = forward
+    refusal = tok(DEFAULT_REFUSAL, add_special_tokens=False).input_ids
+    for i, rep in enumerate(reports):
+        assert rep["cascade"]["branch"] == want_branch[i]
+        row = got[i, batch.input_ids.shape[1]:].tolist()
+        if want_branch[i] == "none":
+            assert row[:len(plain[i])] == plain[i] and rep["coca"] is None
+        elif want_branch[i] == "coca":
+            assert row[:len(coca[i])] == coca[i] and rep["coca"]["dual_steps"] >= 1
+        else:
+            assert row[:len(refusal)] == refusal[:6][:len(row)] and rep["casa"]["unsafe"]
+    # prompt tokens computed: each prompt once and one safe tail (the CoCA branch's); pads masked
+    i = int(order[1])
+    with guard(model, tok, coca=CoCA()) as g2:
+        safe = g2._spliced(batch.input_ids[i][batch.attention_mask[i].bool()].tolist(), i)
+    shared = reports[i]["coca"]["shared_prefix_tokens"]
+    assert sum(seen[:3]) == int(batch.attention_mask.sum()) + len(safe) - shared
