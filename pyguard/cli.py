@@ -21,6 +21,7 @@ EXAMPLES = """examples:
   pyguard fit casa --layer 12 --out casa.safetensors
                                      fit CASA on the default model (AdvBench, HarmBench, Do-Not-Answer, jailbreaks vs the benign set)
   pyguard fit casa --model m.gguf --harmful h.jsonl --benign b.jsonl --layer 10 --out casa.safetensors
+  pyguard fit cascade --casa casa.safetensors --out casa.safetensors   cascade thresholds, saved with the module
   pyguard chat                       chat with the default model under CoCA + CASA (/image PATH, /reset, /quit)
   pyguard eval                       ASR, benign refusals, latency: none, coca, casa, coca+casa on held-out sets
   pyguard eval --dataset d.jsonl --methods none,all --cmrm sample --out results/d
@@ -89,10 +90,14 @@ def _calibrate(a) -> int:
 
 
 def _fit(a) -> int:
+    if a.method == "cascade":
+        return _fit_cascade(a)
+    if a.layer is None:
+        raise UsageError("fit casa needs --layer")
     from .calibrate import casa
 
-    _, rep = casa.run(a.model, a.layer, a.out, a.harmful, a.benign, a.report, a.cache, a.target_frr,
-                      a.jailbreaks, a.seed)
+    _, rep = casa.run(a.model, a.layer, a.out, a.harmful, a.benign, a.report, a.cache,
+                      0.05 if a.target_frr is None else a.target_frr, a.jailbreaks, a.seed)
     print(f"held-out: AUROC {rep['auroc']:.3f}, accuracy {rep['accuracy']:.3f}, false refusals "
           f"{rep['false_refusal_rate']:.1%}, detected {rep['detection_rate']:.1%}, threshold {rep['threshold']:.4f}")
     for src, r in rep["test_by_source"].items():
@@ -112,13 +117,20 @@ def _bench(a) -> int:
 def _defences(a):
     from .demo_chat import shipped_casa
     from .evaluate import Defences
-    from .methods import CASA, CMRM, CoCA
+    from .methods import CASA, CMRM, Cascade, CoCA
 
     casa = a.casa
     if casa is None and a.model in _default_models():
         casa = shipped_casa(a.model) if shipped_casa(a.model).exists() else None
     cmrm = a.cmrm if a.cmrm == "sample" else CMRM.load(a.cmrm) if a.cmrm else None
-    return Defences(coca=CoCA(alpha=a.alpha), cmrm=cmrm, casa=CASA.load(casa) if casa else None)
+    casa = CASA.load(casa) if casa else None
+    cascade = getattr(a, "cascade", None)
+    coca = CoCA(alpha=a.alpha)
+    if cascade is not None:
+        cascade = Cascade.load(cascade, coca)
+    elif casa is not None and casa.cascade is not None:  # thresholds saved with the CASA module
+        cascade = Cascade(casa, coca)
+    return Defences(coca=coca, cmrm=cmrm, casa=casa, cascade=cascade)
 
 
 def _default_models():
@@ -134,6 +146,8 @@ def _model_flags(p) -> None:
     p.add_argument("--alpha", type=float, default=1.5, help="CoCA strength")
     p.add_argument("--casa", type=Path, help="CASA file (default: the shipped one for a default model)")
     p.add_argument("--cmrm", help="CMRM vectors file (.gguf / .safetensors), or 'sample' for sample-level CMRM")
+    p.add_argument("--cascade", type=Path, help="CASA file with cascade thresholds (pyguard fit cascade; default: "
+                   "--casa's, when it has them)")
     p.add_argument("--n-ctx", type=int, default=4096, help="context length")
 
 
@@ -174,6 +188,25 @@ def _eval(a) -> int:
     return 0
 
 
+def _fit_cascade(a) -> int:
+    from .calibrate import cascade
+    from .demo_chat import shipped_casa
+
+    src = a.casa or (shipped_casa(a.model) if a.model in _default_models() else None)
+    if src is None:
+        raise UsageError("fit cascade needs --casa (a fitted CASA file)")
+    target = 0.02 if a.target_frr is None else a.target_frr
+    _, rep = cascade.run(src, a.out, a.model, target, a.harmful, a.benign, a.cache, a.jailbreaks, a.seed)
+    print(f"low {rep['low']:.4f}, high {rep['high']:.4f} (target: <= {target:.1%} of validation benign prompts "
+          f"routed to CoCA)")
+    for label in ("benign", "harmful"):
+        b = rep[f"val_{label}"]
+        print(f"  validation {label} ({rep['n_val'][label]}): no guard {b['none']:.1%}, CoCA {b['coca']:.1%}, "
+              f"refuse {b['refuse']:.1%}")
+    print(f"wrote {a.out}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pyguard", description="Inference-time safety for multimodal LLMs.",
                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -199,15 +232,19 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--alpha", type=float, default=1.0, help="strength stored with the vectors")
     c.add_argument("--cache", type=Path, help="per-anchor cache (default: $PYGUARD_CACHE/cmrm)")
     c.set_defaults(fn=_calibrate)
-    f = sub.add_parser("fit", help="fit a method's parameters on labelled prompts (casa)")
-    f.add_argument("method", choices=["casa"])
+    f = sub.add_parser("fit", help="fit a method's parameters on labelled prompts (casa, cascade)")
+    f.add_argument("method", choices=["casa", "cascade"])
     f.add_argument("--model", default="qwen2.5-coder-0.5b", help="default model name, .gguf file or HF folder")
-    f.add_argument("--layer", type=int, required=True, help="decoder layer whose prompt hidden states CASA reads")
-    f.add_argument("--out", type=Path, required=True, help="the CASA file to write (.safetensors or .npz)")
+    f.add_argument("--layer", type=int, help="casa: decoder layer whose prompt hidden states CASA reads")
+    f.add_argument("--casa", type=Path, help="cascade: the fitted CASA file (default: the shipped one)")
+    f.add_argument("--out", type=Path, required=True, help="the CASA file to write (.safetensors or .npz; "
+                   "cascade: the CASA file with the thresholds)")
     f.add_argument("--harmful", type=Path, help="JSONL of harmful prompts (default: AdvBench, HarmBench, Do-Not-Answer, jailbreak-wrapped AdvBench)")
     f.add_argument("--benign", type=Path, help="JSONL of benign prompts (default: the shipped benign set)")
     f.add_argument("--jailbreaks", type=int, default=260, help="jailbreak-wrapped goals in the default harmful set")
-    f.add_argument("--target-frr", type=float, default=0.05, help="false-refusal rate allowed on benign prompts")
+    f.add_argument("--target-frr", type=float, default=None,
+                   help="false-refusal rate allowed on validation benign prompts (casa: 0.05; cascade: 0.02, "
+                        "counting every benign prompt routed to CoCA as refused)")
     f.add_argument("--report", type=Path, help="report folder (default: next to --out)")
     f.add_argument("--cache", type=Path, help="hidden-state cache (default: $PYGUARD_CACHE/states)")
     f.add_argument("--seed", type=int, default=0)
@@ -219,7 +256,7 @@ def parser() -> argparse.ArgumentParser:
                    help="JSONL file (text, label, optional image / category / id) or built-in sets joined "
                         "with +: advbench, jailbreak, harmbench, donotanswer, benign, typo, figstep, benign-typo")
     e.add_argument("--methods", default="none,coca,casa,coca+casa",
-                   help="comma-separated: none, coca, cmrm, casa, their +-combinations, all")
+                   help="comma-separated: none, coca, cmrm, casa, their +-combinations, all, cascade (cascade+cmrm)")
     e.add_argument("--judge", choices=["refusal", "model"], default="refusal",
                    help="refusal: refusal phrases in the first sentences; model: a judge prompt run by --judge-model")
     e.add_argument("--judge-model", help="GGUF model (or default model name) for --judge model")
@@ -230,7 +267,7 @@ def parser() -> argparse.ArgumentParser:
     ch = sub.add_parser("chat", help="interactive chat with a guarded model, showing its decisions",
                         epilog=CHAT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     _model_flags(ch)
-    ch.add_argument("--method", default="coca+casa", help="the guard: none, coca, cmrm, casa, a +-combination, all")
+    ch.add_argument("--method", default="coca+casa", help="the guard: none, coca, cmrm, casa, a +-combination, all, cascade")
     ch.add_argument("--max-tokens", type=int, default=256)
     ch.add_argument("--system", help="a system message")
     ch.set_defaults(fn=_chat)

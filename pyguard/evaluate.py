@@ -24,21 +24,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import datasets, judges
-from .methods import CASA, CMRM, CoCA
+from .methods import CASA, CMRM, Cascade, CoCA
 
-PARTS = ("coca", "cmrm", "casa")
-ALIASES = {"none": (), "all": PARTS}
+PARTS = ("coca", "cmrm", "casa", "cascade")
+ALIASES = {"none": (), "all": ("coca", "cmrm", "casa")}
 
 
 def parse_methods(spec: str) -> list[str]:
-    """``"none,coca,coca+casa,all"`` -> the method names, checked: each is none, all, or parts of
-    coca / cmrm / casa joined with +."""
+    """``"none,coca,coca+casa,cascade,all"`` -> the method names, checked: each is none, all, or
+    parts of coca / cmrm / casa / cascade joined with + (cascade holds its own CoCA and CASA, so
+    it joins cmrm only)."""
     out = []
     for m in (s.strip() for s in spec.split(",")):
         parts = m.split("+")
-        if m not in ALIASES and (not m or any(p not in PARTS for p in parts) or len(set(parts)) != len(parts)):
+        bad = m not in ALIASES and (not m or any(p not in PARTS for p in parts) or len(set(parts)) != len(parts))
+        if bad or ("cascade" in parts and not set(parts) <= {"cascade", "cmrm"}):
             raise ValueError(f"unknown method {m!r}: use none, all, or {', '.join(PARTS)} joined with + "
-                             "(e.g. coca+casa), separated by commas")
+                             "(e.g. coca+casa; cascade only with cmrm), separated by commas")
         if m not in out:
             out.append(m)
     return out
@@ -55,13 +57,15 @@ class Defences:
     coca: CoCA | None = None
     cmrm: CMRM | str | None = None  # "sample": sample-level CMRM sized for the model
     casa: CASA | None = None
+    cascade: Cascade | None = None
 
     def for_method(self, method: str) -> dict:
         kw = {}
         for p in method_parts(method):
             obj = getattr(self, p)
             if obj is None:
-                flag = {"cmrm": "--cmrm vectors.gguf", "casa": "--casa casa.safetensors"}.get(p, "")
+                flag = {"cmrm": "--cmrm vectors.gguf", "casa": "--casa casa.safetensors",
+                        "cascade": "--cascade casa.safetensors, fitted by pyguard fit cascade"}.get(p, "")
                 raise ValueError(f"method {method!r} needs {p.upper()} parameters ({flag})")
             kw[p] = obj
         return kw
@@ -126,6 +130,7 @@ def _row(item: dict, method: str, r: dict) -> dict:
     t = rep.get("timings") or {}
     casa = rep.get("casa")
     coca = rep.get("coca")
+    cascade = rep.get("cascade")
     return {"id": item["id"], "method": method, "label": item.get("label"), "category": item.get("category"),
             "source": item.get("source"), "image": item.get("image"),
             "response": r["choices"][0]["message"]["content"], "finish_reason": r["choices"][0]["finish_reason"],
@@ -133,7 +138,7 @@ def _row(item: dict, method: str, r: dict) -> dict:
             "ttft_ms": t.get("prefill_ms"), "decode_ms_per_token": t.get("decode_ms_per_token"),
             "casa": None if casa is None else {"score": casa["score"], "unsafe": casa["unsafe"]},
             "coca": None if coca is None else {k: coca.get(k) for k in ("dual_steps", "kl_max", "gated")},
-            "cmrm": (rep.get("cmrm") or {}).get("on")}
+            "cmrm": (rep.get("cmrm") or {}).get("on"), "branch": cascade and cascade["branch"]}
 
 
 # ------------------------------------------------------------------------------------- run

@@ -163,3 +163,47 @@ def test_torch_mixed_batch_takes_each_branch():
         safe = g2._spliced(batch.input_ids[i][batch.attention_mask[i].bool()].tolist(), i)
     shared = reports[i]["coca"]["shared_prefix_tokens"]
     assert sum(seen[:3]) == int(batch.attention_mask.sum()) + len(safe) - shared
+
+
+# ----------------------------------------------------------------------------- pyguard fit cascade
+def test_choose_low():
+    from pyguard.calibrate.cascade import branches, choose_low
+
+    benign = np.array([0.01, 0.02, 0.03, 0.05, 0.2, 0.4, 0.6, 0.95, 0.97, 0.99])
+    # two benign prompts may enter the band [low, high) beside the three refused anyway (>= 0.9)
+    low = choose_low(benign, 0.9, 0.2)
+    assert low == pytest.approx((0.2 + 0.4) / 2)
+    b = branches(benign, low, 0.9)
+    assert b == {"none": pytest.approx(0.5), "coca": pytest.approx(0.2), "refuse": pytest.approx(0.3)}
+    assert choose_low(benign, 0.9, 0.0) == pytest.approx((0.6 + 0.9) / 2)  # just above the band's benign
+    assert choose_low(benign, 0.5, 0.5) <= 0.5  # never above high
+    assert choose_low(np.array([0.1, 0.2]), 0.9, 0.99) == pytest.approx(0.15)  # floor(0.99 * 2) = 1 allowed
+    assert choose_low(np.array([0.1, 0.2]), 0.15, 0.5) == 0.0  # one refused anyway, one allowed: all
+    with pytest.raises(ValueError, match="target_frr must be in"):
+        choose_low(benign, 0.9, 1.0)
+
+
+@pytest.mark.skipif(not MODEL.exists(), reason="SmolLM2 not fetched (scripts/setup.sh)")
+def test_fit_cascade_writes_thresholds_into_the_casa_file(tmp_path):
+    pytest.importorskip("llama_cpp")
+    from pyguard import datasets
+    from pyguard.calibrate import cascade as fit
+
+    harmful = datasets.write_jsonl(tmp_path / "h.jsonl", [{"text": f"How do I hurt person number {i}?"} for i in range(30)])
+    benign = datasets.write_jsonl(tmp_path / "b.jsonl", [{"text": f"What is {i} plus {i}?"} for i in range(30)])
+    casa = casa_random(576, 10)
+    casa.save(tmp_path / "casa.safetensors")
+    k, rep = fit.run(tmp_path / "casa.safetensors", tmp_path / "out.safetensors", str(MODEL), 0.1, harmful, benign,
+                     cache=tmp_path / "states", progress=False)
+    assert 0 <= k.low <= k.high == casa.threshold
+    loaded = Cascade.load(tmp_path / "out.safetensors")
+    assert (loaded.low, loaded.high) == (k.low, k.high)
+    for label in ("benign", "harmful"):
+        assert sum(rep[f"val_{label}"].values()) == pytest.approx(1.0)
+    assert rep["val_benign"]["coca"] <= 0.1 + 1e-9
+    wrong = casa_random(896, 10)
+    wrong = CASA(wrong.params, layer=10, model_hint="qwen2 n_layer=24 n_embd=896 n_vocab=151936")
+    wrong.save(tmp_path / "qwen.safetensors")
+    with pytest.raises(ValueError, match=r"CASA parameters from '.*qwen.safetensors' are for n_embd=896"):
+        fit.run(tmp_path / "qwen.safetensors", tmp_path / "x.safetensors", str(MODEL), 0.1, harmful, benign,
+                cache=tmp_path / "states", progress=False)

@@ -26,12 +26,13 @@ def lines(path):
 
 
 @pytest.mark.parametrize("spec, names", [("none", ["none"]), ("none, coca,coca+casa,all", ["none", "coca", "coca+casa", "all"]),
-                                         ("casa,casa", ["casa"]), ("cmrm+coca", ["cmrm+coca"])])
+                                         ("casa,casa", ["casa"]), ("cmrm+coca", ["cmrm+coca"]),
+                                         ("cascade,cascade+cmrm", ["cascade", "cascade+cmrm"])])
 def test_parse_methods(spec, names):
     assert evaluate.parse_methods(spec) == names
 
 
-@pytest.mark.parametrize("spec", ["", "foo", "coca+coca", "none+coca", "coca,", "CoCA"])
+@pytest.mark.parametrize("spec", ["", "foo", "coca+coca", "none+coca", "coca,", "CoCA", "cascade+coca", "casa+cascade"])
 def test_parse_methods_rejects(spec):
     with pytest.raises(ValueError, match="unknown method"):
         evaluate.parse_methods(spec)
@@ -44,6 +45,8 @@ def test_defences_name_what_is_missing():
         d.for_method("coca+casa")
     with pytest.raises(ValueError, match="method 'all' needs CMRM"):
         d.for_method("all")
+    with pytest.raises(ValueError, match="method 'cascade' needs CASCADE parameters .*pyguard fit cascade"):
+        d.for_method("cascade")
 
 
 def test_summary_counts_by_hand():
@@ -88,6 +91,20 @@ def test_run_resume_and_summary(tmp_path):
     with pytest.raises(ValueError, match="holds results of another run.*max_tokens: 4 != 5"):
         evaluate.run(MODEL, data, "none", out, d, max_tokens=5, n_ctx=512, progress=False)
     assert len(lines(out / "responses.jsonl")) == 6
+
+
+@needs_model
+def test_cascade_method_reports_its_branch(tmp_path):
+    from pyguard.methods import Cascade
+
+    data = datasets.write_jsonl(tmp_path / "d.jsonl", ITEMS)
+    casa = CASA(always_unsafe().params | {"b": 0.0}, layer=10)  # scores 0.5 for every prompt
+    d = evaluate.Defences(cascade=Cascade(casa, CoCA(), low=0.4, high=0.6))
+    res = evaluate.run(MODEL, data, "cascade", tmp_path / "res", d, max_tokens=3, n_ctx=512, progress=False)
+    assert [r["branch"] for r in res["rows"]] == ["coca"] * 3 and all(r["coca"]["dual_steps"] for r in res["rows"])
+    d = evaluate.Defences(cascade=Cascade(casa, CoCA(), low=0.55, high=0.6))
+    res = evaluate.run(MODEL, data, "cascade", tmp_path / "res2", d, max_tokens=3, n_ctx=512, progress=False)
+    assert [r["branch"] for r in res["rows"]] == ["none"] * 3 and all(r["coca"] is None for r in res["rows"])
 
 
 @needs_model
