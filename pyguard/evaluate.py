@@ -112,10 +112,6 @@ class Runtime:
             self._hf = hf_model(self.path)
         return guard(*self._hf, **methods)
 
-    @property
-    def name(self) -> str:
-        return self.path.name
-
 
 def messages(item: dict) -> list[dict]:
     """The item as one OpenAI-style user message (image first, then the text)."""
@@ -191,11 +187,11 @@ def run(model, dataset, methods="none,coca,casa,coca+casa", out="results", defen
     items = load_items(dataset, out)
     if limit is not None:
         items = items[:limit]
-    if any(it.get("image") for it in items) and mmproj is None and Path(str(model)).suffix == ".gguf":
+    rt = Runtime(model, mmproj, n_ctx)
+    if any(it.get("image") for it in items) and mmproj is None and rt.kind == "gguf":
         raise ValueError(f"{dataset}: items have images but the model has no --mmproj")
     _settings_check(out, {"model": str(model), "mmproj": str(mmproj) if mmproj else None, "max_tokens": max_tokens,
                           "dataset": str(dataset)})
-    rt = Runtime(model, mmproj, n_ctx)
     done = {(r["id"], r["method"]) for r in done_rows(out)}
     todo = {m: [it for it in items if (it["id"], m) not in done] for m in names}
     bar = tqdm(total=sum(map(len, todo.values())), desc="eval", unit="item", disable=not progress)
@@ -216,7 +212,8 @@ def run(model, dataset, methods="none,coca,casa,coca+casa", out="results", defen
     rows = [r for r in done_rows(out) if (r["id"], r["method"]) in wanted]
     requests = {it["id"]: it["text"] for it in items}
     verdicts = judge_rows(rows, requests, judge, out, judge_model, progress)
-    table = summarize(rows, verdicts, names, judge)
+    label = judge if judge == "refusal" else f"model: {Path(str(judge_model)).name}"  # who gave the verdicts
+    table = summarize(rows, verdicts, names, label)
     files = write_summary(table, out, judge)
     return {"rows": rows, "summary": table, "files": files}
 
@@ -225,7 +222,8 @@ def run(model, dataset, methods="none,coca,casa,coca+casa", out="results", defen
 def judge_rows(rows: list[dict], requests: dict, judge: str, out: Path, judge_model=None,
                progress: bool = True) -> list[bool | None]:
     """A verdict per row (True: refused); ``requests``: item id -> request text. The model judge's
-    verdicts are cached in ``judgments-model.jsonl`` by (id, method, response)."""
+    verdicts are cached in ``judgments-model.jsonl`` by (judge model, item id, response): methods
+    that gave the same answer to the same request are judged once."""
     if judge == "refusal":
         return [judges.is_refusal(r["response"]) for r in rows]
     from tqdm.auto import tqdm
@@ -233,20 +231,20 @@ def judge_rows(rows: list[dict], requests: dict, judge: str, out: Path, judge_mo
     if judge_model is None:
         raise ValueError("--judge model needs --judge-model M.gguf")
     f = out / "judgments-model.jsonl"
-    cache = {(j["id"], j["method"], j["response"]): j["refused"]
-             for j in (datasets.read_jsonl(f, required=("id", "method")) if f.exists() else [])}
-    todo = [r for r in rows if (r["id"], r["method"], r["response"]) not in cache]
+    cache = {(j["id"], j["response"]): j["refused"] for j in (datasets.read_jsonl(f, required=("id",)) if f.exists() else [])
+             if j.get("judge_model") == str(judge_model)}  # another judge model's verdicts are not reused
+    todo = list({(r["id"], r["response"]): r for r in rows if (r["id"], r["response"]) not in cache}.values())
     if todo:
         jm = judges.ModelJudge(judge_model)
         try:
             for r in tqdm(todo, desc="judge", unit="item", disable=not progress):
                 v = jm(requests[r["id"]], r["response"])
-                cache[(r["id"], r["method"], r["response"])] = v
-                datasets.append_jsonl(f, {"id": r["id"], "method": r["method"], "response": r["response"],
-                                          "refused": v, "judge_model": str(judge_model)})
+                cache[(r["id"], r["response"])] = v
+                datasets.append_jsonl(f, {"id": r["id"], "response": r["response"], "refused": v,
+                                          "judge_model": str(judge_model)})
         finally:
             jm.close()
-    return [cache[(r["id"], r["method"], r["response"])] for r in rows]
+    return [cache[(r["id"], r["response"])] for r in rows]
 
 
 def _mean(xs):
@@ -319,7 +317,7 @@ def plots(table: list[dict], out: Path, judge: str) -> list[Path]:
     ax.set_xlim(-5, 105)
     ax.set_ylim(-5, 105)
     ax.grid(alpha=0.3)
-    ax.set_title(f"safety vs over-refusal (judge: {judge})")
+    ax.set_title(f"safety vs over-refusal (judge: {table[0]['judge'] if table else judge})")
     fig.tight_layout()
     p1 = out / f"asr_vs_refusal-{judge}.png"
     fig.savefig(p1, dpi=110)

@@ -110,12 +110,13 @@ def test_cascade_method_reports_its_branch(tmp_path):
 @needs_model
 def test_model_judge_is_cached(tmp_path, monkeypatch):
     rows = [{"id": "h1", "method": "none", "response": "Sure, here is the guide: first, get a tension wrench."},
-            {"id": "h1", "method": "casa", "response": DEFAULT_REFUSAL}]
+            {"id": "h1", "method": "casa", "response": DEFAULT_REFUSAL},
+            {"id": "h1", "method": "cascade", "response": DEFAULT_REFUSAL}]  # judged once with the casa row
     reqs = {"h1": ITEMS[0]["text"]}
     v = evaluate.judge_rows(rows, reqs, "model", tmp_path, judge_model=MODEL, progress=False)
-    assert all(x in (True, False, None) for x in v)
+    assert all(x in (True, False, None) for x in v) and v[1] == v[2]
     cached = lines(tmp_path / "judgments-model.jsonl")
-    assert [c["refused"] for c in cached] == v and all(c["judge_model"] == str(MODEL) for c in cached)
+    assert [c["refused"] for c in cached] == v[:2] and all(c["judge_model"] == str(MODEL) for c in cached)
 
     def boom(*a, **k):
         raise AssertionError("the judge model ran again")
