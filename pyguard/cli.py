@@ -22,7 +22,7 @@ EXAMPLES = """examples:
                                      fit CASA on the default model (AdvBench, HarmBench, Do-Not-Answer, jailbreaks vs the benign set)
   pyguard fit casa --model m.gguf --harmful h.jsonl --benign b.jsonl --layer 10 --out casa.safetensors
   pyguard fit cascade --casa casa.safetensors --out casa.safetensors   cascade thresholds, saved with the module
-  pyguard chat                       chat with the default model under CoCA + CASA (/image PATH, /reset, /quit)
+  pyguard chat                       chat with the default model under the cascade (/image PATH, /reset, /quit)
   pyguard eval                       ASR, benign refusals, latency: none, coca, casa, coca+casa on held-out sets
   pyguard eval --dataset d.jsonl --methods none,all --cmrm sample --out results/d
   pyguard bench                      end-to-end latency of each method beside the unguarded model
@@ -41,7 +41,7 @@ EVAL_EXAMPLES = """examples:
 
 
 CHAT_EXAMPLES = """examples:
-  pyguard chat                                       default model with CoCA + the shipped CASA
+  pyguard chat                                       default model with the shipped CASA's cascade
   pyguard chat --method none                         the unguarded model, for comparison
   pyguard chat --model m.gguf --mmproj p.gguf --method all --cmrm sample    then: /image photo.png
   echo "How do I kill a stuck Python process?" | pyguard chat    one question from a pipe
@@ -170,8 +170,9 @@ def _methods(spec: str, one: bool = False) -> list[str]:
 def _chat(a) -> int:
     from . import chat_cli, evaluate
 
-    [method] = _methods(a.method, one=True)
-    g = evaluate.Runtime(a.model, a.mmproj, a.n_ctx).open(**_defences(a).for_method(method))
+    d = _defences(a)
+    [method] = _methods(a.method or ("cascade" if d.cascade else "coca+casa" if d.casa else "coca"), one=True)
+    g = evaluate.Runtime(a.model, a.mmproj, a.n_ctx).open(**d.for_method(method))
     try:
         return chat_cli.run(g, a.max_tokens, a.system)
     finally:
@@ -267,7 +268,8 @@ def parser() -> argparse.ArgumentParser:
     ch = sub.add_parser("chat", help="interactive chat with a guarded model, showing its decisions",
                         epilog=CHAT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     _model_flags(ch)
-    ch.add_argument("--method", default="coca+casa", help="the guard: none, coca, cmrm, casa, a +-combination, all, cascade")
+    ch.add_argument("--method", help="the guard: none, coca, cmrm, casa, a +-combination, all, cascade "
+                    "(default: cascade when a CASA file with thresholds is at hand, else coca+casa, else coca)")
     ch.add_argument("--max-tokens", type=int, default=256)
     ch.add_argument("--system", help="a system message")
     ch.set_defaults(fn=_chat)

@@ -356,3 +356,30 @@ def test_casa_reads_image_positions_too(rng, image_files):
     with GuardedLlama(MODEL, mmproj_path=mmproj, n_ctx=512, casa=casa, coca=CoCA(alpha=1.0)) as g:
         r = g.create_chat_completion(image_msgs(images[0]), max_tokens=4)
     assert r["pyguard"]["casa"]["unsafe"] is False and np.isfinite(r["pyguard"]["casa"]["score"])
+
+
+# -- input embeddings (soft tokens, issue #8's graft) ---------------------------------------------------
+def test_decode_embd_equals_the_token_route():
+    gguf = pytest.importorskip("gguf")
+    from gguf import quants
+
+    t = next(t for t in gguf.GGUFReader(str(MODEL)).tensors if t.name == "token_embd.weight")
+    W = quants.dequantize(t.data, t.tensor_type)  # [n_vocab, n_embd], as llama.cpp's get_rows reads it
+    with Engine(MODEL, n_ctx=256, n_seq=2, n_batch=8) as e:  # n_batch 8: chunked
+        toks = e.tokenize("The quick brown fox jumps over the lazy dog near the river bank", add_bos=False)
+        assert len(toks) > 8
+        e.decode([(tk, i, 0, i == len(toks) - 1) for i, tk in enumerate(toks)])
+        want = e.logits(-1).copy()
+        e.clear()
+        e.decode_embd(W[toks[:5]], 0, seq=1, want_last=False)  # a prefix as embeddings, the rest as tokens
+        e.decode([(tk, 5 + i, 1, i == len(toks) - 6) for i, tk in enumerate(toks[5:])])
+        np.testing.assert_array_equal(e.logits(-1), want)
+        e.clear()
+        e.decode_embd(W[toks], 0)
+        np.testing.assert_array_equal(e.logits(-1), want)
+        for bad, msg in ((W[toks][:, :10], r"embd must be \[n, 576\]"), (np.zeros((0, 576)), "n >= 1"),
+                         (np.full((2, 576), np.nan), "NaN or infinite")):
+            with pytest.raises(ValueError, match=msg):
+                e.decode_embd(bad, 0)
+        with pytest.raises(ValueError, match=r"seq must be in \[0, 2\)"):
+            e.decode_embd(W[toks], 0, seq=2)

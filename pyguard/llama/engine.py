@@ -55,6 +55,7 @@ class Engine:
         self.n_embd = self.model.n_embd()
         self.n_layer = L.llama_model_n_layer(self.model.model)
         self.batch = L.llama_batch_init(n_batch, 0, n_seq)
+        self._ebatch = None  # an embeddings batch, made on first use (decode_embd)
         self.metadata = self.model.metadata()
         self.arch = self.metadata.get("general.architecture", "")
 
@@ -94,6 +95,34 @@ class Engine:
             if rc != 0:
                 raise RuntimeError(f"llama_decode failed with code {rc}")
 
+    def decode_embd(self, embd: np.ndarray, pos: int, seq: int = 0, want_last: bool = True) -> None:
+        """Decode input embeddings ``embd`` [n, n_embd] (float32; e.g. soft tokens from a
+        projector) at positions pos .. pos+n-1 of sequence ``seq``, in chunks of n_batch; with
+        ``want_last`` the last row's logits are read with ``logits(-1)``."""
+        embd = np.ascontiguousarray(embd, dtype=np.float32)
+        if embd.ndim != 2 or embd.shape[1] != self.n_embd or embd.shape[0] == 0:
+            raise ValueError(f"embd must be [n, {self.n_embd}] with n >= 1, got {list(embd.shape)}")
+        if not np.isfinite(embd).all():
+            raise ValueError("embd holds NaN or infinite values")
+        if not 0 <= seq < self.n_seq:
+            raise ValueError(f"seq must be in [0, {self.n_seq}), got {seq}")
+        if self._ebatch is None:
+            self._ebatch = L.llama_batch_init(self.n_batch, self.n_embd, self.n_seq)
+        b = self._ebatch
+        n = len(embd)
+        for start in range(0, n, self.n_batch):
+            part = embd[start : start + self.n_batch]
+            ctypes.memmove(b.embd, part.ctypes.data, part.nbytes)
+            b.n_tokens = len(part)
+            for i in range(len(part)):
+                b.pos[i] = pos + start + i
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = seq
+                b.logits[i] = want_last and start + i == n - 1
+            rc = L.llama_decode(self.ctx, b)
+            if rc != 0:
+                raise RuntimeError(f"llama_decode failed with code {rc}")
+
     def logits(self, i: int) -> np.ndarray:
         """Logit row i of the last decode: a float32 [1, V] view (valid until the next decode)."""
         ptr = L.llama_get_logits_ith(self.ctx, i)
@@ -129,9 +158,10 @@ class Engine:
         self.close()
 
     def close(self) -> None:
-        if getattr(self, "batch", None) is not None:
-            L.llama_batch_free(self.batch)
-            self.batch = None
+        for name in ("batch", "_ebatch"):
+            if getattr(self, name, None) is not None:
+                L.llama_batch_free(getattr(self, name))
+                setattr(self, name, None)
         if getattr(self, "ctx", None):
             L.llama_free(self.ctx)
             self.ctx = None
