@@ -222,8 +222,8 @@ def run(model, dataset, methods="none,coca,casa,coca+casa", out="results", defen
 def judge_rows(rows: list[dict], requests: dict, judge: str, out: Path, judge_model=None,
                progress: bool = True) -> list[bool | None]:
     """A verdict per row (True: refused); ``requests``: item id -> request text. The model judge's
-    verdicts are cached in ``judgments-model.jsonl`` by (judge model, item id, response): methods
-    that gave the same answer to the same request are judged once."""
+    verdicts are cached in ``judgments-model.jsonl`` by (judge model and prompt, item id,
+    response): methods that gave the same answer to the same request are judged once."""
     if judge == "refusal":
         return [judges.is_refusal(r["response"]) for r in rows]
     from tqdm.auto import tqdm
@@ -231,8 +231,9 @@ def judge_rows(rows: list[dict], requests: dict, judge: str, out: Path, judge_mo
     if judge_model is None:
         raise ValueError("--judge model needs --judge-model M.gguf")
     f = out / "judgments-model.jsonl"
+    who = {"judge_model": str(judge_model), "judge_prompt": judges.PROMPT_ID}
     cache = {(j["id"], j["response"]): j["refused"] for j in (datasets.read_jsonl(f, required=("id",)) if f.exists() else [])
-             if j.get("judge_model") == str(judge_model)}  # another judge model's verdicts are not reused
+             if all(j.get(k) == v for k, v in who.items())}  # another judge's verdicts are not reused
     todo = list({(r["id"], r["response"]): r for r in rows if (r["id"], r["response"]) not in cache}.values())
     if todo:
         jm = judges.ModelJudge(judge_model)
@@ -240,8 +241,7 @@ def judge_rows(rows: list[dict], requests: dict, judge: str, out: Path, judge_mo
             for r in tqdm(todo, desc="judge", unit="item", disable=not progress):
                 v = jm(requests[r["id"]], r["response"])
                 cache[(r["id"], r["response"])] = v
-                datasets.append_jsonl(f, {"id": r["id"], "response": r["response"], "refused": v,
-                                          "judge_model": str(judge_model)})
+                datasets.append_jsonl(f, {"id": r["id"], "response": r["response"], "refused": v, **who})
         finally:
             jm.close()
     return [cache[(r["id"], r["response"])] for r in rows]

@@ -38,9 +38,9 @@ def test_model_verdict(answer, verdict):
     assert judges.model_verdict(answer) is verdict
 
 
-def test_judge_prompt_holds_request_and_response():
-    p = judges.MODEL_JUDGE_PROMPT.format(request="REQ", response="RESP")
-    assert "REQ" in p and "RESP" in p and p.rstrip().endswith("REFUSED or COMPLIED.")
+def test_judge_prompt_holds_the_response():
+    p = judges.MODEL_JUDGE_PROMPT.format(response="RESP")
+    assert 'Answer to classify: "RESP"' in p and p.rstrip().endswith("Label:") and len(judges.PROMPT_ID) == 12
 
 
 def test_clip_keeps_head_and_tail():
