@@ -207,3 +207,49 @@ def test_fit_cascade_writes_thresholds_into_the_casa_file(tmp_path):
     with pytest.raises(ValueError, match=r"CASA parameters from '.*qwen.safetensors' are for n_embd=896"):
         fit.run(tmp_path / "qwen.safetensors", tmp_path / "x.safetensors", str(MODEL), 0.1, harmful, benign,
                 cache=tmp_path / "states", progress=False)
+
+
+@pytest.mark.skipif(not MODEL.exists(), reason="SmolLM2 not fetched (scripts/setup.sh)")
+def test_cmrm_stays_on_for_images_in_every_branch(tmp_path):
+    pytest.importorskip("llama_cpp")
+    from tiny_mmproj import write_test_image, write_tiny_mmproj
+
+    from pyguard.llama import GuardedLlama
+    from pyguard.methods import CMRM
+
+    mmproj = write_tiny_mmproj(tmp_path / "mmproj.gguf", n_embd_text=576)
+    img = write_test_image(tmp_path / "x.png")
+    image_msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(img)}},
+                                               {"type": "text", "text": "What is in this picture?"}]}]
+    v = np.zeros((30, 576), np.float32)
+    v[1:] = 0.01
+    for score, branch in ((0.1, "none"), (0.5, "coca"), (0.9, "refuse")):
+        k = Cascade(casa_const(score, 576, 10), CoCA(), low=0.3, high=0.8)
+        with GuardedLlama(MODEL, mmproj_path=mmproj, n_ctx=1024, cascade=k, cmrm=CMRM(v)) as g:
+            r = g.create_chat_completion(image_msgs, max_tokens=3)
+            assert r["pyguard"]["cascade"]["branch"] == branch and r["pyguard"]["cmrm"]["on"]
+            r = g.create_chat_completion(MSGS, max_tokens=3)  # text only: CMRM (when="image") stays off
+            assert r["pyguard"]["cascade"]["branch"] == branch and not r["pyguard"]["cmrm"]["on"]
+
+
+def test_torch_image_batch_with_cmrm_matches_each_branch_alone(tmp_path, rng):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from test_torch_guard import llava_inputs
+    from tiny_hf import tiny_llava
+
+    from pyguard.methods import CMRM
+    from pyguard.torch import guard
+
+    model = tiny_llava(seed=2)
+    proc, enc = llava_inputs(tmp_path, model, ["What is in the picture?", "Hello there"])  # row 0: the image
+    cmrm = CMRM(rng.standard_normal((3, 64)).astype(np.float32), alpha=0.8, layers=(1, 2))
+    for score, alone in ((0.1, {}), (0.5, {"coca": CoCA()})):
+        with guard(model, proc, cmrm=cmrm, **alone) as g:
+            want = g.generate(**enc, max_new_tokens=6, pad_token_id=0)
+        k = Cascade(casa_const(score, 64, 1), CoCA(), low=0.3, high=0.8)
+        with guard(model, proc, cmrm=cmrm, cascade=k) as g:
+            got = g.generate(**enc, max_new_tokens=6, pad_token_id=0)
+            assert [r["cmrm"]["on"] for r in g.last_report] == [True, False]
+            assert {r["cascade"]["branch"] for r in g.last_report} == {"none" if score < 0.3 else "coca"}
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
