@@ -48,6 +48,13 @@ CHAT_EXAMPLES = """examples:
 """
 
 
+BENCH_EXAMPLES = """examples:
+  pyguard bench                                      default model, 3 interleaved rounds, 64 new tokens
+  pyguard bench --model m.gguf --rounds 5 --out bench/m
+  pyguard bench --model smollm2-135m --rounds 1 --tokens 8 --no-rss    a quick smoke run
+"""
+
+
 def _models(a) -> int:
     from . import models
 
@@ -273,7 +280,8 @@ def parser() -> argparse.ArgumentParser:
     ch.add_argument("--max-tokens", type=int, default=256)
     ch.add_argument("--system", help="a system message")
     ch.set_defaults(fn=_chat)
-    b = sub.add_parser("bench", help="end-to-end latency of every method beside the unguarded model (llama.cpp)")
+    b = sub.add_parser("bench", help="end-to-end latency of every method beside the unguarded model (llama.cpp)",
+                       epilog=BENCH_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("--model", default="qwen2.5-coder-0.5b", help="default model name or .gguf file")
     b.add_argument("--tokens", type=int, default=64, help="new tokens per answer")
     b.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians)")
@@ -288,8 +296,13 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--cache", type=Path, default=None, help="model folder (default: $PYGUARD_CACHE/models)")
     m.add_argument("--link", type=Path, default=None, help="also symlink the models into this folder")
     m.set_defaults(fn=_models)
-    for sp in sub.choices.values():  # --debug after the command too
+    for name, sp in sub.choices.items():
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+        if sp.epilog is None:  # the command's lines of the main examples
+            lines = EXAMPLES.splitlines()
+            mine = [ln for i, ln in enumerate(lines) if ln.startswith(f"  pyguard {name}")
+                    or (ln.startswith("      ") and i and lines[i - 1].startswith(f"  pyguard {name}"))]
+            sp.epilog, sp.formatter_class = "examples:\n" + "\n".join(mine), argparse.RawDescriptionHelpFormatter
     return p
 
 

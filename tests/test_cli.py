@@ -155,3 +155,9 @@ def test_bench_writes_table_and_plot(tmp_path):
     for name in ("unguarded", "naive CoCA", "pyguard CoCA", "CMRM", "CASA", "all three"):
         assert f"| {name} |" in md
     assert (tmp_path / "bench.png").stat().st_size > 0 and md in r.stdout
+
+
+@pytest.mark.parametrize("command", ["demo", "chat", "calibrate", "fit", "eval", "bench", "models"])
+def test_every_command_help_has_examples(command):
+    r = pyguard(command, "--help")
+    assert r.returncode == 0 and "examples:" in r.stdout and f"pyguard {command}" in r.stdout.split("examples:")[1]
