@@ -13,10 +13,13 @@ and after it are embedded by the model, the ``k`` soft tokens go between.
 - ``hf_embeds``: the Hugging Face route, ``inputs_embeds`` [1, T, d] for ``model(inputs_embeds=)``.
 - ``llama_prefill``: the llama.cpp route, tokens and soft tokens decoded into one sequence
   (``Engine.decode_embd``).
+- ``train``: the projector trained on (content, instruction, target) examples with the language
+  modelling loss on the target, everything else frozen.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -39,6 +42,14 @@ class Projector(torch.nn.Module):
         if x.dim() != 2 or x.shape[1] != self.d_in:
             raise ValueError(f"the projector takes [B, {self.d_in}] embeddings, got {list(x.shape)}")
         return self.net(x).view(x.shape[0], self.k, self.d_out)
+
+    @torch.no_grad()
+    def match_scale(self, target_rms: float, x: torch.Tensor) -> None:
+        """Scale the last layer so soft tokens of inputs ``x`` [B, d_in] have root-mean-square
+        ``target_rms`` (e.g. that of the model's token embeddings): a start the model can read."""
+        rms = self(x).pow(2).mean().sqrt()
+        self.net[-1].weight.mul_(target_rms / rms)
+        self.net[-1].bias.mul_(target_rms / rms)
 
     def config(self) -> dict:
         return {"d_in": self.d_in, "d_out": self.d_out, "k": self.k, "hidden": self.hidden}
@@ -104,3 +115,76 @@ def llama_prefill(engine, before: list[int], soft: np.ndarray, after: list[int],
         engine.decode([(t, pos + i, seq, i == len(after) - 1) for i, t in enumerate(after)])
         pos += len(after)
     return pos
+
+
+# ----------------------------------------------------------------------------- training
+@dataclass
+class Example:
+    """One training example: the content (the grafted input), the text instruction after it and
+    the target answer."""
+
+    content: str
+    instruction: str
+    target: str
+
+
+def prompt_ids(tokenizer, instruction: str) -> tuple[list[int], list[int]]:
+    """Token ids of the chat prompt before and after the content's place, for a user message
+    ``MARKER`` + newline + ``instruction`` (with the generation prompt)."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": f"{MARKER}\n{instruction}"}],
+                                         add_generation_prompt=True, tokenize=False)
+    before, after = split(text)
+    enc = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    return enc(before), enc(after)
+
+
+def batch(model, tokenizer, examples: list[Example], soft: torch.Tensor):
+    """Right-padded ``(inputs_embeds [B, T, d], attention_mask [B, T], labels [B, T])`` for
+    examples and their soft tokens [B, k, d]; labels (-100 elsewhere) on the target and eos."""
+    emb = model.get_input_embeddings()
+    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    rows = []
+    for ex, s in zip(examples, soft):
+        before, after = prompt_ids(tokenizer, ex.instruction)
+        target = tokenizer(ex.target, add_special_tokens=False)["input_ids"] + eos
+        rows.append((hf_embeds(model, before, s, after + target)[0], len(before) + len(s) + len(after), target))
+    T, d = max(len(e) for e, _, _ in rows), emb.weight.shape[1]
+    x = torch.zeros(len(rows), T, d, dtype=emb.weight.dtype)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    labels = torch.full((len(rows), T), -100, dtype=torch.long)
+    for b, (e, n_prompt, target) in enumerate(rows):
+        x[b, :len(e)], mask[b, :len(e)] = e, 1
+        labels[b, n_prompt:len(e)] = torch.tensor(target)
+    return x, mask, labels
+
+
+def train(model, tokenizer, encode, projector: Projector, examples: list[Example], steps: int = 100,
+          batch_size: int = 4, lr: float = 1e-3, seed: int = 0, progress: bool = True) -> list[float]:
+    """Train ``projector`` (everything else frozen) with the language-modelling loss on each
+    example's target; ``encode(texts) -> [N, d_in]`` is the frozen encoder. Examples are drawn in
+    seeded random order. Returns the loss of every step."""
+    from tqdm.auto import tqdm
+
+    if not examples:
+        raise ValueError("no training examples")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    projector.train()
+    opt = torch.optim.AdamW(projector.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    contents = sorted({ex.content for ex in examples})
+    cache = dict(zip(contents, encode(contents)))  # the encoder is frozen: encode each content once
+    losses = []
+    bar = tqdm(range(steps), desc="projector", unit="step", disable=not progress)
+    for _ in bar:
+        pick = [examples[int(i)] for i in torch.randint(len(examples), (batch_size,), generator=g)]
+        soft = projector(torch.stack([cache[ex.content] for ex in pick]))
+        x, mask, labels = batch(model, tokenizer, pick, soft)
+        loss = model(inputs_embeds=x, attention_mask=mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    projector.eval()
+    return losses
