@@ -54,12 +54,15 @@ class Projector(torch.nn.Module):
     def config(self) -> dict:
         return {"d_in": self.d_in, "d_out": self.d_out, "k": self.k, "hidden": self.hidden}
 
-    def save(self, path, **meta) -> None:
-        """Write ``path`` (.safetensors): the weights, the shape and ``meta`` (e.g. model_hint)."""
+    def save(self, path, half: bool = False, **meta) -> None:
+        """Write ``path`` (.safetensors): the weights (float16 with ``half``: half the size), the
+        shape and ``meta`` (e.g. model_hint)."""
         from safetensors.torch import save_file
 
         info = {k: str(v) for k, v in self.config().items()} | {k: str(v) for k, v in meta.items()}
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, os.fspath(path), metadata=info)
+        dtype = torch.float16 if half else torch.float32
+        save_file({k: v.detach().to(dtype).contiguous() for k, v in self.state_dict().items()}, os.fspath(path),
+                  metadata=info)
 
     @classmethod
     def load(cls, path) -> tuple["Projector", dict]:
@@ -74,7 +77,7 @@ class Projector(torch.nn.Module):
                 meta = dict(f.metadata() or {})
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
             p = cls(**{k: int(meta[k]) for k in ("d_in", "d_out", "k", "hidden")})
-            p.load_state_dict(tensors)
+            p.load_state_dict({k: v.float() for k, v in tensors.items()})
         except Exception as e:  # a bad header, missing keys, wrong shapes
             raise ValueError(f"{path!r} is not a valid projector file: {e}") from e
         return p.eval(), meta
@@ -158,11 +161,28 @@ def batch(model, tokenizer, examples: list[Example], soft: torch.Tensor):
     return x, mask, labels
 
 
+def target_loss(model, x: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The language-modelling loss on the labelled positions (as ``model(labels=)`` computes it),
+    with logits only from the first labelled position on: the vocabulary projection of the
+    prompt positions (151,936 columns for Qwen) is skipped."""
+    rows = (labels != -100).any(0).nonzero()
+    if rows.numel() == 0:
+        raise ValueError("no labelled positions")
+    idx = torch.arange(int(rows[0]) - 1, labels.shape[1] - 1, device=x.device)  # positions predicting a label
+    logits = model(inputs_embeds=x, attention_mask=mask, logits_to_keep=idx).logits
+    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                             labels[:, idx + 1].reshape(-1), ignore_index=-100)
+
+
 def train(model, tokenizer, encode, projector: Projector, examples: list[Example], steps: int = 100,
-          batch_size: int = 4, lr: float = 1e-3, seed: int = 0, progress: bool = True) -> list[float]:
+          batch_size: int = 4, lr: float = 1e-3, seed: int = 0, progress: bool = True,
+          deadline: float | None = None) -> list[float]:
     """Train ``projector`` (everything else frozen) with the language-modelling loss on each
     example's target; ``encode(texts) -> [N, d_in]`` is the frozen encoder. Examples are drawn in
-    seeded random order. Returns the loss of every step."""
+    seeded random order. Stops after ``steps`` or at ``deadline`` (``time.monotonic()``).
+    Returns the loss of every step."""
+    import time
+
     from tqdm.auto import tqdm
 
     if not examples:
@@ -179,12 +199,89 @@ def train(model, tokenizer, encode, projector: Projector, examples: list[Example
     for _ in bar:
         pick = [examples[int(i)] for i in torch.randint(len(examples), (batch_size,), generator=g)]
         soft = projector(torch.stack([cache[ex.content] for ex in pick]))
-        x, mask, labels = batch(model, tokenizer, pick, soft)
-        loss = model(inputs_embeds=x, attention_mask=mask, labels=labels).loss
+        loss = target_loss(model, *batch(model, tokenizer, pick, soft))
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if deadline is not None and time.monotonic() > deadline:
+            break
     projector.eval()
     return losses
+
+
+# ----------------------------------------------------------------------------- data and the command
+SUBJECTS = ("The old lighthouse", "A small red fox", "My neighbour's garden", "The city library", "A cup of green tea",
+            "The morning train", "Our chemistry teacher", "A wooden sailboat", "The bakery on the corner",
+            "A curious toddler", "The mountain trail", "An orange cat", "The school orchestra", "A rainy afternoon",
+            "The new bicycle", "A quiet museum", "The farmers' market", "A paper kite", "The village bridge",
+            "A jar of honey")
+PREDICATES = ("stands at the edge of the harbour", "sleeps under the apple tree", "is full of sunflowers in July",
+              "opens at nine every morning", "tastes slightly bitter and fresh", "arrives ten minutes late",
+              "explains the periodic table with songs", "drifts slowly across the lake", "sells warm bread at dawn",
+              "asks why the sky is blue", "winds between tall pine trees", "watches birds from the window",
+              "rehearses for the spring concert", "makes everyone stay indoors", "has a bright yellow frame")
+INSTRUCTIONS = ("Repeat the content above word for word.", "Restate the content above.",
+                "What does the content above say? Repeat it exactly.")
+
+
+def benign_contents(seed: int = 0) -> list[str]:
+    """Benign content strings for training the projector: the training split of the shipped
+    benign prompts (never its held-out part) and 300 generated descriptive sentences."""
+    from . import datasets
+
+    train = [it["text"] for it in datasets.split(datasets.benign(), datasets.FIT_FRACTIONS, seed)[0]]
+    made = [f"{s} {p}." for s in SUBJECTS for p in PREDICATES]
+    return train + made
+
+
+def restate_examples(contents: list[str]) -> list[Example]:
+    """Each content with each restating instruction; the target is the content itself."""
+    return [Example(c, ins, c) for c in contents for ins in INSTRUCTIONS]
+
+
+def main(argv=None) -> int:
+    """``python -m pyguard.graft train``: train a projector for a default model on benign content
+    within a time budget, save it. Prints the loss curve's start and end."""
+    import argparse
+    import time
+
+    from . import models
+    from .methods import describe_model
+    from .tga import SentenceEncoder
+    from .torch import convert
+
+    ap = argparse.ArgumentParser(prog="python -m pyguard.graft", description=__doc__.split("\n")[0])
+    ap.add_argument("action", choices=["train"])
+    ap.add_argument("--model", default=models.DEFAULT_MODEL)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--k", type=int, default=4, help="soft tokens per content")
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--minutes", type=float, default=25.0, help="stop after this long and save what is trained")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    torch.manual_seed(a.seed)
+    model, tok = convert.load(a.model)
+    enc = SentenceEncoder()
+    examples = restate_examples(benign_contents(a.seed))
+    emb = model.get_input_embeddings().weight.detach()
+    proj = Projector(enc.dim, emb.shape[1], k=a.k, hidden=a.hidden)
+    proj.match_scale(emb.pow(2).mean().sqrt().item(), enc.encode(sorted({e.content for e in examples})[:64]))
+    t0 = time.monotonic()
+    losses = train(model, tok, enc.encode, proj, examples, a.steps, a.batch_size, a.lr, a.seed,
+                   deadline=t0 + a.minutes * 60)
+    cfg = model.config
+    proj.save(a.out, half=True, model_hint=describe_model(cfg.model_type, cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size),
+              encoder="all-MiniLM-L6-v2", objective="restate", steps=len(losses), seed=a.seed)
+    n = max(1, len(losses) // 10)
+    print(f"{len(losses)} steps in {(time.monotonic() - t0) / 60:.1f} min; loss {sum(losses[:n]) / n:.3f} (first "
+          f"{n}) -> {sum(losses[-n:]) / n:.3f} (last {n}); wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

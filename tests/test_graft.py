@@ -26,6 +26,10 @@ def test_projector_save_load(tmp_path):
     x = torch.randn(2, 384)
     torch.testing.assert_close(q(x), p(x), rtol=0, atol=0)
     assert meta["model_hint"].startswith("llama") and q.config() == p.config()
+    p.save(tmp_path / "h.safetensors", half=True)
+    h, _ = graft.Projector.load(tmp_path / "h.safetensors")
+    assert (tmp_path / "h.safetensors").stat().st_size < 0.6 * (tmp_path / "p.safetensors").stat().st_size
+    torch.testing.assert_close(h(x), p(x), rtol=1e-2, atol=1e-3)  # float16 weights, float32 compute
     with pytest.raises(FileNotFoundError, match="no such projector file"):
         graft.Projector.load(tmp_path / "none.safetensors")
     (tmp_path / "bad.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
@@ -107,3 +111,16 @@ def test_training_lowers_the_loss_and_reaches_only_the_projector():
     assert x.shape[:2] == mask.shape == labels.shape and (labels[mask == 0] == -100).all()
     n_target = [len(tok(ex.target, add_special_tokens=False)["input_ids"]) + 1 for ex in examples[:2]]
     assert [(labels[b] != -100).sum().item() for b in range(2)] == n_target
+
+
+def test_target_loss_equals_the_models_own():
+    pytest.importorskip("transformers")
+    from tiny_hf import tiny_llama, tiny_tokenizer
+
+    model, tok = tiny_llama(), tiny_tokenizer()
+    examples = [graft.Example("a", "harmless", "The assistant should answer"), graft.Example("b", "ethical", "kind")]
+    soft = torch.randn(2, 3, 64) * 0.02
+    x, mask, labels = graft.batch(model, tok, examples, soft)
+    with torch.no_grad():
+        want = model(inputs_embeds=x, attention_mask=mask, labels=labels).loss
+        torch.testing.assert_close(graft.target_loss(model, x, mask, labels), want, rtol=1e-5, atol=1e-6)
