@@ -8,12 +8,12 @@ ratios to unguarded, and each guard's routes.
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import platform
 import time
 
-from pyguard import datasets, models
-from pyguard.demo_chat import shipped_casa
+from pyguard import datasets, evaluate, models
 from pyguard.llama import GuardedLlama
 from pyguard.methods import CASA, Cascade, CoCA
 
@@ -25,42 +25,35 @@ def main(argv=None):
     p.add_argument("--limit", type=int, default=None)
     a = p.parse_args(argv)
     path = models.model_path(a.model)
-    casa = CASA.load(shipped_casa(a.model))
+    casa = CASA.load(models.shipped_casa(a.model))
     items = datasets.held_out(datasets.benign())[: a.limit]
     configs = {"unguarded": {}, "cascade": {"cascade": Cascade(casa, CoCA())}, "coca+casa": {"coca": CoCA(), "casa": casa}}
     gs = {name: GuardedLlama(path, n_ctx=2048, **kw) for name, kw in configs.items()}
-    acc = {name: {"tokens": 0, "dec_tokens": 0, "decode_s": 0.0, "wall_s": 0.0, "routes": {}} for name in gs}
+    rows, wall = [], {name: 0.0 for name in gs}
     try:
         for k, it in enumerate(items):
             order = list(gs) if k % 2 == 0 else list(gs)[::-1]
             for name in order:
                 t0 = time.perf_counter()
-                r = gs[name].create_chat_completion([{"role": "user", "content": it["text"]}], max_tokens=a.tokens)
-                wall = time.perf_counter() - t0
-                rep, n = r["pyguard"], r["usage"]["completion_tokens"]
-                t = rep["timings"]
-                s = acc[name]
-                s["tokens"] += n
-                s["wall_s"] += wall
-                if t.get("decode_ms_per_token") and n > 1:  # a refusal at prefill decodes nothing
-                    s["decode_s"] += t["decode_ms_per_token"] * n / 1e3
-                    s["dec_tokens"] += n
-                route = (rep.get("cascade") or {}).get("branch") or ("refuse" if (rep.get("casa") or {}).get("unsafe")
-                                                                      else "coca" if rep.get("coca") else "none")
-                s["routes"][route] = s["routes"].get(route, 0) + 1
+                r = gs[name].create_chat_completion(evaluate.messages(it), max_tokens=a.tokens)
+                wall[name] += time.perf_counter() - t0
+                rows.append(evaluate.response_row(it, name, r))
     finally:
         for g in gs.values():
             g.close()
-    base = acc["unguarded"]
+    # decode tok/s as the eval table computes it (items that decoded; a refusal at prefill decodes nothing)
+    dec = {s["method"]: s["tokens_per_s"] for s in evaluate.summarize(rows, [None] * len(rows), list(gs), "-")}
+    e2e = {name: sum(r["completion_tokens"] for r in rows if r["method"] == name) / wall[name] for name in gs}
     print(f"model {a.model}, {os.cpu_count()} cores ({platform.machine()}), {len(items)} held-out benign prompts, "
           f"greedy, up to {a.tokens} new tokens, interleaved")
     print("\n| configuration | decode tok/s | ÷ unguarded | end-to-end tok/s | ÷ unguarded | routes |")
     print("|---|---|---|---|---|---|")
-    for name, s in acc.items():
-        dec, e2e = s["dec_tokens"] / s["decode_s"], s["tokens"] / s["wall_s"]
-        routes = ", ".join(f"{k} {v}" for k, v in sorted(s["routes"].items()))
-        print(f"| {name} | {dec:.1f} | {dec / (base['dec_tokens'] / base['decode_s']):.2f} | {e2e:.1f} | "
-              f"{e2e / (base['tokens'] / base['wall_s']):.2f} | {routes} |")
+    for name in gs:
+        mine = [r for r in rows if r["method"] == name]
+        route = lambda r: r["branch"] or ("refuse" if (r["casa"] or {}).get("unsafe") else "coca" if r["coca"] else "none")  # noqa: E731
+        routes = ", ".join(f"{k} {v}" for k, v in sorted(collections.Counter(map(route, mine)).items()))
+        print(f"| {name} | {dec[name]:.1f} | {dec[name] / dec['unguarded']:.2f} | {e2e[name]:.1f} | "
+              f"{e2e[name] / e2e['unguarded']:.2f} | {routes} |")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import numpy as np
 from . import models
 from .calibrate import locate
 from .llama import GuardedLlama
-from .llama.engine import Engine
+from .llama.engine import Engine, model_shape
 from .llama.reference import naive_coca
 from .methods import CASA, CMRM, CoCA
 
@@ -103,8 +103,8 @@ def gguf_path(model) -> Path:
 
 def rss_child(name: str, model: str, n_ctx: int, tokens: int, gate_kl: float) -> None:
     path = gguf_path(model)
-    with Engine(path, n_ctx=64, n_seq=1) as e:
-        spec = configs(e.n_embd, e.n_layer, gate_kl)[name]
+    n_layer, n_embd = model_shape(path)
+    spec = configs(n_embd, n_layer, gate_kl)[name]
     g = make(name, spec, path, n_ctx)
     timed(g, PROMPT, tokens)
     g.close()
@@ -140,8 +140,8 @@ def run(model: str, tokens: int, rounds: int, n_ctx: int, gate_kl: float, progre
     from tqdm.auto import tqdm
 
     path = gguf_path(model)
-    with Engine(path, n_ctx=64, n_seq=1) as e:
-        specs = configs(e.n_embd, e.n_layer, gate_kl)
+    n_layer, n_embd = model_shape(path)
+    specs = configs(n_embd, n_layer, gate_kl)
     gs = {name: make(name, spec, path, n_ctx) for name, spec in specs.items()}
     res = {name: {"ttft": [], "tpot": [], "n": [], "gated": 0, "runs": 0, "rss_mb": float("nan")} for name in gs}
     bar = tqdm(total=rounds * len(gs), desc="bench", unit="config", disable=not progress)

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .datasets import FIT_JAILBREAKS
+from .models import DEFAULT_MODEL
+
 EXAMPLES = """examples:
   pyguard demo                       guarded chat on the default model: unguarded beside guarded answers
   pyguard demo --model smollm2-135m --max-tokens 16
@@ -122,33 +125,15 @@ def _bench(a) -> int:
 
 
 def _defences(a):
-    from .demo_chat import shipped_casa
     from .evaluate import Defences
-    from .methods import CASA, CMRM, Cascade, CoCA
+    from .methods import CoCA
 
-    casa = a.casa
-    if casa is None and a.model in _default_models():
-        casa = shipped_casa(a.model) if shipped_casa(a.model).exists() else None
-    cmrm = a.cmrm if a.cmrm == "sample" else CMRM.load(a.cmrm) if a.cmrm else None
-    casa = CASA.load(casa) if casa else None
-    cascade = getattr(a, "cascade", None)
-    coca = CoCA(alpha=a.alpha)
-    if cascade is not None:
-        cascade = Cascade.load(cascade, coca)
-    elif casa is not None and casa.cascade is not None:  # thresholds saved with the CASA module
-        cascade = Cascade(casa, coca)
-    return Defences(coca=coca, cmrm=cmrm, casa=casa, cascade=cascade)
-
-
-def _default_models():
-    from . import models
-
-    return models.MODELS
+    return Defences.for_model(a.model, CoCA(alpha=a.alpha), a.casa, a.cmrm, a.cascade)
 
 
 def _model_flags(p) -> None:
     """The flags every command that runs a guarded model shares."""
-    p.add_argument("--model", default="qwen2.5-coder-0.5b", help="default model name, .gguf file or HF folder")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="default model name, .gguf file or HF folder")
     p.add_argument("--mmproj", type=Path, help="the GGUF model's multimodal projector (for images)")
     p.add_argument("--alpha", type=float, default=1.5, help="CoCA strength")
     p.add_argument("--casa", type=Path, help="CASA file (default: the shipped one for a default model)")
@@ -178,7 +163,7 @@ def _chat(a) -> int:
     from . import chat_cli, evaluate
 
     d = _defences(a)
-    [method] = _methods(a.method or ("cascade" if d.cascade else "coca+casa" if d.casa else "coca"), one=True)
+    [method] = _methods(a.method or d.best(), one=True)
     g = evaluate.Runtime(a.model, a.mmproj, a.n_ctx).open(**d.for_method(method))
     try:
         return chat_cli.run(g, a.max_tokens, a.system)
@@ -197,10 +182,10 @@ def _eval(a) -> int:
 
 
 def _fit_cascade(a) -> int:
+    from . import models
     from .calibrate import cascade
-    from .demo_chat import shipped_casa
 
-    src = a.casa or (shipped_casa(a.model) if a.model in _default_models() else None)
+    src = a.casa or models.shipped_casa(a.model)
     if src is None:
         raise UsageError("fit cascade needs --casa (a fitted CASA file)")
     target = 0.02 if a.target_frr is None else a.target_frr
@@ -221,7 +206,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="guarded chat demo (or --ops: the fused ops on every backend)")
-    d.add_argument("--model", default="qwen2.5-coder-0.5b", help="a default model name (pyguard models list)")
+    d.add_argument("--model", default=DEFAULT_MODEL, help="a default model name (pyguard models list)")
     d.add_argument("--max-tokens", type=int, default=48)
     d.add_argument("--alpha", type=float, default=1.5, help="CoCA strength")
     d.add_argument("--ops", action="store_true", help="run the fused-ops demo instead")
@@ -242,14 +227,14 @@ def parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=_calibrate)
     f = sub.add_parser("fit", help="fit a method's parameters on labelled prompts (casa, cascade)")
     f.add_argument("method", choices=["casa", "cascade"])
-    f.add_argument("--model", default="qwen2.5-coder-0.5b", help="default model name, .gguf file or HF folder")
+    f.add_argument("--model", default=DEFAULT_MODEL, help="default model name, .gguf file or HF folder")
     f.add_argument("--layer", type=int, help="casa: decoder layer whose prompt hidden states CASA reads")
     f.add_argument("--casa", type=Path, help="cascade: the fitted CASA file (default: the shipped one)")
     f.add_argument("--out", type=Path, required=True, help="the CASA file to write (.safetensors or .npz; "
                    "cascade: the CASA file with the thresholds)")
     f.add_argument("--harmful", type=Path, help="JSONL of harmful prompts (default: AdvBench, HarmBench, Do-Not-Answer, jailbreak-wrapped AdvBench)")
     f.add_argument("--benign", type=Path, help="JSONL of benign prompts (default: the shipped benign set)")
-    f.add_argument("--jailbreaks", type=int, default=260, help="jailbreak-wrapped goals in the default harmful set")
+    f.add_argument("--jailbreaks", type=int, default=FIT_JAILBREAKS, help="jailbreak-wrapped goals in the default harmful set")
     f.add_argument("--target-frr", type=float, default=None,
                    help="false-refusal rate allowed on validation benign prompts (casa: 0.05; cascade: 0.02, "
                         "counting every benign prompt routed to CoCA as refused)")
@@ -282,7 +267,7 @@ def parser() -> argparse.ArgumentParser:
     ch.set_defaults(fn=_chat)
     b = sub.add_parser("bench", help="end-to-end latency of every method beside the unguarded model (llama.cpp)",
                        epilog=BENCH_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    b.add_argument("--model", default="qwen2.5-coder-0.5b", help="default model name or .gguf file")
+    b.add_argument("--model", default=DEFAULT_MODEL, help="default model name or .gguf file")
     b.add_argument("--tokens", type=int, default=64, help="new tokens per answer")
     b.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians)")
     b.add_argument("--n-ctx", type=int, default=1024)

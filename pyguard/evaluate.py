@@ -17,6 +17,7 @@ decoded tokens over decode time, summed over items that decoded at least two tok
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import os
@@ -59,6 +60,25 @@ class Defences:
     casa: CASA | None = None
     cascade: Cascade | None = None
 
+    @classmethod
+    def for_model(cls, model, coca: CoCA, casa=None, cmrm=None, cascade=None) -> "Defences":
+        """The defences for ``model``: ``casa`` and ``cascade`` files (default: the CASA file shipped
+        for a default model, whose cascade thresholds, when it has them, make the cascade);
+        ``cmrm`` a vectors file or "sample"."""
+        from . import models
+
+        casa = CASA.load(casa) if casa else (CASA.load(f) if (f := models.shipped_casa(model)) else None)
+        if cascade is not None:
+            cascade = Cascade.load(cascade, coca)
+        elif casa is not None and casa.cascade is not None:
+            cascade = Cascade(casa, coca)
+        cmrm = cmrm if cmrm in (None, "sample") else CMRM.load(cmrm)
+        return cls(coca=coca, cmrm=cmrm, casa=casa, cascade=cascade)
+
+    def best(self) -> str:
+        """The strongest guard at hand: the cascade, else CoCA + CASA, else CoCA."""
+        return "cascade" if self.cascade else "coca+casa" if self.casa else "coca"
+
     def for_method(self, method: str) -> dict:
         kw = {}
         for p in method_parts(method):
@@ -85,13 +105,13 @@ class Runtime:
             raise ValueError("--mmproj goes with a .gguf model; a Hugging Face folder brings its own vision tower")
         self._hf = None
 
+    @functools.cached_property
     def shape(self) -> tuple[int, int]:
         """(n_layer, n_embd) of the model."""
         if self.kind == "gguf":
-            from .llama.engine import Engine
+            from .llama.engine import model_shape
 
-            with Engine(self.path, n_ctx=64, n_seq=1) as e:
-                return e.n_layer, e.n_embd
+            return model_shape(self.path)
         import transformers
 
         cfg = transformers.AutoConfig.from_pretrained(self.path).get_text_config()
@@ -100,7 +120,7 @@ class Runtime:
     def open(self, **methods):
         """A guarded model with ``methods`` (coca=, cmrm=, casa=); cmrm="sample" is sized here."""
         if isinstance(methods.get("cmrm"), str):
-            methods["cmrm"] = CMRM.sample(*self.shape())
+            methods["cmrm"] = CMRM.sample(*self.shape)
         if self.kind == "gguf":
             from .llama import GuardedLlama
 
@@ -121,7 +141,8 @@ def messages(item: dict) -> list[dict]:
                                          {"type": "text", "text": item["text"]}]}]
 
 
-def _row(item: dict, method: str, r: dict) -> dict:
+def response_row(item: dict, method: str, r: dict) -> dict:
+    """One row of responses.jsonl: the item, the method, the answer and its pyguard report."""
     rep = r["pyguard"]
     t = rep.get("timings") or {}
     casa = rep.get("casa")
@@ -203,15 +224,14 @@ def run(model, dataset, methods="none,coca,casa,coca+casa", out="results", defen
             for it in todo[m]:
                 bar.set_postfix_str(m)
                 r = g.create_chat_completion(messages(it), max_tokens=max_tokens, temperature=0.0)
-                datasets.append_jsonl(out / "responses.jsonl", _row(it, m, r))
+                datasets.append_jsonl(out / "responses.jsonl", response_row(it, m, r))
                 bar.update()
         finally:
             g.close()
     bar.close()
     wanted = {(it["id"], m) for it in items for m in names}
     rows = [r for r in done_rows(out) if (r["id"], r["method"]) in wanted]
-    requests = {it["id"]: it["text"] for it in items}
-    verdicts = judge_rows(rows, requests, judge, out, judge_model, progress)
+    verdicts = judge_rows(rows, judge, out, judge_model, progress)
     label = judge if judge == "refusal" else f"model: {Path(str(judge_model)).name}"  # who gave the verdicts
     table = summarize(rows, verdicts, names, label)
     files = write_summary(table, out, judge)
@@ -219,11 +239,10 @@ def run(model, dataset, methods="none,coca,casa,coca+casa", out="results", defen
 
 
 # ------------------------------------------------------------------------------------ judge
-def judge_rows(rows: list[dict], requests: dict, judge: str, out: Path, judge_model=None,
-               progress: bool = True) -> list[bool | None]:
-    """A verdict per row (True: refused); ``requests``: item id -> request text. The model judge's
-    verdicts are cached in ``judgments-model.jsonl`` by (judge model and prompt, item id,
-    response): methods that gave the same answer to the same request are judged once."""
+def judge_rows(rows: list[dict], judge: str, out: Path, judge_model=None, progress: bool = True) -> list[bool | None]:
+    """A verdict per row (True: refused). The model judge sees the response alone, so its verdicts
+    are cached in ``judgments-model.jsonl`` by (judge model and prompt, response): an answer
+    given to several items or by several methods is judged once."""
     if judge == "refusal":
         return [judges.is_refusal(r["response"]) for r in rows]
     from tqdm.auto import tqdm
@@ -232,19 +251,18 @@ def judge_rows(rows: list[dict], requests: dict, judge: str, out: Path, judge_mo
         raise ValueError("--judge model needs --judge-model M.gguf")
     f = out / "judgments-model.jsonl"
     who = {"judge_model": str(judge_model), "judge_prompt": judges.PROMPT_ID}
-    cache = {(j["id"], j["response"]): j["refused"] for j in (datasets.read_jsonl(f, required=("id",)) if f.exists() else [])
+    cache = {j["response"]: j["refused"] for j in (datasets.read_jsonl(f, required=("response",)) if f.exists() else [])
              if all(j.get(k) == v for k, v in who.items())}  # another judge's verdicts are not reused
-    todo = list({(r["id"], r["response"]): r for r in rows if (r["id"], r["response"]) not in cache}.values())
+    todo = list(dict.fromkeys(r["response"] for r in rows if r["response"] not in cache))
     if todo:
         jm = judges.ModelJudge(judge_model)
         try:
-            for r in tqdm(todo, desc="judge", unit="item", disable=not progress):
-                v = jm(requests[r["id"]], r["response"])
-                cache[(r["id"], r["response"])] = v
-                datasets.append_jsonl(f, {"id": r["id"], "response": r["response"], "refused": v, **who})
+            for response in tqdm(todo, desc="judge", unit="answer", disable=not progress):
+                cache[response] = v = jm(response)
+                datasets.append_jsonl(f, {"response": response, "refused": v, **who})
         finally:
             jm.close()
-    return [cache[(r["id"], r["response"])] for r in rows]
+    return [cache[r["response"]] for r in rows]
 
 
 def _mean(xs):

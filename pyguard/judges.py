@@ -84,11 +84,9 @@ def clip(text: str, max_chars: int) -> str:
 
 
 class ModelJudge:
-    """The LLM judge over a GGUF model file (llama.cpp): ``judge(request, response) -> bool | None``
-    (the request is not shown to the judge; see the module docstring). Responses are clipped to
+    """The LLM judge over a GGUF model file (llama.cpp): ``judge(response) -> bool | None`` (the
+    request is not shown to the judge; see the module docstring). Responses are clipped to
     ``max_chars`` (``clip``)."""
-
-    name = "model"
 
     def __init__(self, model_path, n_ctx: int = 2048, max_chars: int = 1000):
         from .calibrate import locate
@@ -100,7 +98,7 @@ class ModelJudge:
         self.llm = GuardedLlama(path, n_ctx=n_ctx)
         self.max_chars = max_chars
 
-    def __call__(self, request: str, response: str) -> bool | None:
+    def __call__(self, response: str) -> bool | None:
         prompt = MODEL_JUDGE_PROMPT.format(response=clip(response, self.max_chars))
         r = self.llm.create_chat_completion([{"role": "user", "content": prompt}], max_tokens=6, temperature=0.0)
         return model_verdict(r["choices"][0]["message"]["content"])
@@ -108,10 +106,3 @@ class ModelJudge:
     def close(self) -> None:
         self.llm.close()
 
-
-def keyword_judge(request: str, response: str) -> bool:
-    """``refusal``: the keyword judge with the LLM judge's signature (the request is not used)."""
-    return is_refusal(response)
-
-
-keyword_judge.name = "refusal"

@@ -165,6 +165,13 @@ def _check_hint(obj, what: str, model: dict) -> None:
                          f"{obj.model_hint!r}, the model is {mine!r} ({', '.join(bad)} differ)")
 
 
+def check_fits(obj, model_hint: str) -> None:
+    """``obj.check_model`` against a model described by ``describe_model``'s string (the
+    ``model_hint`` of a guarded model): ValueError naming obj's file when it was fitted elsewhere."""
+    m = _parse_hint(model_hint)
+    obj.check_model(m["n_embd"], m["n_layer"], m.get("arch"), m.get("n_vocab"))
+
+
 def _from(obj) -> str:
     return f" from {obj.source!r}" if obj.source else ""
 
@@ -572,9 +579,6 @@ def _thresholds(lh) -> Tuple[float, float]:
 
 
 # ----------------------------------------------------------------------------- Cascade
-ROUTES = ("none", "coca", "refuse")
-
-
 @dataclass(frozen=True, eq=False)
 class Cascade(_ValueEq):
     """CASA routes each request by its prompt score s (one prefill, shared with what follows):
@@ -658,3 +662,18 @@ def casa_report(casa: CASA, cascade: Optional[Cascade], score: float, ms: float)
         unsafe, threshold = cascade.route(score) == "refuse", cascade.high
         action = "refuse" if unsafe else None
     return {"score": score, "unsafe": unsafe, "threshold": threshold, "layer": casa.layer, "action": action, "ms": ms}
+
+
+def coca_report(coca: CoCA, shared: int) -> dict:
+    """The ``coca`` entry of a ``pyguard`` report at the start of dual decoding."""
+    return {"alpha": coca.alpha, "shared_prefix_tokens": shared, "dual_steps": 0, "gated": False, "kl_max": 0.0}
+
+
+def unpack_cascade(cascade: Optional[Cascade], coca, casa) -> tuple:
+    """(coca, casa) a guarded model runs: the cascade's own, or those given. ValueError when a
+    cascade comes with coca= or casa= too."""
+    if cascade is None:
+        return coca, casa
+    if coca is not None or casa is not None:
+        raise ValueError("cascade= brings its own CASA and CoCA: pass them inside the Cascade, not as casa= / coca=")
+    return cascade.coca, cascade.casa

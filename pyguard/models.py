@@ -115,6 +115,13 @@ def model_path(name: str, cache: Path | None = None) -> Path:
     return _path(_spec(name), cache or cache_dir() / "models")
 
 
+def shipped_casa(model) -> Path | None:
+    """The CASA module (with cascade thresholds) fitted for default model ``model`` and shipped in
+    ``pyguard/data`` (``pyguard fit casa``, ``pyguard fit cascade``); None for other models."""
+    path = Path(__file__).resolve().parent / "data" / f"casa-{model}.safetensors"
+    return path if model in MODELS and path.is_file() else None
+
+
 def data_path(name: str, cache: Path | None = None) -> Path:
     """Where data file ``name`` (a key of ``DATA``) lives in the cache (it may not be fetched yet)."""
     return _path(_spec(name, DATA, "data file"), cache or cache_dir() / "data")

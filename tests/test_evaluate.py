@@ -111,9 +111,8 @@ def test_cascade_method_reports_its_branch(tmp_path):
 def test_model_judge_is_cached(tmp_path, monkeypatch):
     rows = [{"id": "h1", "method": "none", "response": "Sure, here is the guide: first, get a tension wrench."},
             {"id": "h1", "method": "casa", "response": DEFAULT_REFUSAL},
-            {"id": "h1", "method": "cascade", "response": DEFAULT_REFUSAL}]  # judged once with the casa row
-    reqs = {"h1": ITEMS[0]["text"]}
-    v = evaluate.judge_rows(rows, reqs, "model", tmp_path, judge_model=MODEL, progress=False)
+            {"id": "h2", "method": "cascade", "response": DEFAULT_REFUSAL}]  # judged once with the casa row
+    v = evaluate.judge_rows(rows, "model", tmp_path, judge_model=MODEL, progress=False)
     assert all(x in (True, False, None) for x in v) and v[1] == v[2]
     cached = lines(tmp_path / "judgments-model.jsonl")
     assert [c["refused"] for c in cached] == v[:2] and all(c["judge_model"] == str(MODEL) for c in cached)
@@ -121,9 +120,9 @@ def test_model_judge_is_cached(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("the judge model ran again")
     monkeypatch.setattr(judges, "ModelJudge", boom)
-    assert evaluate.judge_rows(rows, reqs, "model", tmp_path, judge_model=MODEL, progress=False) == v
+    assert evaluate.judge_rows(rows, "model", tmp_path, judge_model=MODEL, progress=False) == v
     with pytest.raises(ValueError, match="--judge model needs --judge-model"):
-        evaluate.judge_rows(rows + [{"id": "h1", "method": "x", "response": "new"}], reqs, "model", tmp_path)
+        evaluate.judge_rows(rows + [{"id": "h1", "method": "x", "response": "new"}], "model", tmp_path)
 
 
 @needs_model

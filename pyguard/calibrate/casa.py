@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..datasets import FIT_JAILBREAKS
-from ..methods import CASA
+from ..methods import CASA, check_fits
 from . import NpyCache, hf_guard, locate, model_key
 
 
@@ -260,19 +260,31 @@ def states_function(model: str, layer: int, n_ctx: int = 4096):
     return (lambda m: g.prompt_states(m, layer)), model_key(kind, path), g.model_hint, g.close
 
 
+def hidden_states(model: str, layer: int, texts: list[str], cache=None, progress: bool = True,
+                  desc: str = "hidden states", fitted: CASA | None = None):
+    """Each text's prompt hidden states [T, d] at ``layer`` (cached per prompt under ``cache``,
+    default ``$PYGUARD_CACHE/states``), with the model's cache key and ``model_hint``. ``fitted``:
+    a CASA module that must fit this model, checked before any work."""
+    from .. import models
+
+    fn, key, hint, close = states_function(model, layer)
+    try:
+        if fitted is not None:
+            check_fits(fitted, hint)
+        store = StateCache(Path(cache) if cache else models.cache_dir() / "states", key, layer)
+        return collect(fn, texts, store, progress, desc), key, hint
+    finally:
+        close()
+
+
 def run(model: str, layer: int, out, harmful=None, benign=None, report_dir=None, cache=None,
         target_frr: float = 0.05, jailbreaks: int = FIT_JAILBREAKS, seed: int = 0, progress: bool = True, **fit_kw):
     """Collect hidden states (cached), split by goal (``datasets.FIT_FRACTIONS``), fit, save the CASA file and the
     report (report.json, roc.png). Returns (CASA, report)."""
-    from .. import datasets, models
+    from .. import datasets
 
     items = prompt_sets(harmful, benign, jailbreaks)
-    fn, key, hint, close = states_function(model, layer)
-    try:
-        sc = StateCache(Path(cache) if cache else models.cache_dir() / "states", key, layer)
-        H = collect(fn, [it["text"] for it in items], sc, progress)
-    finally:
-        close()
+    H, key, hint = hidden_states(model, layer, [it["text"] for it in items], cache, progress)
     for it, h in zip(items, H):
         it["states"] = h
     parts = datasets.split(items, datasets.FIT_FRACTIONS, seed)

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..methods import CASA, Cascade, CoCA, _parse_hint
+from ..datasets import FIT_JAILBREAKS
+from ..methods import CASA, Cascade, CoCA
 
 
 def choose_low(benign: np.ndarray, high: float, target_frr: float) -> float:
@@ -44,7 +45,7 @@ def branches(scores: np.ndarray, low: float, high: float) -> dict:
 
 
 def run(casa_path, out, model: str | None = None, target_frr: float = 0.02, harmful=None, benign=None,
-        cache=None, jailbreaks: int | None = None, seed: int = 0, progress: bool = True):
+        cache=None, jailbreaks: int = FIT_JAILBREAKS, seed: int = 0, progress: bool = True):
     """Score the validation split with the CASA module (hidden states from the cache, computed when
     missing), choose (low, high), save the CASA file with them at ``out``. Returns (Cascade, report)."""
     from .. import datasets, models
@@ -52,16 +53,10 @@ def run(casa_path, out, model: str | None = None, target_frr: float = 0.02, harm
 
     casa = CASA.load(casa_path)
     model = model or models.DEFAULT_MODEL
-    items = casa_fit.prompt_sets(harmful, benign, datasets.FIT_JAILBREAKS if jailbreaks is None else jailbreaks)
+    items = casa_fit.prompt_sets(harmful, benign, jailbreaks)
     val = datasets.split(items, datasets.FIT_FRACTIONS, seed)[1]
-    fn, key, hint, close = casa_fit.states_function(model, casa.layer)
-    try:
-        m = _parse_hint(hint)  # the model's own description: refuse a CASA file fitted on another model
-        casa.check_model(m["n_embd"], m["n_layer"], m["arch"], m["n_vocab"])
-        store = casa_fit.StateCache(Path(cache) if cache else models.cache_dir() / "states", key, casa.layer)
-        H = casa_fit.collect(fn, [it["text"] for it in val], store, progress, desc="validation states")
-    finally:
-        close()
+    H, _, _ = casa_fit.hidden_states(model, casa.layer, [it["text"] for it in val], cache, progress,
+                                     "validation states", fitted=casa)
     scores = np.asarray(casa.score(H), dtype=np.float64)
     labels = np.array([it["label"] == "harmful" for it in val])
     high = casa.threshold

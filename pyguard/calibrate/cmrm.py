@@ -126,10 +126,9 @@ def states_function(model: str, mmproj=None, n_ctx: int = 4096):
     kind, path = locate(model)
     if kind == "gguf":
         from ..llama import GuardedLlama
-        from ..llama.engine import Engine
+        from ..llama.engine import model_shape
 
-        with Engine(path, n_ctx=64, n_seq=1) as e:
-            n_layer = e.n_layer
+        n_layer = model_shape(path)[0]
         g = GuardedLlama(path, mmproj_path=mmproj, n_ctx=n_ctx, capture_layer=list(range(n_layer)))
         key = f"{model_key(kind, path)}-{Path(mmproj).name if mmproj else 'text'}"
         return (lambda m: g.prompt_states(m, with_mask=True)), n_layer, key, g.model_hint, g.close

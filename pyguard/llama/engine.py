@@ -168,3 +168,9 @@ class Engine:
         if getattr(self, "model", None) is not None:
             self.model.close()
             self.model = None
+
+
+def model_shape(model_path) -> tuple[int, int]:
+    """(n_layer, n_embd) of a GGUF model (loaded with a minimal context, then freed)."""
+    with Engine(model_path, n_ctx=64, n_seq=1) as e:
+        return e.n_layer, e.n_embd

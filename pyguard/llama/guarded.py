@@ -10,7 +10,7 @@ from typing import Iterator
 import numpy as np
 
 from .. import chat, ops, responses
-from ..methods import casa_report, describe_model
+from ..methods import casa_report, coca_report, describe_model, unpack_cascade
 from ..text import TextAssembler, common_prefix
 from ..sampling import sample
 from .engine import Engine
@@ -33,10 +33,7 @@ class GuardedLlama:
                  coca=None, cmrm=None, casa=None, n_batch: int = 512, verbose: bool = False,
                  capture_layer: int | None = None, cascade=None):
         self.model_path = Path(model_path)
-        if cascade is not None:
-            if coca is not None or casa is not None:
-                raise ValueError("cascade= brings its own CASA and CoCA: pass them inside the Cascade, not as casa= / coca=")
-            coca, casa = cascade.coca, cascade.casa
+        coca, casa = unpack_cascade(cascade, coca, casa)
         self.coca, self.cmrm, self.casa, self.cascade = coca, cmrm, casa, cascade
         self._lock = threading.Lock()
         self.vision = self.engine = self._capture = None
@@ -239,8 +236,7 @@ class GuardedLlama:
             C = ops.native()
             alpha = np.full(1, coca.alpha, np.float32)
             temp = np.full(1, T if T > 0 else 1.0, np.float32)
-            report["coca"] = coca_report = {"alpha": coca.alpha, "shared_prefix_tokens": shared, "dual_steps": 0,
-                                            "gated": False, "kl_max": 0.0}
+            report["coca"] = rep = coca_report(coca, shared)
         t_first = time.perf_counter()
         report["timings"] = timings = {"prefill_ms": (t_first - t0) * 1e3, "decode_ms_per_token": None}
         for step in range(req["max_tokens"]):
@@ -251,12 +247,12 @@ class GuardedLlama:
                 if self._trace is not None:
                     self._trace.append(self._out[0].copy())
                 tok = sample(self._out[0], top_p, rng) if T > 0 and step >= len(forced) else int(tok[0])
-                coca_report["dual_steps"] += 1
-                coca_report["kl_max"] = max(coca_report["kl_max"], float(kl[0]))
-                if (coca.gate_kl is not None and step + 1 == coca.gate_tokens and coca_report["kl_max"] < coca.gate_kl
+                rep["dual_steps"] += 1
+                rep["kl_max"] = max(rep["kl_max"], float(kl[0]))
+                if (coca.gate_kl is not None and step + 1 == coca.gate_tokens and rep["kl_max"] < coca.gate_kl
                         and step + 1 >= len(forced)):
                     e.drop_seq(1)
-                    dual, coca_report["gated"] = False, True
+                    dual, rep["gated"] = False, True
             else:
                 row = rows[0][0]
                 if step < len(forced):

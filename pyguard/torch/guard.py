@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import chat, ops, responses
-from ..methods import casa_report, describe_model
+from ..methods import casa_report, coca_report, describe_model, unpack_cascade
 from ..text import TextAssembler, common_prefix
 from .cmrm import RowSelector, shift_layers
 from .layers import capture, decoder_layers
@@ -52,10 +52,7 @@ class GuardedModel:
     of the last call. Use as a context manager or call :meth:`close`."""
 
     def __init__(self, model, processor_or_tokenizer, coca=None, cmrm=None, casa=None, cascade=None):
-        if cascade is not None:
-            if coca is not None or casa is not None:
-                raise ValueError("cascade= brings its own CASA and CoCA: pass them inside the Cascade, not as casa= / coca=")
-            coca, casa = cascade.coca, cascade.casa
+        coca, casa = unpack_cascade(cascade, coca, casa)
         self.cascade = cascade
         self.layers = decoder_layers(model)  # TypeError naming the class when the guard cannot hook it
         if model.get_output_embeddings() is None:
@@ -457,7 +454,7 @@ class _Batch:
                 tail_h = store[g.casa.layer]
                 states = [torch.cat([s, tail_h[2 * i][tmask[2 * i].bool()]]) for i, s in enumerate(states)]
             for r, k in zip(reqs, cut):
-                r.report["coca"] = _coca_report(g.coca, k)
+                r.report["coca"] = coca_report(g.coca, k)
         if decide is not None:
             decide(states)
         return logits
@@ -487,7 +484,7 @@ class _Batch:
         logits[:B] = base_logits
         self.pos = torch.cat([self.pos, pos[B:, -1]])
         for i in fork:
-            reqs[i].report["coca"] = _coca_report(g.coca, cut[i])
+            reqs[i].report["coca"] = coca_report(g.coca, cut[i])
         return logits
 
     def choose(self, logits, step: int, alpha, do_sample, temperature, top_p, generator) -> list:
@@ -542,10 +539,6 @@ class _Batch:
         self.mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=self.mask.dtype, device=self.dev)], 1)
         self.pos = self.pos + 1
         return self._forward(ids, self.mask, self.pos[:, None])
-
-
-def _coca_report(coca, shared: int) -> dict:
-    return {"alpha": coca.alpha, "shared_prefix_tokens": shared, "dual_steps": 0, "gated": False, "kl_max": 0.0}
 
 
 def _sample(logits: torch.Tensor, top_p: float, generator) -> torch.Tensor:
