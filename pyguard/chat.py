@@ -3,14 +3,15 @@ runtimes; no model code here.
 
 A message is ``{"role": "system"|"user"|"assistant", "content": str | [part, ...]}`` with parts
 ``{"type": "text", "text": ...}`` and ``{"type": "image_url", "image_url": {"url": ...}}``
-(or ``"image_url": "..."``). Image URLs are local file paths, ``file://`` URLs or ``data:`` URIs;
-nothing is fetched from the network.
+(or ``"image_url": "..."``), and ``{"type": "graft", "text": ...}``: content for a grafted modality
+(``pyguard.graft``), which the model reads through a projector, never as text. Image URLs are local
+file paths, ``file://`` URLs or ``data:`` URIs; nothing is fetched from the network.
 """
 from __future__ import annotations
 
 import base64
 import binascii
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -19,13 +20,21 @@ ROLES = ("system", "user", "assistant")
 
 @dataclass
 class Prompt:
-    """Messages flattened for a text chat template: image parts replaced by ``marker``.
+    """Messages flattened for a text chat template: image (or grafted content) parts replaced by
+    ``marker``.
 
-    messages: [{"role", "content": str}]; images: the image bytes, in order of their markers.
+    messages: [{"role", "content": str}]; images: the image bytes, in order of their markers;
+    grafts: the grafted contents, in order of their markers (a prompt has images or grafts, not both).
     """
 
     messages: list[dict]
     images: list[bytes]
+    grafts: list[str] = field(default_factory=list)
+
+    @property
+    def media(self) -> bool:
+        """Whether the prompt holds images or grafted content (what CMRM shifts)."""
+        return bool(self.images or self.grafts)
 
 
 def image_bytes(url: str) -> bytes:
@@ -53,8 +62,10 @@ def _parts(content, i: int) -> list[dict]:
     if not isinstance(content, list):
         raise ValueError(f"messages[{i}].content must be a string or a list of parts, got {type(content).__name__}")
     for j, p in enumerate(content):
-        if not isinstance(p, dict) or p.get("type") not in ("text", "image_url"):
-            raise ValueError(f"messages[{i}].content[{j}] must be a text or image_url part, got {p!r:.80}")
+        if not isinstance(p, dict) or p.get("type") not in ("text", "image_url", "graft"):
+            raise ValueError(f"messages[{i}].content[{j}] must be a text, image_url or graft part, got {p!r:.80}")
+        if p["type"] == "graft" and not (isinstance(p.get("text"), str) and p["text"].strip()):
+            raise ValueError(f"messages[{i}].content[{j}]: a graft part needs a non-empty 'text'")
     return content
 
 
@@ -62,7 +73,7 @@ def flatten(messages, marker: str) -> Prompt:
     """Validate ``messages`` and flatten image parts to ``marker`` in the text."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
-    out, images = [], []
+    out, images, grafts = [], [], []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content'")
@@ -72,6 +83,11 @@ def flatten(messages, marker: str) -> Prompt:
         for p in _parts(m["content"], i):
             if p["type"] == "text":
                 text.append(str(p.get("text", "")))
+            elif p["type"] == "graft":
+                if m["role"] != "user":
+                    raise ValueError(f"messages[{i}]: grafted content is only accepted in user messages")
+                grafts.append(p["text"])
+                text.append(marker)
             else:
                 if m["role"] != "user":
                     raise ValueError(f"messages[{i}]: images are only accepted in user messages")
@@ -79,7 +95,9 @@ def flatten(messages, marker: str) -> Prompt:
                 images.append(image_bytes(url))
                 text.append(marker)
         out.append({"role": m["role"], "content": "".join(text)})
-    return Prompt(out, images)
+    if images and grafts:
+        raise ValueError("a request holds images and grafted content: give one kind of media per request")
+    return Prompt(out, images, grafts)
 
 
 def with_principle(prompt: Prompt, principle: str, position: str, marker: str) -> Prompt:
@@ -93,4 +111,4 @@ def with_principle(prompt: Prompt, principle: str, position: str, marker: str) -
     body = f"{principle}\n\n{text.lstrip()}" if position == "before" else f"{text.rstrip()}\n\n{principle}"
     messages = [dict(m) for m in prompt.messages]
     messages[last]["content"] = head + sep + body
-    return Prompt(messages, prompt.images)
+    return Prompt(messages, prompt.images, prompt.grafts)

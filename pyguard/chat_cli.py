@@ -3,14 +3,15 @@ decoded; after each one, a line shows what the guard decided (CASA score and act
 steps and KL, CMRM on or off) and the speed.
 
 Commands: ``/image PATH`` attaches an image to the next message (needs a vision model),
-``/reset`` forgets the conversation, ``/quit`` (or end of input) leaves.
+``/graft TEXT`` attaches grafted content (needs ``--graft``), ``/reset`` forgets the conversation,
+``/quit`` (or end of input) leaves.
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-HELP = "commands: /image PATH (attach to the next message), /reset, /quit"
+HELP = "commands: /image PATH or /graft TEXT (attach to the next message), /reset, /quit"
 
 
 def decisions(report: dict) -> str:
@@ -39,6 +40,7 @@ def run(g, max_tokens: int = 256, system: str | None = None, stdin=None, out=Non
     stdin, out = stdin or sys.stdin, out or sys.stdout
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     image: str | None = None
+    grafted: str | None = None
     tty = stdin.isatty()
     print(HELP, file=out)
     while True:
@@ -53,7 +55,7 @@ def run(g, max_tokens: int = 256, system: str | None = None, stdin=None, out=Non
         if line in ("/quit", "/exit"):
             return 0
         if line == "/reset":
-            history, image = history[:1] if system else [], None
+            history, image, grafted = history[:1] if system else [], None, None
             print("(conversation reset)", file=out)
             continue
         if line.startswith("/image"):
@@ -64,11 +66,17 @@ def run(g, max_tokens: int = 256, system: str | None = None, stdin=None, out=Non
                 image = str(path)
                 print(f"(image {path.name} attached to the next message)", file=out)
             continue
+        if line.startswith("/graft"):
+            grafted = line[len("/graft"):].strip() or None
+            print("(grafted content attached to the next message)" if grafted else "error: /graft needs text", file=out)
+            continue
         if line.startswith("/"):
             print(f"error: unknown command {line.split()[0]}; {HELP}", file=out)
             continue
         content = line if image is None else [{"type": "image_url", "image_url": {"url": image}},
                                               {"type": "text", "text": line}]
+        if grafted is not None:
+            content = [{"type": "graft", "text": grafted}, {"type": "text", "text": "\n" + line}]
         msgs = history + [{"role": "user", "content": content}]
         print("assistant> ", end="", file=out, flush=True)
         text, report = "", {}
@@ -80,8 +88,8 @@ def run(g, max_tokens: int = 256, system: str | None = None, stdin=None, out=Non
                 report = ch.get("pyguard", report)
         except ValueError as e:  # a bad request (e.g. an image for a text-only model): say so, keep chatting
             print(f"\nerror: {e}", file=out)
-            image = None
+            image = grafted = None
             continue
         print(f"\n  [{decisions(report)}]", file=out, flush=True)
         history = msgs + [{"role": "assistant", "content": text}]
-        image = None
+        image = grafted = None

@@ -21,6 +21,8 @@ EXAMPLES = """examples:
   pyguard calibrate cmrm --model m.gguf --mmproj p.gguf --out vectors.gguf
                                      CMRM shift vectors from the shipped anchors (image vs text only)
   pyguard calibrate cmrm --model m.gguf --mmproj p.gguf --anchors a.jsonl --counterpart blank --method pca --out v.safetensors
+  pyguard calibrate cmrm --model qwen2.5-coder-0.5b --graft --out v.gguf
+                                     CMRM vectors of the grafted modality (grafted content vs the same text)
   pyguard fit casa --layer 12 --out casa.safetensors
                                      fit CASA on the default model (AdvBench, HarmBench, Do-Not-Answer, jailbreaks vs the benign set)
   pyguard fit casa --model m.gguf --harmful h.jsonl --benign b.jsonl --layer 10 --out casa.safetensors
@@ -40,6 +42,9 @@ EVAL_EXAMPLES = """examples:
   pyguard eval --dataset my.jsonl --methods none,casa --out results/mine
   pyguard eval --model m.gguf --mmproj p.gguf --dataset typo+benign-typo --methods none,cmrm,all --cmrm sample
   pyguard eval --judge model --judge-model qwen2.5-coder-0.5b --out results   re-judges saved responses
+  pyguard eval --graft --dataset graft-advbench+graft-benign --methods none,cmrm,coca,casa,cascade --cmrm v.gguf
+                                                     the grafted modality (pyguard.graft): requests as grafted content
+  pyguard eval --dataset inline-advbench+inline-benign --methods none    the same requests as text
 """
 
 
@@ -47,6 +52,7 @@ CHAT_EXAMPLES = """examples:
   pyguard chat                                       default model with the shipped CASA's cascade
   pyguard chat --method none                         the unguarded model, for comparison
   pyguard chat --model m.gguf --mmproj p.gguf --method all --cmrm sample    then: /image photo.png
+  pyguard chat --graft --method none                 then: /graft TEXT (grafted content for the next message)
   echo "How do I kill a stuck Python process?" | pyguard chat    one question from a pipe
 """
 
@@ -92,9 +98,12 @@ def _demo(a) -> int:
 def _calibrate(a) -> int:
     from .calibrate import cmrm
 
-    c = cmrm.run(a.model, a.anchors, a.out, a.mmproj, a.counterpart, a.position, a.method, a.alpha, a.cache)
+    counterpart = a.counterpart or ("inline" if a.graft else "remove")
+    anchors = cmrm.read_anchors(a.anchors) if a.anchors or not a.graft else cmrm.graft_anchors()
+    c = cmrm.run(a.model, anchors, a.out, a.mmproj, counterpart, a.position, a.method, a.alpha, a.cache,
+                 graft=_graft(a))
     norms = np.linalg.norm(c.vectors, axis=1)
-    print(f"{len(cmrm.read_anchors(a.anchors))} anchors, {c.n_layer} layers, vector norms "
+    print(f"{len(anchors)} anchors, {c.n_layer} layers, vector norms "
           f"{norms[1:].min():.3g} .. {norms[1:].max():.3g}; wrote {a.out}")
     return 0
 
@@ -124,6 +133,18 @@ def _bench(a) -> int:
     return 0
 
 
+def _graft(a):
+    """--graft's projector file: a path, or the one shipped for a default model."""
+    from . import models
+
+    if a.graft not in ("shipped", "shipped-tga"):
+        return a.graft
+    path = models.shipped_graft(a.model, tga=a.graft == "shipped-tga")
+    if path is None:
+        raise UsageError(f"no projector ships for {a.model!r}: pass --graft FILE (python -m pyguard.graft train)")
+    return path
+
+
 def _defences(a):
     from .evaluate import Defences
     from .methods import CoCA
@@ -140,6 +161,9 @@ def _model_flags(p) -> None:
     p.add_argument("--cmrm", help="CMRM vectors file (.gguf / .safetensors), or 'sample' for sample-level CMRM")
     p.add_argument("--cascade", type=Path, help="CASA file with cascade thresholds (pyguard fit cascade; default: "
                    "--casa's, when it has them)")
+    p.add_argument("--graft", nargs="?", const="shipped", help="a grafted modality's projector (python -m "
+                   "pyguard.graft train) for grafted content; alone: the one shipped for the model ('shipped-tga': "
+                   "the TGA-trained one)")
     p.add_argument("--n-ctx", type=int, default=4096, help="context length")
 
 
@@ -164,7 +188,7 @@ def _chat(a) -> int:
 
     d = _defences(a)
     [method] = _methods(a.method or d.best(), one=True)
-    g = evaluate.Runtime(a.model, a.mmproj, a.n_ctx).open(**d.for_method(method))
+    g = evaluate.Runtime(a.model, a.mmproj, a.n_ctx, _graft(a)).open(**d.for_method(method))
     try:
         return chat_cli.run(g, a.max_tokens, a.system)
     finally:
@@ -175,7 +199,7 @@ def _eval(a) -> int:
     from . import evaluate
 
     res = evaluate.run(a.model, a.dataset, _methods(a.methods), a.out, _defences(a), a.mmproj, a.max_tokens, a.n_ctx,
-                       a.judge, a.judge_model, a.limit)
+                       a.judge, a.judge_model, a.limit, graft=_graft(a))
     print(evaluate.markdown(res["summary"]))
     print("wrote " + ", ".join(str(p) for p in res["files"]))
     return 0
@@ -216,10 +240,14 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("what", choices=["cmrm"], metavar="method")
     c.add_argument("--model", required=True, help="a .gguf file (with --mmproj) or a Hugging Face LLaVA folder")
     c.add_argument("--mmproj", type=Path, help="the GGUF model's multimodal projector")
-    c.add_argument("--anchors", type=Path, default=None, help="JSONL of {image, text} (default: the shipped set)")
+    c.add_argument("--anchors", type=Path, default=None, help="JSONL of {image, text} or {graft, text} (default: the "
+                   "shipped set; with --graft, 64 of the projector's benign training requests)")
+    c.add_argument("--graft", nargs="?", const="shipped", help="a grafted modality's projector (alone: the one "
+                   "shipped for the model): anchors are grafted content")
     c.add_argument("--out", type=Path, required=True, help="vectors file: .gguf (llama.cpp control vector) or .safetensors")
-    c.add_argument("--counterpart", choices=["remove", "blank", "noise"], default="remove",
-                   help="the text-only input: the image removed, or a blank / noise image")
+    c.add_argument("--counterpart", choices=["remove", "blank", "noise", "inline"], default=None,
+                   help="the text-only input: the image removed, or a blank / noise image; grafted content "
+                   "inlined as text (the default with --graft) or removed")
     c.add_argument("--position", choices=["last", "mean"], default="last", help="last prompt token or mean over text")
     c.add_argument("--method", choices=["mean", "pca"], default="mean", help="mean difference or its first PCA component")
     c.add_argument("--alpha", type=float, default=1.0, help="strength stored with the vectors")

@@ -71,7 +71,7 @@ FIT_JAILBREAKS = 260  # jailbreak-wrapped goals in the default fitting set
 
 # Types of the item fields; other fields are not type-checked unless `types=` names them.
 FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
-    "text": str, "image": str, "label": str, "category": str, "source": str, "id": str, "group": str,
+    "text": str, "image": str, "graft": str, "label": str, "category": str, "source": str, "id": str, "group": str,
     "template": int,
 }
 
@@ -412,6 +412,16 @@ def jailbreak_eval(seed: int = FIT_SEED) -> list[dict]:
     return jailbreak_wrapped(len(goals), seed + 1, goals=goals, templates=templates, prefix="jailbreak-eval")
 
 
+def grafted(items: Sequence[dict], inline: bool = False) -> list[dict]:
+    """Requests as grafted content (``pyguard.graft``): ``graft`` holds the request, ``text`` the
+    answer instruction; with ``inline`` the text-only counterpart (the request inlined as text)."""
+    from .graft import ANSWER, text_prompt
+
+    tag = "inline" if inline else "graft"
+    return [{**it, "id": f"{tag}-{it['id']}", "text": text_prompt(it["text"], ANSWER)} if inline
+            else {**it, "id": f"{tag}-{it['id']}", "graft": it["text"], "text": ANSWER} for it in items]
+
+
 # name -> (description, builder(folder) -> items); images go under folder
 BUILTIN = {
     "advbench": ("held-out AdvBench goals, plain", lambda folder: held_out(advbench())),
@@ -425,6 +435,11 @@ BUILTIN = {
                 lambda folder: typographic(held_out(advbench()), folder, "figstep")),
     "benign-typo": ("held-out benign prompts as typographic images",
                     lambda folder: typographic(held_out(benign()), folder, "typo")),
+    "graft-advbench": ("held-out AdvBench goals as grafted content (--graft)", lambda folder: grafted(held_out(advbench()))),
+    "graft-benign": ("held-out benign prompts as grafted content (--graft)", lambda folder: grafted(held_out(benign()))),
+    "inline-advbench": ("graft-advbench's text-only counterpart: the goal inlined as text",
+                        lambda folder: grafted(held_out(advbench()), inline=True)),
+    "inline-benign": ("graft-benign's text-only counterpart", lambda folder: grafted(held_out(benign()), inline=True)),
 }
 
 

@@ -96,13 +96,18 @@ class Runtime:
     """Opens a guarded model per method: GuardedLlama for a .gguf (or default model name), the
     PyTorch GuardedModel for a Hugging Face folder (weights loaded once)."""
 
-    def __init__(self, model, mmproj=None, n_ctx: int = 4096):
+    def __init__(self, model, mmproj=None, n_ctx: int = 4096, graft=None):
         from .calibrate import locate
 
         self.kind, self.path = locate(model)
         self.mmproj, self.n_ctx = mmproj, n_ctx
         if mmproj is not None and self.kind != "gguf":
             raise ValueError("--mmproj goes with a .gguf model; a Hugging Face folder brings its own vision tower")
+        if graft is not None:
+            from .graft import Graft
+
+            graft = graft if isinstance(graft, Graft) else Graft.load(graft)
+        self.graft = graft  # a pyguard.graft.Graft for "graft" items, loaded once
         self._hf = None
 
     @functools.cached_property
@@ -124,17 +129,21 @@ class Runtime:
         if self.kind == "gguf":
             from .llama import GuardedLlama
 
-            return GuardedLlama(self.path, mmproj_path=self.mmproj, n_ctx=self.n_ctx, **methods)
+            return GuardedLlama(self.path, mmproj_path=self.mmproj, n_ctx=self.n_ctx, graft=self.graft, **methods)
         from .calibrate import hf_model
         from .torch import guard
 
         if self._hf is None:
             self._hf = hf_model(self.path)
-        return guard(*self._hf, **methods)
+        return guard(*self._hf, graft=self.graft, **methods)
 
 
 def messages(item: dict) -> list[dict]:
-    """The item as one OpenAI-style user message (image first, then the text)."""
+    """The item as one OpenAI-style user message (image or grafted content first, then the text
+    on a new line for grafted content, as the projector was trained)."""
+    if item.get("graft"):
+        return [{"role": "user", "content": [{"type": "graft", "text": item["graft"]},
+                                             {"type": "text", "text": "\n" + item["text"]}]}]
     if not item.get("image"):
         return [{"role": "user", "content": item["text"]}]
     return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": item["image"]}},
@@ -165,7 +174,7 @@ def load_items(dataset, folder) -> list[dict]:
     path = Path(dataset)
     if not path.suffix == ".jsonl":
         path = datasets.build(str(dataset), folder)
-    rows = datasets.read_jsonl(path, required=("text", "label"), optional=("category", "id"), image_field="image")
+    rows = datasets.read_jsonl(path, required=("text", "label"), optional=("category", "id", "graft"), image_field="image")
     ids = set()
     for i, r in enumerate(rows):
         r.setdefault("id", f"{path.stem}-{i + 1}")
@@ -193,7 +202,7 @@ def done_rows(out: Path) -> list[dict]:
 
 def run(model, dataset, methods="none,coca,casa,coca+casa", out="results", defences: Defences | None = None,
         mmproj=None, max_tokens: int = 64, n_ctx: int = 4096, judge: str = "refusal", judge_model=None,
-        limit: int | None = None, progress: bool = True) -> dict:
+        limit: int | None = None, progress: bool = True, graft=None) -> dict:
     """Run, resume, judge and summarize; returns {"rows": [...], "summary": [...], "files": [...]}."""
     from tqdm.auto import tqdm
 
@@ -208,11 +217,13 @@ def run(model, dataset, methods="none,coca,casa,coca+casa", out="results", defen
     items = load_items(dataset, out)
     if limit is not None:
         items = items[:limit]
-    rt = Runtime(model, mmproj, n_ctx)
+    if any(it.get("graft") for it in items) and graft is None:
+        raise ValueError(f"{dataset}: items have grafted content but no --graft projector was given")
+    rt = Runtime(model, mmproj, n_ctx, graft)
     if any(it.get("image") for it in items) and mmproj is None and rt.kind == "gguf":
         raise ValueError(f"{dataset}: items have images but the model has no --mmproj")
     _settings_check(out, {"model": str(model), "mmproj": str(mmproj) if mmproj else None, "max_tokens": max_tokens,
-                          "dataset": str(dataset)})
+                          "dataset": str(dataset), **({"graft": rt.graft.fingerprint()} if graft is not None else {})})
     done = {(r["id"], r["method"]) for r in done_rows(out)}
     todo = {m: [it for it in items if (it["id"], m) not in done] for m in names}
     bar = tqdm(total=sum(map(len, todo.values())), desc="eval", unit="item", disable=not progress)

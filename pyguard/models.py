@@ -122,6 +122,14 @@ def shipped_casa(model) -> Path | None:
     return path if model in MODELS and path.is_file() else None
 
 
+def shipped_graft(model, tga: bool = False) -> Path | None:
+    """The grafted modality's projector trained for default model ``model`` (with ``tga``: the one
+    trained with the TGA loss) shipped in ``pyguard/data`` (``python -m pyguard.graft train``);
+    None for other models."""
+    path = Path(__file__).resolve().parent / "data" / f"graft-{model}{'-tga' if tga else ''}.safetensors"
+    return path if model in MODELS and path.is_file() else None
+
+
 def data_path(name: str, cache: Path | None = None) -> Path:
     """Where data file ``name`` (a key of ``DATA``) lives in the cache (it may not be fetched yet)."""
     return _path(_spec(name, DATA, "data file"), cache or cache_dir() / "data")

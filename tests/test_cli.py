@@ -161,3 +161,30 @@ def test_bench_writes_table_and_plot(tmp_path):
 def test_every_command_help_has_examples(command):
     r = pyguard(command, "--help")
     assert r.returncode == 0 and "examples:" in r.stdout and f"pyguard {command}" in r.stdout.split("examples:")[1]
+
+
+def test_chat_with_grafted_content(tmp_path):
+    """/graft attaches grafted content: CMRM (sample-level) is on for that message only; without
+    --graft the request is refused with a clear error and the chat goes on; a default model
+    without a shipped projector is a usage error."""
+    torch = pytest.importorskip("torch")
+    smollm2()
+    from pyguard import graft
+
+    torch.manual_seed(0)
+    graft.Projector(384, 576, k=2, hidden=16).save(tmp_path / "p.safetensors",
+                                                    model_hint="llama n_layer=30 n_embd=576 n_vocab=49152")
+    r = subprocess.run([sys.executable, "-m", "pyguard.cli", "chat", "--model", "smollm2-135m", "--method", "cmrm",
+                        "--cmrm", "sample", "--graft", str(tmp_path / "p.safetensors"), "--max-tokens", "3"],
+                       input="/graft A paper kite.\nWhat is it?\n/reset\nAnd now?\n/graft\n", capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "(grafted content attached to the next message)" in r.stdout and "error: /graft needs text" in r.stdout
+    assert r.stdout.count("CMRM on") == 1 and r.stdout.count("CMRM off") == 1
+    r = subprocess.run([sys.executable, "-m", "pyguard.cli", "chat", "--model", "smollm2-135m", "--method", "none",
+                        "--max-tokens", "3"], input="/graft A paper kite.\nWhat is it?\nHi\n", capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and "grafted content given, but this model was loaded without a projector" in r.stdout
+    assert r.stdout.count("assistant> ") == 2
+    r = pyguard("eval", "--model", "smollm2-135m", "--graft", "--dataset", "graft-benign", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "no projector ships for 'smollm2-135m'" in r.stderr

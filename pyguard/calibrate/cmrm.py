@@ -5,7 +5,8 @@ over the text tokens; the dataset-level vector of a layer is the mean difference
 their first principal component, with the mean's sign and length along it).
 
 Anchor files are JSONL, one ``{"image": path, "text": str}`` per line, image paths relative to the
-file. Each anchor's differences [n_layer, d] are cached on disk (keyed by model, anchor and
+file. Anchors of a grafted modality (``pyguard.graft``) are ``{"graft": content, "text": str}``;
+their counterpart is the content inlined as text (``inline``) or removed. Each anchor's differences [n_layer, d] are cached on disk (keyed by model, anchor and
 options), so an interrupted run resumes without recomputing finished anchors.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 from ..methods import CMRM
 from . import NpyCache, hf_guard, locate, model_key
 
-COUNTERPARTS = ("remove", "blank", "noise")
+COUNTERPARTS = ("remove", "blank", "noise", "inline")
 POSITIONS = ("last", "mean")
 METHODS = ("mean", "pca")
 ANCHORS = Path(__file__).resolve().parents[1] / "data" / "anchors" / "anchors.jsonl"
@@ -50,6 +51,17 @@ def messages(anchor: dict, counterpart: str = "remove", seed: int = 0) -> tuple[
 
     if counterpart not in COUNTERPARTS:
         raise ValueError(f"counterpart must be one of {COUNTERPARTS}, got {counterpart!r}")
+    if "graft" in anchor:
+        from ..graft import text_prompt
+
+        if counterpart not in ("inline", "remove"):
+            raise ValueError(f"grafted anchors take counterpart 'inline' or 'remove', got {counterpart!r}")
+        mm = [{"role": "user", "content": [{"type": "graft", "text": anchor["graft"]},
+                                           {"type": "text", "text": "\n" + anchor["text"]}]}]
+        text = text_prompt(anchor["graft"], anchor["text"]) if counterpart == "inline" else anchor["text"]
+        return mm, [{"role": "user", "content": text}]
+    if counterpart == "inline":
+        raise ValueError("counterpart 'inline' is for grafted anchors ({'graft': content, 'text': ...})")
 
     def user(url):
         parts = [] if url is None else [{"type": "image_url", "image_url": {"url": url}}]
@@ -106,9 +118,12 @@ def extract(states_fn, anchors: list[dict], n_layer: int, model_id: str, cache=N
     store = NpyCache(cache) if cache is not None else None
     out = []
     for i, a in enumerate(tqdm(anchors, desc="CMRM anchors", disable=not progress, unit="anchor")):
-        with open(a["image"], "rb") as f:
-            image_hash = hashlib.sha256(f.read()).hexdigest()
-        key = json.dumps([model_id, a["text"], image_hash, counterpart, position])
+        if "graft" in a:
+            media_hash = hashlib.sha256(a["graft"].encode()).hexdigest()
+        else:
+            with open(a["image"], "rb") as f:
+                media_hash = hashlib.sha256(f.read()).hexdigest()
+        key = json.dumps([model_id, a["text"], media_hash, counterpart, position])
         d = store.get(key) if store is not None else None
         if d is None:
             mm, text = messages(a, counterpart, seed=i)
@@ -120,35 +135,58 @@ def extract(states_fn, anchors: list[dict], n_layer: int, model_id: str, cache=N
     return np.stack(out)
 
 
-def states_function(model: str, mmproj=None, n_ctx: int = 4096):
+def states_function(model: str, mmproj=None, n_ctx: int = 4096, graft=None):
     """(``messages -> ({layer: [T, d]}, mask)``, n_layer, cache key, model_hint, closer) for a GGUF (+ mmproj,
-    llama.cpp) or a Hugging Face folder (PyTorch; LLaVA with its processor)."""
+    llama.cpp) or a Hugging Face folder (PyTorch; LLaVA with its processor); ``graft``: a projector
+    file or a ``Graft``, for grafted anchors."""
     kind, path = locate(model)
+    tag = ""
+    if graft is not None:
+        from ..graft import Graft
+
+        graft = graft if isinstance(graft, Graft) else Graft.load(graft)
+        tag = f"-graft-{graft.fingerprint()}"
     if kind == "gguf":
         from ..llama import GuardedLlama
         from ..llama.engine import model_shape
 
         n_layer = model_shape(path)[0]
-        g = GuardedLlama(path, mmproj_path=mmproj, n_ctx=n_ctx, capture_layer=list(range(n_layer)))
-        key = f"{model_key(kind, path)}-{Path(mmproj).name if mmproj else 'text'}"
+        g = GuardedLlama(path, mmproj_path=mmproj, n_ctx=n_ctx, capture_layer=list(range(n_layer)), graft=graft)
+        key = f"{model_key(kind, path)}-{Path(mmproj).name if mmproj else 'text'}{tag}"
         return (lambda m: g.prompt_states(m, with_mask=True)), n_layer, key, g.model_hint, g.close
-    g = hf_guard(path)
+    g = hf_guard(path, graft=graft)
 
     def fn(m):
         states, mask = g.prompt_states(m, list(range(g.n_layer)), with_mask=True)
         return {il: h.float().cpu().numpy() for il, h in states.items()}, mask.numpy()
-    return fn, g.n_layer, model_key(kind, path), g.model_hint, g.close
+    return fn, g.n_layer, model_key(kind, path) + tag, g.model_hint, g.close
+
+
+def graft_anchors(n: int = 64, seed: int = 0) -> list[dict]:
+    """Anchors for a grafted modality: ``n`` of the projector's benign training requests (a
+    seeded draw), each with the answer instruction."""
+    from ..graft import ANSWER, benign_requests
+
+    reqs = benign_requests(seed)
+    pick = np.random.default_rng(seed).permutation(len(reqs))[:n]
+    return [{"graft": reqs[i], "text": ANSWER} for i in sorted(pick)]
 
 
 def run(model: str, anchors=ANCHORS, out=None, mmproj=None, counterpart: str = "remove", position: str = "last",
-        method: str = "mean", alpha: float = 1.0, cache=None, progress: bool = True) -> CMRM:
+        method: str = "mean", alpha: float = 1.0, cache=None, progress: bool = True, graft=None) -> CMRM:
     """Extract dataset-level vectors and, with ``out`` (.gguf or .safetensors), save them. The CMRM
-    applies to layers 1 .. n_layer-1 (llama.cpp cannot shift layer 0), to image requests."""
+    applies to layers 1 .. n_layer-1 (llama.cpp cannot shift layer 0), to image requests.
+    ``anchors``: a JSONL file or a list of anchor dicts; with ``graft`` (a projector file or Graft) the
+    default anchors are ``graft_anchors()``."""
     from .. import models
 
-    anchors = anchors or ANCHORS
-    rows = read_anchors(anchors)
-    fn, n_layer, key, hint, close = states_function(model, mmproj)
+    if isinstance(anchors, list):
+        rows = anchors
+    elif graft is not None and not anchors:
+        rows = graft_anchors()
+    else:
+        rows = read_anchors(anchors or ANCHORS)
+    fn, n_layer, key, hint, close = states_function(model, mmproj, graft=graft)
     try:
         folder = Path(cache) if cache else models.cache_dir() / "cmrm"
         diffs = extract(fn, rows, n_layer, key, folder / key, counterpart, position, progress)

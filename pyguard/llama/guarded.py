@@ -4,6 +4,7 @@ from __future__ import annotations
 import codecs
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -23,7 +24,8 @@ class GuardedLlama:
 
     coca: CoCA config or None; cmrm: CMRM config or None (control vectors, image requests);
     casa: CASA config or None; cascade: a Cascade (CASA routes each request to no guard, CoCA or
-    refusal; instead of coca= and casa=). ``n_ctx`` is the context of each sequence (CoCA runs two).
+    refusal; instead of coca= and casa=); graft: a ``pyguard.graft.Graft`` for "graft" message
+    parts (soft tokens fed as embeddings). ``n_ctx`` is the context of each sequence (CoCA runs two).
     capture_layer: the decoder layer whose prompt hidden states :meth:`prompt_states` returns
     (CASA's layer when CASA is on), or a list of layers (calibration). Use as a context manager or
     call ``close()``.
@@ -31,10 +33,10 @@ class GuardedLlama:
 
     def __init__(self, model_path, mmproj_path=None, n_ctx: int = 2048, n_threads: int | None = None,
                  coca=None, cmrm=None, casa=None, n_batch: int = 512, verbose: bool = False,
-                 capture_layer: int | None = None, cascade=None):
+                 capture_layer: int | None = None, cascade=None, graft=None):
         self.model_path = Path(model_path)
         coca, casa = unpack_cascade(cascade, coca, casa)
-        self.coca, self.cmrm, self.casa, self.cascade = coca, cmrm, casa, cascade
+        self.coca, self.cmrm, self.casa, self.cascade, self.graft = coca, cmrm, casa, cascade, graft
         self._lock = threading.Lock()
         self.vision = self.engine = self._capture = None
         if casa is not None and capture_layer not in (None, casa.layer):
@@ -64,7 +66,7 @@ class GuardedLlama:
         e = self.engine
         try:
             self.model_hint = describe_model(e.arch, e.n_layer, e.n_embd, e.n_vocab)
-            for method in (casa, cmrm):
+            for method in (casa, cmrm, graft):
                 if method is not None:
                     method.check_model(e.n_embd, e.n_layer, e.arch, e.n_vocab)
             if casa is not None:
@@ -140,12 +142,15 @@ class GuardedLlama:
         prompt = chat.flatten(messages, MARKER)
         if prompt.images and self.vision is None:
             raise ValueError("images given, but this model was loaded without an mmproj file")
-        base = self._segments(prompt)
+        if prompt.grafts and self.graft is None:
+            raise ValueError("grafted content given, but this model was loaded without a projector (graft=)")
+        soft = self.graft.soft(prompt.grafts).numpy() if prompt.grafts else None
+        base = self._segments(prompt, soft)
         safe = None
         try:
             if self.coca is not None:
                 safe = self._segments(chat.with_principle(prompt, self.coca.principle,
-                                                          self.coca.principle_position, MARKER))
+                                                          self.coca.principle_position, MARKER), soft)
             n_base, n_safe = n_pos(base), n_pos(safe or [])
             if max(n_base, n_safe) + max_tokens > self.engine.n_ctx:
                 which = "the longer CoCA prompt" if n_safe > n_base else "the prompt"
@@ -156,19 +161,27 @@ class GuardedLlama:
                 segs is not None and segs.free()
             raise
         text_only = None
-        if self.cmrm is not None and self.cmrm.mode == "sample" and prompt.images:  # the image-removed twin
+        if self.cmrm is not None and self.cmrm.mode == "sample" and prompt.media:  # the media-removed twin
             text_only = self._segments(chat.Prompt([dict(m, content=m["content"].replace(MARKER, ""))
                                                     for m in prompt.messages], []))
         return dict(id=responses.new_id(), base=base, safe=safe, text_only=text_only, n_prompt=n_base,
                     max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p), stops=stops,
-                    rng=np.random.default_rng(seed), has_image=bool(prompt.images))
+                    rng=np.random.default_rng(seed), has_image=prompt.media)
 
-    def _segments(self, prompt: chat.Prompt) -> Segments:
-        """The prompt as text-token lists and image chunks."""
+    def _segments(self, prompt: chat.Prompt, soft: np.ndarray | None = None) -> Segments:
+        """The prompt as text-token lists and image chunks (or ``Soft`` segments: the grafted
+        contents' soft tokens ``soft`` [n, k, n_embd])."""
         text, add_bos = self.template.render(prompt.messages)
-        if not prompt.images:
-            return Segments([self.engine.tokenize(text, add_bos=add_bos)])
-        return self.vision.tokenize(text, prompt.images, add_special=add_bos)
+        if prompt.images:
+            return self.vision.tokenize(text, prompt.images, add_special=add_bos)
+        pieces = text.split(MARKER)
+        if len(pieces) - 1 != (0 if soft is None else len(soft)):
+            raise ValueError(f"the rendered prompt holds {len(pieces) - 1} media markers for "
+                             f"{0 if soft is None else len(soft)} grafted contents (is {MARKER!r} in the text?)")
+        segs = Segments([self.engine.tokenize(pieces[0], add_bos=add_bos)])
+        for i, piece in enumerate(pieces[1:]):
+            segs += [Soft(i, soft[i]), self.engine.tokenize(piece, add_bos=False)]
+        return Segments(s for s in segs if not isinstance(s, list) or s)
 
     def _stream(self, req) -> Iterator[dict]:
         with self._lock:
@@ -294,12 +307,15 @@ class GuardedLlama:
             for seg in base[:k]:
                 if isinstance(seg, Image):
                     pos = self.vision.eval_image(seg, pos, 0)
+                elif isinstance(seg, Soft):
+                    e.decode_embd(seg.embd, pos, 0, want_last=False)
+                    pos += seg.n_pos
                 else:
                     e.decode([(t, pos + i, 0, False) for i, t in enumerate(seg)])
                     pos += len(seg)
             tb = base[k]
             ts = safe[k] if safe is not None else None
-            if any(isinstance(x, Image) for x in [*base[k:], *(safe or [])[k:]]):
+            if any(isinstance(x, (Image, Soft)) for x in [*base[k:], *(safe or [])[k:]]):
                 raise AssertionError("base and safe prompts differ before an image")  # with_principle prevents it
             P = common_prefix(tb, ts) if ts is not None else len(tb) - 1
             e.decode([(t, pos + i, 0, False) for i, t in enumerate(tb[:P])])
@@ -368,7 +384,7 @@ class GuardedLlama:
                 self._prefill(req["base"], None, report, states=True)
             if not with_mask:
                 return report["states"]
-            mask = np.concatenate([np.zeros(seg.n_pos, bool) if isinstance(seg, Image) else np.ones(len(seg), bool)
+            mask = np.concatenate([np.zeros(seg.n_pos, bool) if isinstance(seg, (Image, Soft)) else np.ones(len(seg), bool)
                                    for seg in req["base"]])
             return report["states"], mask
         finally:
@@ -402,4 +418,17 @@ class GuardedLlama:
 
 def n_pos(segments) -> int:
     """Positions a tokenized prompt takes."""
-    return sum(s.n_pos if isinstance(s, Image) else len(s) for s in segments)
+    return sum(s.n_pos if isinstance(s, (Image, Soft)) else len(s) for s in segments)
+
+
+@dataclass(frozen=True)
+class Soft:
+    """Grafted content in a tokenized prompt: soft tokens ``embd`` [k, n_embd] fed as embeddings;
+    ``index`` of the content in the request."""
+
+    index: int
+    embd: np.ndarray = field(compare=False)
+
+    @property
+    def n_pos(self) -> int:
+        return len(self.embd)

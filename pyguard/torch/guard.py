@@ -22,13 +22,14 @@ from .cmrm import RowSelector, shift_layers
 from .layers import capture, decoder_layers
 from .matmul import MAX_ROWS, plain_linears, transposed
 
+GRAFT_ID = -1  # the token id standing for a soft token of grafted content in a prompt's ids
 _GENERATE_OPTIONS = {"max_new_tokens", "do_sample", "temperature", "top_p", "streamer", "eos_token_id",
                      "pad_token_id", "generator"}
 
 
-def guard(model, processor_or_tokenizer, coca=None, cmrm=None, casa=None, cascade=None) -> "GuardedModel":
+def guard(model, processor_or_tokenizer, coca=None, cmrm=None, casa=None, cascade=None, graft=None) -> "GuardedModel":
     """A :class:`GuardedModel` (also a context manager) around a Hugging Face model."""
-    return GuardedModel(model, processor_or_tokenizer, coca=coca, cmrm=cmrm, casa=casa, cascade=cascade)
+    return GuardedModel(model, processor_or_tokenizer, coca=coca, cmrm=cmrm, casa=casa, cascade=cascade, graft=graft)
 
 
 @dataclass
@@ -37,7 +38,8 @@ class _Request:
 
     base: list
     safe: list | None
-    has_image: bool
+    has_image: bool  # images or grafted content: what CMRM shifts
+    soft: torch.Tensor | None = None  # the grafted contents' soft tokens [n * k, d], in order
     out: list = field(default_factory=list)   # generated tokens
     forced: list = field(default_factory=list)
     dual: bool = False     # CoCA's safe row still runs
@@ -49,9 +51,10 @@ class _Request:
 class GuardedModel:
     """A Hugging Face model with CoCA / CMRM / CASA applied by :meth:`generate` and
     :meth:`create_chat_completion`. ``last_report`` holds the ``pyguard`` report of each request
-    of the last call. Use as a context manager or call :meth:`close`."""
+    of the last call. ``graft``: a ``pyguard.graft.Graft`` for "graft" message parts (its soft
+    tokens go in through ``inputs_embeds``). Use as a context manager or call :meth:`close`."""
 
-    def __init__(self, model, processor_or_tokenizer, coca=None, cmrm=None, casa=None, cascade=None):
+    def __init__(self, model, processor_or_tokenizer, coca=None, cmrm=None, casa=None, cascade=None, graft=None):
         coca, casa = unpack_cascade(cascade, coca, casa)
         self.cascade = cascade
         self.layers = decoder_layers(model)  # TypeError naming the class when the guard cannot hook it
@@ -62,10 +65,10 @@ class GuardedModel:
         self.n_layer, self.n_embd = len(self.layers), cfg.hidden_size
         model_id = (self.n_embd, self.n_layer, cfg.model_type, cfg.vocab_size)
         self.model_hint = describe_model(cfg.model_type, self.n_layer, self.n_embd, cfg.vocab_size)
-        for method in (cmrm, casa):
+        for method in (cmrm, casa, graft):
             if method is not None:
                 method.check_model(*model_id)
-        self.model, self.coca, self.cmrm, self.casa = model, coca, cmrm, casa
+        self.model, self.coca, self.cmrm, self.casa, self.graft = model, coca, cmrm, casa, graft
         self._linears = plain_linears(model)  # few-row CPU forwards run them transposed (pyguard.torch.matmul)
         proc = processor_or_tokenizer
         self.processor = proc if hasattr(proc, "tokenizer") else None
@@ -155,9 +158,22 @@ class GuardedModel:
         return (self.tokenizer("\n\n" + self.coca.principle, add_special_tokens=False).input_ids,
                 self.tokenizer(text.partition(probe)[2], add_special_tokens=False).input_ids)
 
-    def _request(self, base: list, safe: list | None) -> _Request:
-        has_image = self.image_token_id is not None and self.image_token_id in base
-        return _Request(base, safe, has_image)
+    def _request(self, base: list, safe: list | None, soft: torch.Tensor | None = None) -> _Request:
+        has_image = (self.image_token_id is not None and self.image_token_id in base) or GRAFT_ID in base
+        return _Request(base, safe, has_image, soft)
+
+    def _inputs(self, ids: torch.Tensor, soft: list) -> dict:
+        """The forward's input for token ids [R, T]: ``input_ids``, or ``inputs_embeds`` [R, T, d]
+        with row r's soft tokens ``soft[r]`` [n_r, d] in order at its GRAFT_ID positions."""
+        at = ids == GRAFT_ID
+        if not at.any():
+            return {"input_ids": ids}
+        x = self.model.get_input_embeddings()(ids.masked_fill(at, 0))
+        rows = [s for s, a in zip(soft, at) if a.any()]
+        if any(s is None for s in rows) or sum(len(s) for s in rows) != int(at.sum()):
+            raise RuntimeError("the prompt's grafted-content positions do not match its soft tokens")
+        x[at] = torch.cat(rows).to(x.device, x.dtype)
+        return {"inputs_embeds": x}
 
     def _pad_id(self, pad, eos) -> int:
         gc = getattr(self.model, "generation_config", None)
@@ -184,12 +200,12 @@ class GuardedModel:
         if not temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {temperature!r}")
         prompt, marker = self._flatten(messages)
-        base, pixel_values = self._encode(prompt)
+        base, pixel_values = self._encode(prompt, marker)
         safe = None
         if self.coca is not None:
             safe, _ = self._encode(chat.with_principle(prompt, self.coca.principle, self.coca.principle_position, marker),
-                                   pixels=False)
-        req = self._request(base, safe)
+                                   marker, pixels=False)
+        req = self._request(base, safe, self._soft(prompt))
         gen = None if seed is None else torch.Generator(device=self._device()).manual_seed(seed)
         opts = dict(max_new_tokens=max_tokens, do_sample=temperature > 0, temperature=temperature or 1.0,
                     top_p=top_p, generator=gen)
@@ -222,31 +238,48 @@ class GuardedModel:
         bad = [il for il in layers if not 0 <= il < self.n_layer]
         if bad:
             raise ValueError(f"layers {bad} are outside the model's {self.n_layer} decoder layers")
-        prompt, _ = self._flatten(messages)
-        ids, pixel_values = self._encode(prompt)
+        prompt, marker = self._flatten(messages)
+        ids, pixel_values = self._encode(prompt, marker)
         kw = {} if pixel_values is None else {"pixel_values": pixel_values.to(self._device(), dtype=self.model.dtype)}
-        shift = self.cmrm is not None and self.cmrm.mode == "dataset" and (self.cmrm.when == "always" or bool(prompt.images))
+        kw |= self._inputs(torch.tensor([ids], device=self._device()), [self._soft(prompt)])
+        shift = self.cmrm is not None and self.cmrm.mode == "dataset" and (self.cmrm.when == "always" or prompt.media)
         with self._lock, shift_layers(self.model, self.cmrm) if shift else contextlib.nullcontext(), \
                 capture(self.model, layers) as store:
-            self.model(input_ids=torch.tensor([ids], device=self._device()), logits_to_keep=1, **kw)
+            self.model(logits_to_keep=1, **kw)
         states = store[layer][0] if isinstance(layer, int) else {il: store[il][0] for il in layers}
         if not with_mask:
             return states
-        return states, torch.tensor([t != self.image_token_id for t in ids])
+        return states, torch.tensor([t not in (self.image_token_id, GRAFT_ID) for t in ids])
 
     def _flatten(self, messages) -> tuple[chat.Prompt, str]:
         """(the messages flattened with the processor's image token as marker, the marker);
         ValueError when they hold images this model or this guard cannot take."""
         marker = getattr(self.processor, "image_token", None) or "<image>"
         prompt = chat.flatten(messages, marker)
+        if prompt.grafts and self.graft is None:
+            raise ValueError("grafted content given, but this guard has no projector (graft=)")
         if prompt.images and (self.processor is None or not self.has_vision):
             raise ValueError(f"images given, but {type(self.model).__name__} takes text only"
                              if not self.has_vision else "images given, but no processor (only a tokenizer) was passed")
         return prompt, marker
 
-    def _encode(self, prompt: chat.Prompt, pixels: bool = True):
-        """-> (token ids, pixel_values or None) of a flattened prompt rendered by the chat template."""
+    def _soft(self, prompt: chat.Prompt) -> torch.Tensor | None:
+        """The prompt's grafted contents as soft tokens [n * k, d], or None."""
+        return self.graft.soft(prompt.grafts).flatten(0, 1) if prompt.grafts else None
+
+    def _encode(self, prompt: chat.Prompt, marker: str, pixels: bool = True):
+        """-> (token ids, pixel_values or None) of a flattened prompt rendered by the chat template;
+        each grafted content is ``k`` GRAFT_ID tokens."""
         text = self.tokenizer.apply_chat_template(prompt.messages, add_generation_prompt=True, tokenize=False)
+        if prompt.grafts:
+            pieces = text.split(marker)
+            if len(pieces) - 1 != len(prompt.grafts):
+                raise ValueError(f"the rendered prompt holds {len(pieces) - 1} markers {marker!r} for "
+                                 f"{len(prompt.grafts)} grafted contents")
+            ids = self.tokenizer(pieces[0], add_special_tokens=False).input_ids
+            for piece in pieces[1:]:
+                ids += [GRAFT_ID] * self.graft.k + self.tokenizer(piece, add_special_tokens=False).input_ids
+            return ids, None
         if not prompt.images:
             return self.tokenizer(text, add_special_tokens=False).input_ids, None
         import io
@@ -338,25 +371,28 @@ class GuardedModel:
                     r.report["timings"]["decode_ms_per_token"] = (time.perf_counter() - t_first) * 1e3 / (step + 1)
 
     def _sample_vectors(self, reqs, pixel_values) -> torch.Tensor:
-        """Sample-level CMRM: [n_requests, n_layer, d], for each request with an image its prompt's
-        last-token layer outputs minus those of the prompt with the image tokens removed (zeros
-        for the others). Two extra forwards per image request."""
+        """Sample-level CMRM: [n_requests, n_layer, d], for each request with an image (or grafted
+        content) its prompt's last-token layer outputs minus those of the prompt with the image
+        (grafted) tokens removed (zeros for the others). Two extra forwards per such request."""
         layers = list(range(self.n_layer))
         dev = self._device()
-        counts = [r.base.count(self.image_token_id) if r.has_image else 0 for r in reqs]
-        per_image = sum(counts) // len(pixel_values)
+        media = GRAFT_ID if pixel_values is None else self.image_token_id
+        counts = [r.base.count(media) if r.has_image else 0 for r in reqs]
+        per_image = sum(counts) // len(pixel_values) if pixel_values is not None else 1
         out = torch.zeros(len(reqs), self.n_layer, self.n_embd)
         first = 0
         for i, r in enumerate(reqs):
             n_img = counts[i] // per_image
-            pv, first = pixel_values[first:first + n_img], first + n_img
+            kw = {}
+            if pixel_values is not None:
+                pv, first = pixel_values[first:first + n_img], first + n_img
+                kw = {"pixel_values": pv.to(dev, dtype=self.model.dtype)}
             if not r.has_image:
                 continue
             last = []
-            for ids, kw in ((r.base, {"pixel_values": pv.to(dev, dtype=self.model.dtype)}),
-                            ([t for t in r.base if t != self.image_token_id], {})):
+            for ids, kw in ((r.base, kw), ([t for t in r.base if t != media], {})):
                 with capture(self.model, layers) as store:
-                    self.model(input_ids=torch.tensor([ids], device=dev), logits_to_keep=1, **kw)
+                    self.model(logits_to_keep=1, **self._inputs(torch.tensor([ids], device=dev), [r.soft]), **kw)
                 last.append(torch.stack([store[il][0, -1] for il in layers]).float().cpu().numpy())
             vec = self.cmrm.for_request(*last).vectors
             out[i] = torch.tensor(vec)
@@ -398,8 +434,9 @@ class _Batch:
                 self.select.per_row = self.per_request[[i for i, _ in self.rows]]
         few_rows = self.dev.type == "cpu" and 2 <= ids.numel() <= MAX_ROWS
         with transposed(self.g._linears) if few_rows else contextlib.nullcontext():
-            out = self.g.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=self.cache,
-                               use_cache=True, logits_to_keep=1, **kw)
+            inputs = self.g._inputs(ids, [self.reqs[i].soft for i, _ in self.rows])
+            out = self.g.model(attention_mask=mask, position_ids=pos, past_key_values=self.cache,
+                               use_cache=True, logits_to_keep=1, **inputs, **kw)
         self.cache = out.past_key_values
         return out.logits[:, -1].float()
 
@@ -427,7 +464,7 @@ class _Batch:
         g, reqs = self.g, self.reqs
         cut = [common_prefix(r.base, r.safe) if r.safe is not None else len(r.base) for r in reqs]
         tails = [(r.base[k:], r.safe[k:]) for r, k in zip(reqs, cut) if r.safe is not None]
-        if g.image_token_id is not None and any(g.image_token_id in t for pair in tails for t in pair):
+        if any(m in t for m in (g.image_token_id, GRAFT_ID) if m is not None for pair in tails for t in pair):
             raise ValueError("the principle would come before an image: CoCA puts it after the last image")
         self.rows = [(i, 0) for i in range(len(reqs))]
         ids, mask = self._left_pad([r.base[:k] for r, k in zip(reqs, cut)])
