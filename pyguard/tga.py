@@ -163,7 +163,7 @@ def _text_states(model, tokenizer, texts, layers, batch_size) -> torch.Tensor:
                         return_special_tokens_mask=True)
         keep = enc["attention_mask"].bool() & ~enc.pop("special_tokens_mask").bool()
         with capture(model, layers, detach=False) as store:
-            model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+            model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], logits_to_keep=1)  # states only
         out.append(torch.stack([_masked_mean(store[l], keep) for l in layers]))
     return torch.cat(out, 1)
 

@@ -324,3 +324,15 @@ def test_batch_cuts_long_targets_without_eos():
     _, _, labels = graft.batch(model, tok, ex, torch.zeros(2, 3, 64), max_target=2)
     assert (labels[0] != -100).sum() == 2 and tok.eos_token_id not in labels[0].tolist()  # cut: no eos
     assert (labels[1] != -100).sum() == full[1] + 1 and labels[1][labels[1] != -100][-1] == tok.eos_token_id
+
+
+def test_shipped_projectors_fit_the_default_model():
+    from pyguard.methods import _parse_hint
+
+    for tga in (False, True):
+        path = models.shipped_graft(models.DEFAULT_MODEL, tga=tga)
+        assert path is not None and path.stat().st_size < 5e6
+        p, meta = graft.Projector.load(path)
+        assert _parse_hint(meta["model_hint"]) == {"arch": "qwen2", "n_layer": 24, "n_embd": 896, "n_vocab": 151936}
+        assert p.d_in == 384 and p.d_out == 896 and ("tga" in meta["objective"]) == tga
+    assert models.shipped_graft("smollm2-135m") is None
