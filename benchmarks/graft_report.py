@@ -35,10 +35,11 @@ def pair_cos(encoder, a: list[str], b: list[str]) -> np.ndarray:
     return (e[:len(a)] * e[len(a):]).sum(-1).numpy()
 
 
-def table(runs: dict, encoder) -> list[dict]:
+def table(runs: dict, encoder, only: set | None = None) -> list[dict]:
     """One row per (run, method); ``runs``: name -> eval folder. The first run's unguarded answers
-    to benign items are the reference answers."""
-    rows = {name: evaluate.done_rows(Path(folder)) for name, folder in runs.items()}
+    to benign items are the reference answers. ``only``: the base ids of the items to count."""
+    rows = {name: [r for r in evaluate.done_rows(Path(folder)) if only is None or base_id(r["id"]) in only]
+            for name, folder in runs.items()}
     first = next(iter(rows))
     ref = {base_id(r["id"]): r["response"] for r in rows[first] if r["method"] == "none" and r["label"] == "benign"}
     request = {it["id"]: it["text"] for it in datasets.advbench()}
@@ -117,9 +118,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", action="append", required=True, help="NAME=FOLDER; the first is the text reference")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--items", type=Path, help="a JSONL of items: count only these (e.g. a subset some runs answered)")
     a = p.parse_args(argv)
     runs = dict(r.split("=", 1) for r in a.run)
-    tab = table(runs, SentenceEncoder())
+    only = {base_id(it["id"]) for it in datasets.read_jsonl(a.items, required=("id",))} if a.items else None
+    tab = table(runs, SentenceEncoder(), only)
     md = markdown(tab)
     (a.out / "summary-graft.md").write_text(md, encoding="utf-8")
     plot(tab, a.out / "graft.png")
