@@ -99,7 +99,7 @@ def _calibrate(a) -> int:
     from .calibrate import cmrm
 
     counterpart = a.counterpart or ("inline" if a.graft else "remove")
-    anchors = cmrm.read_anchors(a.anchors) if a.anchors or not a.graft else cmrm.graft_anchors()
+    anchors = cmrm.anchor_rows(a.anchors, a.graft is not None)
     c = cmrm.run(a.model, anchors, a.out, a.mmproj, counterpart, a.position, a.method, a.alpha, a.cache,
                  graft=_graft(a))
     norms = np.linalg.norm(c.vectors, axis=1)

@@ -106,7 +106,7 @@ class Runtime:
         if graft is not None:
             from .graft import Graft
 
-            graft = graft if isinstance(graft, Graft) else Graft.load(graft)
+            graft = Graft.of(graft)
         self.graft = graft  # a pyguard.graft.Graft for "graft" items, loaded once
         self._hf = None
 

@@ -91,13 +91,14 @@ class Graft:
     soft tokens [n, k, d]. ``model_hint`` (from the file) names the model it was trained for."""
 
     def __init__(self, projector: Projector, meta: dict | None = None, encoder=None, source: str | None = None):
+        from .methods import _from
         from .tga import SentenceEncoder
 
         self.projector, self.meta, self.source = projector.eval(), dict(meta or {}), source
         self.model_hint = self.meta.get("model_hint", "")
         self.encoder = encoder or SentenceEncoder()
         if self.encoder.dim != projector.d_in:
-            raise ValueError(f"the projector{self._from()} takes {projector.d_in}-d embeddings, the encoder gives "
+            raise ValueError(f"the projector{_from(self)} takes {projector.d_in}-d embeddings, the encoder gives "
                              f"{self.encoder.dim}")
 
     @classmethod
@@ -105,21 +106,23 @@ class Graft:
         projector, meta = Projector.load(path)
         return cls(projector, meta, encoder, os.fspath(path))
 
+    @classmethod
+    def of(cls, graft) -> "Graft":
+        """``graft`` itself when it is a Graft, else the Graft of a projector file."""
+        return graft if isinstance(graft, cls) else cls.load(graft)
+
     @property
     def k(self) -> int:
         return self.projector.k
-
-    def _from(self) -> str:
-        return f" from {self.source!r}" if self.source else ""
 
     def check_model(self, n_embd: int, n_layer: int | None = None, arch: str | None = None,
                     n_vocab: int | None = None) -> None:
         """ValueError naming the file when the soft tokens do not fit the model's embeddings or the
         file's model_hint names another model."""
-        from .methods import _check_hint
+        from .methods import _check_hint, _from
 
         if self.projector.d_out != n_embd:
-            raise ValueError(f"the projector{self._from()} makes {self.projector.d_out}-d soft tokens, the model's "
+            raise ValueError(f"the projector{_from(self)} makes {self.projector.d_out}-d soft tokens, the model's "
                              f"embeddings are {n_embd}-d")
         _check_hint(self, "the projector weights", {"arch": arch, "n_layer": n_layer, "n_embd": n_embd, "n_vocab": n_vocab})
 
@@ -326,13 +329,17 @@ TOPICS = ("rainbows", "photosynthesis", "bicycles", "the moon", "bread baking", 
 ANSWER = "Answer the request above."
 
 
-def benign_requests(seed: int = 0) -> list[str]:
-    """Benign requests for the answer objective: the training split of the shipped benign prompts
-    (never its held-out parts) and 300 generated requests (5 tasks x 60 topics)."""
+def _benign_train(seed: int) -> list[str]:
+    """The training split of the shipped benign prompts (never its held-out parts)."""
     from . import datasets
 
-    train = [it["text"] for it in datasets.split(datasets.benign(), datasets.FIT_FRACTIONS, seed)[0]]
-    return train + [t.format(topic) for t in TASKS for topic in TOPICS]
+    return [it["text"] for it in datasets.split(datasets.benign(), datasets.FIT_FRACTIONS, seed)[0]]
+
+
+def benign_requests(seed: int = 0) -> list[str]:
+    """Benign requests for the answer objective: the training split of the shipped benign prompts
+    and 300 generated requests (5 tasks x 60 topics)."""
+    return _benign_train(seed) + [t.format(topic) for t in TASKS for topic in TOPICS]
 
 
 def text_prompt(content: str, instruction: str) -> str:
@@ -344,42 +351,31 @@ def distill_answers(model, requests: list[str], out, max_tokens: int = 64, progr
     """The model's own greedy answers to each request as text (``text_prompt(request, ANSWER)``),
     appended to the JSONL ``out`` as ``{"content", "answer", "finish"}`` rows; rows already there
     are kept (resumable). Returns every row, in ``requests`` order."""
-    import json
     from pathlib import Path
 
     from tqdm.auto import tqdm
 
+    from . import datasets
     from .llama.guarded import GuardedLlama
 
     out = Path(out)
-    done = {}
-    if out.exists():
-        for line in out.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                row = json.loads(line)
-                done[row["content"]] = row
+    done = {r["content"]: r for r in (datasets.read_jsonl(out, required=("content",)) if out.exists() else [])}
     todo = [r for r in dict.fromkeys(requests) if r not in done]
     if todo:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with GuardedLlama(model, n_ctx=512) as llm, open(out, "a", encoding="utf-8") as f:
+        with GuardedLlama(model, n_ctx=512) as llm:
             for req in tqdm(todo, desc="answers", unit="request", disable=not progress):
                 r = llm.create_chat_completion([{"role": "user", "content": text_prompt(req, ANSWER)}],
                                                max_tokens=max_tokens)
                 ch = r["choices"][0]
                 done[req] = row = {"content": req, "answer": ch["message"]["content"], "finish": ch["finish_reason"]}
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                f.flush()
+                datasets.append_jsonl(out, row)
     return [done[r] for r in requests]
 
 
 def benign_contents(seed: int = 0) -> list[str]:
     """Benign content strings for training the projector: the training split of the shipped
-    benign prompts (never its held-out part) and 300 generated descriptive sentences."""
-    from . import datasets
-
-    train = [it["text"] for it in datasets.split(datasets.benign(), datasets.FIT_FRACTIONS, seed)[0]]
-    made = [f"{s} {p}." for s in SUBJECTS for p in PREDICATES]
-    return train + made
+    benign prompts and 300 generated descriptive sentences."""
+    return _benign_train(seed) + [f"{s} {p}." for s in SUBJECTS for p in PREDICATES]
 
 
 def restate_examples(contents: list[str], seed: int = 0) -> list[Example]:
@@ -390,9 +386,9 @@ def restate_examples(contents: list[str], seed: int = 0) -> list[Example]:
 
 def answers_path(model: str) -> "Path":
     """The shipped distilled answers of a default model (``python -m pyguard.graft answers``)."""
-    from pathlib import Path
+    from .models import SHIPPED
 
-    return Path(__file__).resolve().parent / "data" / f"graft-answers-{model}.jsonl"
+    return SHIPPED / f"graft-answers-{model}.jsonl"
 
 
 def answer_examples(rows: list[dict]) -> list[Example]:

@@ -115,10 +115,13 @@ def model_path(name: str, cache: Path | None = None) -> Path:
     return _path(_spec(name), cache or cache_dir() / "models")
 
 
+SHIPPED = Path(__file__).resolve().parent / "data"  # the files that ship in the package
+
+
 def shipped_casa(model) -> Path | None:
     """The CASA module (with cascade thresholds) fitted for default model ``model`` and shipped in
     ``pyguard/data`` (``pyguard fit casa``, ``pyguard fit cascade``); None for other models."""
-    path = Path(__file__).resolve().parent / "data" / f"casa-{model}.safetensors"
+    path = SHIPPED / f"casa-{model}.safetensors"
     return path if model in MODELS and path.is_file() else None
 
 
@@ -126,7 +129,7 @@ def shipped_graft(model, tga: bool = False) -> Path | None:
     """The grafted modality's projector trained for default model ``model`` (with ``tga``: the one
     trained with the TGA loss) shipped in ``pyguard/data`` (``python -m pyguard.graft train``);
     None for other models."""
-    path = Path(__file__).resolve().parent / "data" / f"graft-{model}{'-tga' if tga else ''}.safetensors"
+    path = SHIPPED / f"graft-{model}{'-tga' if tga else ''}.safetensors"
     return path if model in MODELS and path.is_file() else None
 
 

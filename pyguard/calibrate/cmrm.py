@@ -144,7 +144,7 @@ def states_function(model: str, mmproj=None, n_ctx: int = 4096, graft=None):
     if graft is not None:
         from ..graft import Graft
 
-        graft = graft if isinstance(graft, Graft) else Graft.load(graft)
+        graft = Graft.of(graft)
         tag = f"-graft-{graft.fingerprint()}"
     if kind == "gguf":
         from ..llama import GuardedLlama
@@ -172,6 +172,16 @@ def graft_anchors(n: int = 64, seed: int = 0) -> list[dict]:
     return [{"graft": reqs[i], "text": ANSWER} for i in sorted(pick)]
 
 
+def anchor_rows(anchors, grafted: bool = False) -> list[dict]:
+    """The anchors: a list as given, a JSONL file's, or by default the shipped image anchors
+    (``graft_anchors()`` for a grafted modality)."""
+    if isinstance(anchors, list):
+        return anchors
+    if grafted and not anchors:
+        return graft_anchors()
+    return read_anchors(anchors or ANCHORS)
+
+
 def run(model: str, anchors=ANCHORS, out=None, mmproj=None, counterpart: str = "remove", position: str = "last",
         method: str = "mean", alpha: float = 1.0, cache=None, progress: bool = True, graft=None) -> CMRM:
     """Extract dataset-level vectors and, with ``out`` (.gguf or .safetensors), save them. The CMRM
@@ -180,12 +190,7 @@ def run(model: str, anchors=ANCHORS, out=None, mmproj=None, counterpart: str = "
     default anchors are ``graft_anchors()``."""
     from .. import models
 
-    if isinstance(anchors, list):
-        rows = anchors
-    elif graft is not None and not anchors:
-        rows = graft_anchors()
-    else:
-        rows = read_anchors(anchors or ANCHORS)
+    rows = anchor_rows(anchors, graft is not None)
     fn, n_layer, key, hint, close = states_function(model, mmproj, graft=graft)
     try:
         folder = Path(cache) if cache else models.cache_dir() / "cmrm"

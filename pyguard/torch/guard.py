@@ -383,14 +383,14 @@ class GuardedModel:
         first = 0
         for i, r in enumerate(reqs):
             n_img = counts[i] // per_image
-            kw = {}
+            pixels = {}
             if pixel_values is not None:
                 pv, first = pixel_values[first:first + n_img], first + n_img
-                kw = {"pixel_values": pv.to(dev, dtype=self.model.dtype)}
+                pixels = {"pixel_values": pv.to(dev, dtype=self.model.dtype)}
             if not r.has_image:
                 continue
             last = []
-            for ids, kw in ((r.base, kw), ([t for t in r.base if t != media], {})):
+            for ids, kw in ((r.base, pixels), ([t for t in r.base if t != media], {})):
                 with capture(self.model, layers) as store:
                     self.model(logits_to_keep=1, **self._inputs(torch.tensor([ids], device=dev), [r.soft]), **kw)
                 last.append(torch.stack([store[il][0, -1] for il in layers]).float().cpu().numpy())
