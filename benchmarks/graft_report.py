@@ -23,8 +23,8 @@ from pyguard import datasets, evaluate, judges
 
 
 def base_id(item_id: str) -> str:
-    """``graft-benign-0003`` and ``inline-benign-0003`` -> ``benign-0003``."""
-    return item_id.split("-", 1)[1] if item_id.startswith(("graft-", "inline-")) else item_id
+    """``graft-benign-0003``, ``inline-benign-0003`` and ``restate-benign-0003`` -> ``benign-0003``."""
+    return item_id.split("-", 1)[1] if item_id.startswith(("graft-", "inline-", "restate-")) else item_id
 
 
 def pair_cos(encoder, a: list[str], b: list[str]) -> np.ndarray:

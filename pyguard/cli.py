@@ -26,6 +26,10 @@ EXAMPLES = """examples:
   pyguard fit casa --layer 12 --out casa.safetensors
                                      fit CASA on the default model (AdvBench, HarmBench, Do-Not-Answer, jailbreaks vs the benign set)
   pyguard fit casa --model m.gguf --harmful h.jsonl --benign b.jsonl --layer 10 --out casa.safetensors
+  pyguard fit casa --layer 12 --graft --fit-on text,graft --out casa-graft.safetensors
+                                     CASA for the grafted modality too (report: each modality, fitted on or not)
+  pyguard fit casa --model vlm.gguf --mmproj p.gguf --layer 10 --fit-on text,image --out casa-vlm.safetensors
+                                     ... and for typographic images of the prompts, through a real VLM
   pyguard fit cascade --casa casa.safetensors --out casa.safetensors   cascade thresholds, saved with the module
   pyguard chat                       chat with the default model under the cascade (/image PATH, /reset, /quit)
   pyguard eval                       ASR, benign refusals, latency: none, coca, casa, coca+casa on held-out sets
@@ -115,12 +119,19 @@ def _fit(a) -> int:
         raise UsageError("fit casa needs --layer")
     from .calibrate import casa
 
+    fit_on = [m.strip() for m in a.fit_on.split(",")] if a.fit_on else ["text"]
+    if a.graft is None and "graft" in fit_on or a.mmproj is None and "image" in fit_on:
+        raise UsageError(f"--fit-on {a.fit_on} needs " + ("--graft" if "graft" in fit_on and a.graft is None else "--mmproj"))
     _, rep = casa.run(a.model, a.layer, a.out, a.harmful, a.benign, a.report, a.cache,
-                      0.05 if a.target_frr is None else a.target_frr, a.jailbreaks, a.seed)
-    print(f"held-out: AUROC {rep['auroc']:.3f}, accuracy {rep['accuracy']:.3f}, false refusals "
+                      0.05 if a.target_frr is None else a.target_frr, a.jailbreaks, a.seed,
+                      graft=_graft(a) if a.graft else None, mmproj=a.mmproj, fit_on=fit_on)
+    print(f"held-out ({', '.join(fit_on)}): AUROC {rep['auroc']:.3f}, accuracy {rep['accuracy']:.3f}, false refusals "
           f"{rep['false_refusal_rate']:.1%}, detected {rep['detection_rate']:.1%}, threshold {rep['threshold']:.4f}")
     for src, r in rep["test_by_source"].items():
         print(f"  {src}: {r['n']} held-out prompts, {r['flagged']:.1%} flagged unsafe")
+    for m, r in rep["test_by_modality"].items():
+        print(f"  as {m}{'' if m in fit_on else ' (not fitted on)'}: AUROC {r['auroc']:.3f}, false refusals "
+              f"{r['false_refusal_rate']:.1%}, detected {r['detection_rate']:.1%} of {r['n']}")
     print(f"wrote {a.out} and the report in {a.report or Path(a.out).with_suffix('')}")
     return 0
 
@@ -268,6 +279,12 @@ def parser() -> argparse.ArgumentParser:
                         "counting every benign prompt routed to CoCA as refused)")
     f.add_argument("--report", type=Path, help="report folder (default: next to --out)")
     f.add_argument("--cache", type=Path, help="hidden-state cache (default: $PYGUARD_CACHE/states)")
+    f.add_argument("--graft", nargs="?", const="shipped", help="casa: also give every prompt as grafted content "
+                   "through this projector (alone: the one shipped for the model)")
+    f.add_argument("--mmproj", type=Path, help="casa: also give every prompt as a typographic image, read through "
+                   "this GGUF multimodal projector")
+    f.add_argument("--fit-on", help="casa: the modalities to fit on, comma-separated: text, graft, image (default: "
+                   "text); the report covers every collected one")
     f.add_argument("--seed", type=int, default=0)
     f.set_defaults(fn=_fit)
     e = sub.add_parser("eval", help="attack success rate, benign refusals and latency per method",

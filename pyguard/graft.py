@@ -6,18 +6,22 @@ playing the image encoder. It is a grafted modality, not a vision model: its "im
 content string the language model never sees as text.
 
 A prompt carries the content's place as ``MARKER`` in a user message; the prompt's tokens before
-and after it are embedded by the model, the ``k`` soft tokens go between.
+and after it are embedded by the model, the content's soft tokens go between: one per encoder
+token, as LLaVA feeds one per image patch, so the model reads the request, not a summary of it.
 
-- ``Projector``: sentence embedding [B, d_in] -> soft tokens [B, k, d_out] (LLaVA's two-layer
-  MLP), saved as safetensors with its shape and the model it was trained for.
+- ``Projector``: encoder token states [n, d_in] -> soft tokens [n, d_out] (a linear map plus
+  LLaVA's two-layer MLP), saved as safetensors with its shape and the model it was trained for.
+- ``alignment`` / ``initial_projector``: the linear map fitted in seconds by ridge regression of
+  each encoder token state onto the model's input embeddings of the text tokens it covers
+  (character offsets align the two tokenizations), before any training through the model.
 - ``Graft``: a projector file with its encoder, for the guarded runtimes, which take grafted
   content as a message part ``{"type": "graft", "text": ...}``: llama.cpp decodes the soft tokens
   as embeddings in the batch (``Engine.decode_embd``), PyTorch feeds them through ``inputs_embeds``.
 - ``hf_embeds``: training's route, ``inputs_embeds`` [1, T, d] for ``model(inputs_embeds=)``.
 - ``train``: the projector trained on (content, instruction, target) examples with the language
-  modelling loss on the target (and optionally ``TGA``'s loss), everything else frozen; the data
-  (``training_examples``) is benign only: the model's own text answers to benign requests,
-  distilled (``distill_answers``), and restatements.
+  modelling loss on the target (and optionally ``TGA``'s loss), everything else frozen,
+  checkpointed and resumable; the data (``training_examples``) is benign only: the model's own
+  text answers to benign requests, distilled (``distill_answers``), and restatements.
 """
 from __future__ import annotations
 
@@ -31,31 +35,44 @@ MARKER = "<content>"
 
 
 class Projector(torch.nn.Module):
-    """Sentence embeddings [B, d_in] -> soft tokens [B, k, d_out]: Linear, GELU, Linear."""
+    """Encoder token states [..., d_in] -> soft tokens [..., d_out], one soft token per encoder
+    token (LLaVA's patch-token recipe): a linear map plus a two-layer MLP (Linear, GELU, Linear)
+    whose last layer starts at zero, so a new projector is its linear map, which ``fit_linear``
+    sets by ridge regression (``alignment``) before any training through the model."""
 
-    def __init__(self, d_in: int, d_out: int, k: int = 4, hidden: int = 1024):
+    def __init__(self, d_in: int, d_out: int, hidden: int = 512):
         super().__init__()
-        for name, v in (("d_in", d_in), ("d_out", d_out), ("k", k), ("hidden", hidden)):
+        for name, v in (("d_in", d_in), ("d_out", d_out), ("hidden", hidden)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        self.d_in, self.d_out, self.k, self.hidden = d_in, d_out, k, hidden
-        self.net = torch.nn.Sequential(torch.nn.Linear(d_in, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, k * d_out))
+        self.d_in, self.d_out, self.hidden = d_in, d_out, hidden
+        self.linear = torch.nn.Linear(d_in, d_out)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(d_in, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, d_out))
+        torch.nn.init.zeros_(self.mlp[-1].weight)
+        torch.nn.init.zeros_(self.mlp[-1].bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 2 or x.shape[1] != self.d_in:
-            raise ValueError(f"the projector takes [B, {self.d_in}] embeddings, got {list(x.shape)}")
-        return self.net(x).view(x.shape[0], self.k, self.d_out)
+        if x.dim() < 1 or x.shape[-1] != self.d_in:
+            raise ValueError(f"the projector takes [..., {self.d_in}] token states, got {list(x.shape)}")
+        return self.linear(x) + self.mlp(x)
 
     @torch.no_grad()
-    def match_scale(self, target_rms: float, x: torch.Tensor) -> None:
-        """Scale the last layer so soft tokens of inputs ``x`` [B, d_in] have root-mean-square
-        ``target_rms`` (e.g. that of the model's token embeddings): a start the model can read."""
-        rms = self(x).pow(2).mean().sqrt()
-        self.net[-1].weight.mul_(target_rms / rms)
-        self.net[-1].bias.mul_(target_rms / rms)
+    def fit_linear(self, x: torch.Tensor, y: torch.Tensor, ridge: float = 1.0) -> float:
+        """Set the linear map to the ridge regression of targets ``y`` [N, d_out] on token states
+        ``x`` [N, d_in] (bias unpenalised); returns the fit's R^2 on ``x``."""
+        if x.dim() != 2 or y.dim() != 2 or len(x) != len(y) or x.shape[1] != self.d_in or y.shape[1] != self.d_out:
+            raise ValueError(f"fit_linear wants x [N, {self.d_in}] and y [N, {self.d_out}], got {list(x.shape)}, "
+                             f"{list(y.shape)}")
+        x, y = x.double(), y.double()
+        mx, my = x.mean(0), y.mean(0)
+        xc, yc = x - mx, y - my
+        w = torch.linalg.solve(xc.T @ xc + ridge * torch.eye(self.d_in, dtype=x.dtype), xc.T @ yc)  # [d_in, d_out]
+        self.linear.weight.copy_(w.T)
+        self.linear.bias.copy_(my - mx @ w)
+        return float(1 - ((xc @ w - yc) ** 2).sum() / (yc ** 2).sum())
 
     def config(self) -> dict:
-        return {"d_in": self.d_in, "d_out": self.d_out, "k": self.k, "hidden": self.hidden}
+        return {"d_in": self.d_in, "d_out": self.d_out, "hidden": self.hidden}
 
     def save(self, path, half: bool = False, **meta) -> None:
         """Write ``path`` (.safetensors): the weights (float16 with ``half``: half the size), the
@@ -79,9 +96,11 @@ class Projector(torch.nn.Module):
             with safe_open(path, framework="pt") as f:
                 meta = dict(f.metadata() or {})
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
-            p = cls(**{k: int(meta[k]) for k in ("d_in", "d_out", "k", "hidden")})
+            p = cls(**{k: int(meta[k]) for k in ("d_in", "d_out", "hidden")})
             p.load_state_dict({k: v.float() for k, v in tensors.items()})
-        except Exception as e:  # a bad header, missing keys, wrong shapes
+            if not all(torch.isfinite(v).all() for v in p.state_dict().values()):
+                raise ValueError("weights hold NaN or inf")
+        except Exception as e:  # a bad header, missing keys, wrong shapes, the old pooled layout
             raise ValueError(f"{path!r} is not a valid projector file: {e}") from e
         return p.eval(), meta
 
@@ -111,10 +130,6 @@ class Graft:
         """``graft`` itself when it is a Graft, else the Graft of a projector file."""
         return graft if isinstance(graft, cls) else cls.load(graft)
 
-    @property
-    def k(self) -> int:
-        return self.projector.k
-
     def check_model(self, n_embd: int, n_layer: int | None = None, arch: str | None = None,
                     n_vocab: int | None = None) -> None:
         """ValueError naming the file when the soft tokens do not fit the model's embeddings or the
@@ -136,11 +151,28 @@ class Graft:
         return h.hexdigest()[:12]
 
     @torch.no_grad()
-    def soft(self, contents: list[str]) -> torch.Tensor:
-        """Soft tokens [n, k, d] (float32) of the content strings."""
-        if not contents:
-            return torch.zeros(0, self.k, self.projector.d_out)
-        return self.projector(self.encoder.encode(list(contents))).float()
+    def soft(self, contents: list[str]) -> list[torch.Tensor]:
+        """Soft tokens of each content string: [n_i, d] (float32), one per encoder token."""
+        return [self.projector(states).float() for states, _ in self.encoder.tokens(list(contents))]
+
+
+def alignment(encoder, tokenizer, embeddings: torch.Tensor, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Regression data for ``Projector.fit_linear``, no forward pass: every encoder token state
+    [N, d_in] of ``texts`` and, as its target [N, d], the mean of the model's input
+    ``embeddings`` [V, d] over the model's tokens (``tokenizer``, a fast one) whose characters
+    overlap the encoder token's. Encoder tokens no model token overlaps are left out."""
+    xs, ys = [], []
+    for text, (states, spans) in zip(texts, encoder.tokens(list(texts))):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offs = torch.tensor(enc["input_ids"]), torch.tensor(enc["offset_mapping"]).reshape(-1, 2)
+        for h, (a, b) in zip(states, spans.tolist()):
+            over = (offs[:, 0] < b) & (offs[:, 1] > a)
+            if over.any():
+                xs.append(h)
+                ys.append(embeddings[ids[over]].float().mean(0))
+    if not xs:
+        raise ValueError("no encoder token overlaps a model token: empty texts?")
+    return torch.stack(xs), torch.stack(ys)
 
 
 def split(text: str) -> tuple[str, str]:
@@ -153,12 +185,12 @@ def split(text: str) -> tuple[str, str]:
 
 
 def hf_embeds(model, before: list[int], soft: torch.Tensor, after: list[int]) -> torch.Tensor:
-    """``inputs_embeds`` [1, len(before) + k + len(after), d]: the model's embeddings of the token
-    ids ``before`` and ``after`` around the soft tokens ``soft`` [k, d]."""
+    """``inputs_embeds`` [1, len(before) + n + len(after), d]: the model's embeddings of the token
+    ids ``before`` and ``after`` around the soft tokens ``soft`` [n, d]."""
     emb = model.get_input_embeddings()
     dev, dtype = emb.weight.device, emb.weight.dtype
     if soft.dim() != 2 or soft.shape[1] != emb.weight.shape[1]:
-        raise ValueError(f"soft tokens must be [k, {emb.weight.shape[1]}], got {list(soft.shape)}")
+        raise ValueError(f"soft tokens must be [n, {emb.weight.shape[1]}], got {list(soft.shape)}")
     parts = [emb(torch.tensor(ids, device=dev)) for ids in (before, after)]
     return torch.cat([parts[0], soft.to(dev, dtype), parts[1]])[None]
 
@@ -185,9 +217,9 @@ def prompt_ids(tokenizer, instruction: str) -> tuple[list[int], list[int]]:
     return enc(before), enc(after)
 
 
-def batch(model, tokenizer, examples: list[Example], soft: torch.Tensor, max_target: int | None = None):
+def batch(model, tokenizer, examples: list[Example], soft: list[torch.Tensor], max_target: int | None = None):
     """Right-padded ``(inputs_embeds [B, T, d], attention_mask [B, T], labels [B, T])`` for
-    examples and their soft tokens [B, k, d]; labels (-100 elsewhere) on the target and eos
+    examples and their soft tokens (B tensors [n_b, d]); labels (-100 elsewhere) on the target and eos
     (targets cut to their first ``max_target`` tokens, without eos)."""
     emb = model.get_input_embeddings()
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
@@ -248,18 +280,23 @@ class TGA:
                    schedule)
 
 
-def train(model, tokenizer, encode, projector: Projector, examples: list[Example], steps: int = 100,
-          batch_size: int = 4, lr: float = 1e-3, seed: int = 0, progress: bool = True,
-          deadline: float | None = None, tga: TGA | None = None, max_target: int | None = 32) -> list[float]:
+def train(model, tokenizer, encoder, projector: Projector, examples: list[Example], steps: int = 100,
+          batch_size: int = 4, lr: float = 1e-4, seed: int = 0, progress: bool = True,
+          deadline: float | None = None, tga: TGA | None = None, max_target: int | None = 32,
+          checkpoint=None, every: int = 25, on_checkpoint=None) -> list[float]:
     """Train ``projector`` (everything else frozen) with the language-modelling loss on each
     example's target (plus, with ``tga``, the TGA loss on the soft tokens' hidden states);
-    ``encode(texts) -> [N, d_in]`` is the frozen encoder. Examples are drawn in seeded random
-    order. Stops after ``steps`` or at ``deadline`` (``time.monotonic()``). Targets are cut to
-    ``max_target`` tokens (the start of an answer says what it is; the vocabulary projection of
-    every target position is most of a step's cost). Returns the language-modelling loss of every
-    step."""
+    ``encoder``: the frozen encoder (``.tokens(texts)``), run once per content. Examples are drawn
+    in seeded random order. Targets are cut to ``max_target`` tokens (the start of an answer says
+    what it is; the vocabulary projection of every target position is most of a step's cost).
+
+    With ``checkpoint`` (a path), the projector, optimiser, draw and losses are written there
+    every ``every`` steps and at the end (then ``on_checkpoint(losses)`` is called), and a run
+    resumes from it. Stops after ``steps`` or at ``deadline`` (``time.monotonic()``). Returns the
+    language-modelling loss of every step, the resumed ones included."""
     import contextlib
     import time
+    from pathlib import Path
 
     from tqdm.auto import tqdm
 
@@ -270,21 +307,38 @@ def train(model, tokenizer, encode, projector: Projector, examples: list[Example
         raise ValueError("no training examples")
     for p in model.parameters():
         p.requires_grad_(False)
-    projector.train()
     opt = torch.optim.AdamW(projector.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    if checkpoint is not None and Path(checkpoint).is_file():
+        state = torch.load(checkpoint, weights_only=False)
+        projector.load_state_dict(state["projector"])
+        opt.load_state_dict(state["optimizer"])
+        g.set_state(state["generator"])
+        losses = list(state["losses"])
+
+    def save():
+        tmp = Path(f"{checkpoint}.tmp")
+        torch.save({"projector": projector.state_dict(), "optimizer": opt.state_dict(), "generator": g.get_state(),
+                    "losses": losses}, tmp)
+        os.replace(tmp, checkpoint)
+        if on_checkpoint is not None:
+            on_checkpoint(losses)
+
     contents = sorted({ex.content for ex in examples})
-    cache = dict(zip(contents, encode(contents)))  # the encoder is frozen: encode each content once
-    losses = []
-    bar = tqdm(range(steps), desc="projector", unit="step", disable=not progress)
+    states = {c: h for c, (h, _) in zip(contents, encoder.tokens(contents))}  # the encoder is frozen
+    projector.train()
+    bar = tqdm(range(len(losses), steps), desc="projector", unit="step", disable=not progress, initial=len(losses),
+               total=steps)
     for _ in bar:
         pick = [examples[int(i)] for i in torch.randint(len(examples), (batch_size,), generator=g)]
-        soft = projector(torch.stack([cache[ex.content] for ex in pick]))
+        soft = [projector(states[ex.content]) for ex in pick]
         with capture(model, tga.layers, detach=False) if tga else contextlib.nullcontext() as store:
             loss = target_loss(model, *batch(model, tokenizer, pick, soft, max_target))
-        if tga is not None:
-            at = len(prompt_ids(tokenizer, pick[0].instruction)[0])  # the soft tokens' first position
-            h_img = torch.stack([store[il][:, at:at + projector.k].mean(1) for il in tga.layers])  # [L, B, d]
+        if tga is not None:  # the soft tokens' mean state per row; they start after the prompt's head
+            at = [len(prompt_ids(tokenizer, ex.instruction)[0]) for ex in pick]
+            h_img = torch.stack([torch.stack([store[il][b, a:a + len(s)].mean(0) for b, (a, s) in enumerate(zip(at, soft))])
+                                 for il in tga.layers])  # [L, B, d]
             h_cap = torch.stack([tga.h_cap[ex.content] for ex in pick], 1)
             h_ret = torch.stack([tga.h_ret[ex.content] for ex in pick], 1)
             extra, _ = tga_loss(h_img, h_cap, h_ret, layer_weights(tga.layers, len(losses), steps, tga.schedule))
@@ -293,8 +347,12 @@ def train(model, tokenizer, encode, projector: Projector, examples: list[Example
         opt.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if checkpoint is not None and len(losses) % every == 0:
+            save()
         if deadline is not None and time.monotonic() > deadline:
             break
+    if checkpoint is not None and len(losses) % every:
+        save()
     projector.eval()
     return losses
 
@@ -415,12 +473,27 @@ def training_examples(model: str, seed: int = 0) -> list[Example]:
     return answer_examples(rows) + restate_examples(list(dict.fromkeys(benign_requests(seed) + benign_contents(seed))), seed)
 
 
+def initial_projector(model, tokenizer, encoder, contents: list[str], hidden: int = 512,
+                      ridge: float = 1.0) -> tuple[Projector, float]:
+    """A projector whose linear map is the ridge regression of ``contents``' encoder token states
+    onto the model's input embeddings of the text they cover (``alignment``): seconds, no forward
+    pass. Returns (projector, R^2 of the fit)."""
+    emb = model.get_input_embeddings().weight.detach()
+    x, y = alignment(encoder, tokenizer, emb, contents)
+    proj = Projector(encoder.dim, emb.shape[1], hidden)
+    return proj, proj.fit_linear(x, y, ridge)
+
+
 def main(argv=None) -> int:
-    """``python -m pyguard.graft train``: train a projector for a default model on benign content
-    (``training_examples``) within a time budget, with ``--tga`` the TGA loss too, and save it.
-    Prints the loss curve's start and end. ``answers``: distil the answers it trains on."""
+    """``python -m pyguard.graft train``: a projector for a default model, initialised by ridge
+    regression on the benign training contents, then trained on benign examples
+    (``training_examples``; with ``--tga`` the TGA loss too) for ``--steps`` steps (0: the
+    regression alone), resumably (``--work``: checkpoint and a projector file every ``--every``
+    steps, for curves), and saved. ``answers``: distil the answers it trains on."""
     import argparse
+    import json
     import time
+    from pathlib import Path
 
     from . import models
     from .methods import describe_model
@@ -432,38 +505,56 @@ def main(argv=None) -> int:
                     help="train: a projector; answers: distil the model's text answers to the benign requests")
     ap.add_argument("--model", default=models.DEFAULT_MODEL)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--k", type=int, default=8, help="soft tokens per content")
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=300, help="at most this many steps (TGA's weights decay over them)")
+    ap.add_argument("--hidden", type=int, default=512, help="the projector MLP's width")
+    ap.add_argument("--ridge", type=float, default=1.0, help="the initial regression's penalty")
+    ap.add_argument("--steps", type=int, default=300, help="training steps after the regression (TGA's weights decay "
+                    "over them); 0: the regression alone")
     ap.add_argument("--tga", action="store_true", help="add the TGA loss (retrieval among the training contents)")
-    ap.add_argument("--minutes", type=float, default=25.0, help="stop after this long and save what is trained")
+    ap.add_argument("--minutes", type=float, default=60.0, help="stop after this long and save what is trained")
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--work", type=Path, help="folder for the checkpoint (resumed from) and a projector file every "
+                    "--every steps (step-N.safetensors) and the losses (losses.json)")
+    ap.add_argument("--every", type=int, default=25)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     if a.action == "answers":
         rows = distill_answers(models.model_path(a.model), benign_requests(a.seed), a.out)
         print(f"{len(rows)} answers in {a.out}")
         return 0
+    if a.steps < 0 or a.every < 1:
+        ap.error("--steps must be >= 0 and --every >= 1")
     torch.manual_seed(a.seed)
     model, tok = convert.load(a.model)
     t0 = time.monotonic()
     enc = SentenceEncoder()
     examples = training_examples(a.model, a.seed)
     contents = sorted({e.content for e in examples})
-    emb = model.get_input_embeddings().weight.detach()
-    proj = Projector(enc.dim, emb.shape[1], k=a.k, hidden=a.hidden)
-    proj.match_scale(emb.pow(2).mean().sqrt().item(), enc.encode(contents[:64]))
-    tga = TGA.build(model, tok, contents, enc) if a.tga else None
-    losses = train(model, tok, enc.encode, proj, examples, a.steps, a.batch_size, a.lr, a.seed,
-                   deadline=t0 + a.minutes * 60, tga=tga)
+    proj, r2 = initial_projector(model, tok, enc, contents, a.hidden, a.ridge)
+    print(f"ridge initialisation on {len(contents)} contents: R^2 {r2:.3f} ({time.monotonic() - t0:.0f} s)")
     cfg = model.config
-    proj.save(a.out, half=True, model_hint=describe_model(cfg.model_type, cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size),
-              encoder="all-MiniLM-L6-v2", objective="answer+restate" + ("+tga" if a.tga else ""), steps=len(losses),
-              seed=a.seed, examples=len(examples))
+    meta = dict(model_hint=describe_model(cfg.model_type, cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size),
+                encoder="all-MiniLM-L6-v2", objective="ridge+answer+restate" + ("+tga" if a.tga else ""), seed=a.seed,
+                examples=len(examples))
+    losses: list[float] = []
+    if a.work is not None:
+        a.work.mkdir(parents=True, exist_ok=True)
+        if not (a.work / "checkpoint.pt").exists():
+            proj.save(a.work / "step-0.safetensors", half=True, steps=0, **meta)
+
+    def snapshot(done: list[float]):
+        proj.save(a.work / f"step-{len(done)}.safetensors", half=True, steps=len(done), **meta)
+        (a.work / "losses.json").write_text(json.dumps(done), encoding="utf-8")
+
+    if a.steps:
+        tga = TGA.build(model, tok, contents, enc) if a.tga else None
+        losses = train(model, tok, enc, proj, examples, a.steps, a.batch_size, a.lr, a.seed,
+                       deadline=t0 + a.minutes * 60, tga=tga, checkpoint=a.work and a.work / "checkpoint.pt",
+                       every=a.every, on_checkpoint=a.work and snapshot)
+    proj.save(a.out, half=True, steps=len(losses), **meta)
     n = max(1, len(losses) // 10)
-    print(f"{len(losses)} steps in {(time.monotonic() - t0) / 60:.1f} min; loss {sum(losses[:n]) / n:.3f} (first "
-          f"{n}) -> {sum(losses[-n:]) / n:.3f} (last {n}); wrote {a.out}")
+    curve = f"; loss {sum(losses[:n]) / n:.3f} (first {n}) -> {sum(losses[-n:]) / n:.3f} (last {n})" if losses else ""
+    print(f"{len(losses)} steps in {(time.monotonic() - t0) / 60:.1f} min{curve}; wrote {a.out}")
     return 0
 
 

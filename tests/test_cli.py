@@ -76,6 +76,9 @@ def test_calibration_bad_files_are_one_line_errors(tmp_path):
     r = pyguard("fit", "casa", "--model", str(tmp_path / "m.gguf"), "--layer", "3", "--harmful", str(harmful),
                 "--out", str(tmp_path / "c.safetensors"))
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "harmful.jsonl:2" in r.stderr
+    for flags, need in ((("--fit-on", "text,graft"), "--graft"), (("--fit-on", "image"), "--mmproj")):
+        r = pyguard("fit", "casa", "--layer", "3", "--out", str(tmp_path / "c.safetensors"), *flags)
+        assert r.returncode == 2 and f"needs {need}" in r.stderr
 
 
 def smollm2():
@@ -172,7 +175,7 @@ def test_chat_with_grafted_content(tmp_path):
     from pyguard import graft
 
     torch.manual_seed(0)
-    graft.Projector(384, 576, k=2, hidden=16).save(tmp_path / "p.safetensors",
+    graft.Projector(384, 576, hidden=16).save(tmp_path / "p.safetensors",
                                                     model_hint="llama n_layer=30 n_embd=576 n_vocab=49152")
     r = subprocess.run([sys.executable, "-m", "pyguard.cli", "chat", "--model", "smollm2-135m", "--method", "cmrm",
                         "--cmrm", "sample", "--graft", str(tmp_path / "p.safetensors"), "--max-tokens", "3"],

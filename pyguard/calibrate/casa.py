@@ -28,20 +28,61 @@ class StateCache(NpyCache):
         super().__init__(Path(folder) / f"{model_key}-L{layer}")
 
 
-def collect(states_fn, texts: list[str], cache: StateCache | None = None, progress: bool = True,
-            desc: str = "hidden states") -> list[np.ndarray]:
-    """``states_fn(messages) -> [T, d]`` for each text as a one-message user chat, through the cache."""
-    from tqdm.auto import tqdm
+MODALITIES = ("text", "graft", "image")
+
+
+def copies(items: list[dict], modalities, folder=None) -> list[dict]:
+    """Each item in each of ``modalities`` (its ``modality`` set): as it is (text), as grafted
+    content with the answer instruction (graft, ``datasets.grafted``), or as a typographic image
+    rendered into ``folder`` (image, ``datasets.typographic``)."""
+    from .. import datasets
 
     out = []
-    for text in tqdm(texts, desc=desc, disable=not progress, unit="prompt"):
-        H = cache.get(text) if cache is not None else None
+    for m in modalities:
+        if m == "text":
+            out += [dict(it, modality=m) for it in items]
+        elif m == "graft":
+            out += [dict(it, modality=m) for it in datasets.grafted(items)]
+        elif m == "image":
+            out += [dict(it, modality=m, image=str(Path(folder) / it["image"])) for it in datasets.typographic(items, folder)]
+        else:
+            raise ValueError(f"unknown modality {m!r}; known: {', '.join(MODALITIES)}")
+    return out
+
+
+def prompt_key(item, tag: str = "") -> str:
+    """A prompt's cache key: its text; for grafted content or an image, the content or the image
+    bytes' sha256 and ``tag`` (the projector or mmproj that reads it) too."""
+    import hashlib
+
+    if isinstance(item, str):
+        return item
+    if item.get("graft"):
+        return f"graft\x00{tag}\x00{item['graft']}\x00{item['text']}"
+    if item.get("image"):
+        return f"image\x00{tag}\x00{hashlib.sha256(Path(item['image']).read_bytes()).hexdigest()}\x00{item['text']}"
+    return item["text"]
+
+
+def collect(states_fn, items: list, cache: StateCache | None = None, progress: bool = True,
+            desc: str = "hidden states", tag: str = "") -> list[np.ndarray]:
+    """``states_fn(messages) -> [T, d]`` for each item (a text, or a dict as ``evaluate.messages``
+    takes: text, grafted content or an image) as a one-message user chat, through the cache
+    (``prompt_key(item, tag)``)."""
+    from tqdm.auto import tqdm
+
+    from ..evaluate import messages
+
+    out = []
+    for item in tqdm(items, desc=desc, disable=not progress, unit="prompt"):
+        key = prompt_key(item, tag)
+        H = cache.get(key) if cache is not None else None
         if H is None:
-            H = np.asarray(states_fn([{"role": "user", "content": text}]), dtype=np.float32)
+            H = np.asarray(states_fn(messages({"text": item} if isinstance(item, str) else item)), dtype=np.float32)
             if hasattr(H, "cpu"):
                 H = H.cpu().numpy()
             if cache is not None:
-                cache.put(text, H)
+                cache.put(key, H)
         out.append(H)
     return out
 
@@ -247,55 +288,88 @@ def prompt_sets(harmful=None, benign=None, jailbreaks: int = FIT_JAILBREAKS) -> 
     return items
 
 
-def states_function(model: str, layer: int, n_ctx: int = 4096):
+def states_function(model: str, layer: int, n_ctx: int = 4096, graft=None, mmproj=None):
     """(``messages -> [T, d]``, cache key, model_hint, closer) for a default model name or GGUF path (llama.cpp)
-    or a Hugging Face folder (PyTorch)."""
+    or a Hugging Face folder (PyTorch); ``graft`` (a ``pyguard.graft.Graft``) reads grafted
+    content, ``mmproj`` (GGUF only) images."""
     kind, path = locate(model)
     if kind == "gguf":
         from ..llama import GuardedLlama
 
-        g = GuardedLlama(path, n_ctx=n_ctx, capture_layer=layer)
+        g = GuardedLlama(path, mmproj_path=mmproj, n_ctx=n_ctx, capture_layer=layer, graft=graft)
         return g.prompt_states, model_key(kind, path), g.model_hint, g.close
-    g = hf_guard(path)
+    if mmproj is not None:
+        raise ValueError("--mmproj is for a GGUF model; a Hugging Face folder reads images with its own processor")
+    g = hf_guard(path, graft=graft)
     return (lambda m: g.prompt_states(m, layer)), model_key(kind, path), g.model_hint, g.close
 
 
-def hidden_states(model: str, layer: int, texts: list[str], cache=None, progress: bool = True,
-                  desc: str = "hidden states", fitted: CASA | None = None):
-    """Each text's prompt hidden states [T, d] at ``layer`` (cached per prompt under ``cache``,
-    default ``$PYGUARD_CACHE/states``), with the model's cache key and ``model_hint``. ``fitted``:
-    a CASA module that must fit this model, checked before any work."""
+def hidden_states(model: str, layer: int, items: list, cache=None, progress: bool = True,
+                  desc: str = "hidden states", fitted: CASA | None = None, graft=None, mmproj=None):
+    """Each item's (a text, or a dict with grafted content or an image) prompt hidden states
+    [T, d] at ``layer`` (cached per prompt under ``cache``, default ``$PYGUARD_CACHE/states``),
+    with the model's cache key and ``model_hint``. ``fitted``: a CASA module that must fit this
+    model, checked before any work; ``graft``: a projector file or Graft; ``mmproj``: for images."""
     from .. import models
 
-    fn, key, hint, close = states_function(model, layer)
+    if graft is not None:
+        from ..graft import Graft
+
+        graft = Graft.of(graft)
+    tag = "" if graft is None and mmproj is None else \
+        f"{graft.fingerprint() if graft is not None else ''}|{'' if mmproj is None else model_key('gguf', Path(mmproj))}"
+    fn, key, hint, close = states_function(model, layer, graft=graft, mmproj=mmproj)
     try:
         if fitted is not None:
             check_fits(fitted, hint)
         store = StateCache(Path(cache) if cache else models.cache_dir() / "states", key, layer)
-        return collect(fn, texts, store, progress, desc), key, hint
+        return collect(fn, items, store, progress, desc, tag), key, hint
     finally:
         close()
 
 
 def run(model: str, layer: int, out, harmful=None, benign=None, report_dir=None, cache=None,
-        target_frr: float = 0.05, jailbreaks: int = FIT_JAILBREAKS, seed: int = 0, progress: bool = True, **fit_kw):
+        target_frr: float = 0.05, jailbreaks: int = FIT_JAILBREAKS, seed: int = 0, progress: bool = True,
+        graft=None, mmproj=None, fit_on=("text",), **fit_kw):
     """Collect hidden states (cached), split by goal (``datasets.FIT_FRACTIONS``), fit, save the CASA file and the
-    report (report.json, roc.png). Returns (CASA, report)."""
-    from .. import datasets
+    report (report.json, roc.png). Returns (CASA, report).
 
+    With ``graft`` (a projector file or Graft) every request is also given as grafted content,
+    with ``mmproj`` as a typographic image (``copies``); a request's copies stay in its split.
+    The module is fitted (and its threshold chosen) on the modalities in ``fit_on``; the report
+    gives the held-out figures on those, and per modality (``test_by_modality``) on each one
+    that was collected, so a fit on one modality is measured on the others too (transfer)."""
+    from .. import datasets, models
+
+    modalities = ["text"] + (["graft"] if graft is not None else []) + (["image"] if mmproj is not None else [])
+    need = {"graft": "a projector (--graft)", "image": "an mmproj file (--mmproj)"}
+    bad = [m for m in fit_on if m not in modalities]
+    if not fit_on or bad:
+        raise ValueError(f"fit_on must name collected modalities ({', '.join(modalities)}), got {list(fit_on)}"
+                         + "".join(f"; {m} needs {need[m]}" for m in bad if m in need))
     items = prompt_sets(harmful, benign, jailbreaks)
-    H, key, hint = hidden_states(model, layer, [it["text"] for it in items], cache, progress)
-    for it, h in zip(items, H):
+    folder = Path(cache) if cache else models.cache_dir() / "states"
+    parts = [copies(p, modalities, folder / "typographic") for p in datasets.split(items, datasets.FIT_FRACTIONS, seed)]
+    flat = [it for p in parts for it in p]
+    H, key, hint = hidden_states(model, layer, flat, cache, progress, graft=graft, mmproj=mmproj)
+    for it, h in zip(flat, H):
         it["states"] = h
-    parts = datasets.split(items, datasets.FIT_FRACTIONS, seed)
-    train, val, test = ([(it["states"], int(it["label"] == "harmful")) for it in p] for p in parts)
+    train, val, test = ([(it["states"], int(it["label"] == "harmful")) for it in p if it["modality"] in fit_on]
+                        for p in parts)
     casa, report = fit(train, val, test, layer, target_frr=target_frr, seed=seed, progress=progress,
                        model_hint=hint, **fit_kw)
-    report["test_by_source"] = {}
-    scores = casa.score([it["states"] for it in parts[2]])
-    for src in sorted({it.get("source", "?") for it in parts[2]}):
-        sel = [i for i, it in enumerate(parts[2]) if it.get("source", "?") == src]
+    report["fit_on"] = list(fit_on)
+    report["test_by_source"], report["test_by_modality"] = {}, {}
+    held = [it for it in parts[2] if it["modality"] in fit_on]
+    scores = np.asarray(casa.score([it["states"] for it in held]))
+    for src in sorted({it.get("source", "?") for it in held}):
+        sel = [i for i, it in enumerate(held) if it.get("source", "?") == src]
         report["test_by_source"][src] = {"n": len(sel), "flagged": float(np.mean(scores[sel] > casa.threshold))}
+    for m in modalities:
+        sel = [it for it in parts[2] if it["modality"] == m]
+        r = evaluate(np.array([it["label"] == "harmful" for it in sel]), np.asarray(casa.score([it["states"] for it in sel])),
+                     casa.threshold)
+        report["test_by_modality"][m] = {k: v for k, v in r.items() if k != "roc"} | {"n": len(sel)}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     casa.save(out)
     save_report(report, report_dir or Path(out).with_suffix(""), title=f"CASA {key}")

@@ -144,7 +144,7 @@ class GuardedLlama:
             raise ValueError("images given, but this model was loaded without an mmproj file")
         if prompt.grafts and self.graft is None:
             raise ValueError("grafted content given, but this model was loaded without a projector (graft=)")
-        soft = self.graft.soft(prompt.grafts).numpy() if prompt.grafts else None
+        soft = [t.numpy() for t in self.graft.soft(prompt.grafts)] if prompt.grafts else None
         base = self._segments(prompt, soft)
         safe = None
         try:
@@ -168,9 +168,9 @@ class GuardedLlama:
                     max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p), stops=stops,
                     rng=np.random.default_rng(seed), has_image=prompt.media)
 
-    def _segments(self, prompt: chat.Prompt, soft: np.ndarray | None = None) -> Segments:
-        """The prompt as text-token lists and image chunks (or ``Soft`` segments: the grafted
-        contents' soft tokens ``soft`` [n, k, n_embd])."""
+    def _segments(self, prompt: chat.Prompt, soft: list[np.ndarray] | None = None) -> Segments:
+        """The prompt as text-token lists and image chunks (or ``Soft`` segments: each grafted
+        content's soft tokens, ``soft[i]`` [n_i, n_embd])."""
         text, add_bos = self.template.render(prompt.messages)
         if prompt.images:
             return self.vision.tokenize(text, prompt.images, add_special=add_bos)
@@ -423,7 +423,7 @@ def n_pos(segments) -> int:
 
 @dataclass(frozen=True)
 class Soft:
-    """Grafted content in a tokenized prompt: soft tokens ``embd`` [k, n_embd] fed as embeddings;
+    """Grafted content in a tokenized prompt: soft tokens ``embd`` [n, n_embd] fed as embeddings;
     ``index`` of the content in the request."""
 
     index: int

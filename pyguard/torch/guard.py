@@ -39,7 +39,7 @@ class _Request:
     base: list
     safe: list | None
     has_image: bool  # images or grafted content: what CMRM shifts
-    soft: torch.Tensor | None = None  # the grafted contents' soft tokens [n * k, d], in order
+    soft: torch.Tensor | None = None  # the grafted contents' soft tokens [sum n_i, d], in order
     out: list = field(default_factory=list)   # generated tokens
     forced: list = field(default_factory=list)
     dual: bool = False     # CoCA's safe row still runs
@@ -200,12 +200,13 @@ class GuardedModel:
         if not temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {temperature!r}")
         prompt, marker = self._flatten(messages)
-        base, pixel_values = self._encode(prompt, marker)
+        soft = self._soft(prompt)
+        base, pixel_values = self._encode(prompt, marker, soft)
         safe = None
         if self.coca is not None:
             safe, _ = self._encode(chat.with_principle(prompt, self.coca.principle, self.coca.principle_position, marker),
-                                   marker, pixels=False)
-        req = self._request(base, safe, self._soft(prompt))
+                                   marker, soft, pixels=False)
+        req = self._request(base, safe, None if soft is None else torch.cat(soft))
         gen = None if seed is None else torch.Generator(device=self._device()).manual_seed(seed)
         opts = dict(max_new_tokens=max_tokens, do_sample=temperature > 0, temperature=temperature or 1.0,
                     top_p=top_p, generator=gen)
@@ -239,9 +240,10 @@ class GuardedModel:
         if bad:
             raise ValueError(f"layers {bad} are outside the model's {self.n_layer} decoder layers")
         prompt, marker = self._flatten(messages)
-        ids, pixel_values = self._encode(prompt, marker)
+        soft = self._soft(prompt)
+        ids, pixel_values = self._encode(prompt, marker, soft)
         kw = {} if pixel_values is None else {"pixel_values": pixel_values.to(self._device(), dtype=self.model.dtype)}
-        kw |= self._inputs(torch.tensor([ids], device=self._device()), [self._soft(prompt)])
+        kw |= self._inputs(torch.tensor([ids], device=self._device()), [None if soft is None else torch.cat(soft)])
         shift = self.cmrm is not None and self.cmrm.mode == "dataset" and (self.cmrm.when == "always" or prompt.media)
         with self._lock, shift_layers(self.model, self.cmrm) if shift else contextlib.nullcontext(), \
                 capture(self.model, layers) as store:
@@ -263,13 +265,13 @@ class GuardedModel:
                              if not self.has_vision else "images given, but no processor (only a tokenizer) was passed")
         return prompt, marker
 
-    def _soft(self, prompt: chat.Prompt) -> torch.Tensor | None:
-        """The prompt's grafted contents as soft tokens [n * k, d], or None."""
-        return self.graft.soft(prompt.grafts).flatten(0, 1) if prompt.grafts else None
+    def _soft(self, prompt: chat.Prompt) -> list[torch.Tensor] | None:
+        """The soft tokens of the prompt's grafted contents, [n_i, d] each, or None."""
+        return self.graft.soft(prompt.grafts) if prompt.grafts else None
 
-    def _encode(self, prompt: chat.Prompt, marker: str, pixels: bool = True):
+    def _encode(self, prompt: chat.Prompt, marker: str, soft: list | None = None, pixels: bool = True):
         """-> (token ids, pixel_values or None) of a flattened prompt rendered by the chat template;
-        each grafted content is ``k`` GRAFT_ID tokens."""
+        grafted content i is ``len(soft[i])`` GRAFT_ID tokens."""
         text = self.tokenizer.apply_chat_template(prompt.messages, add_generation_prompt=True, tokenize=False)
         if prompt.grafts:
             pieces = text.split(marker)
@@ -277,8 +279,8 @@ class GuardedModel:
                 raise ValueError(f"the rendered prompt holds {len(pieces) - 1} markers {marker!r} for "
                                  f"{len(prompt.grafts)} grafted contents")
             ids = self.tokenizer(pieces[0], add_special_tokens=False).input_ids
-            for piece in pieces[1:]:
-                ids += [GRAFT_ID] * self.graft.k + self.tokenizer(piece, add_special_tokens=False).input_ids
+            for s, piece in zip(soft, pieces[1:]):
+                ids += [GRAFT_ID] * len(s) + self.tokenizer(piece, add_special_tokens=False).input_ids
             return ids, None
         if not prompt.images:
             return self.tokenizer(text, add_special_tokens=False).input_ids, None
