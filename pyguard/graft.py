@@ -281,7 +281,7 @@ class TGA:
 
 
 def train(model, tokenizer, encoder, projector: Projector, examples: list[Example], steps: int = 100,
-          batch_size: int = 4, lr: float = 1e-4, seed: int = 0, progress: bool = True,
+          batch_size: int = 4, lr: float = 3e-5, seed: int = 0, progress: bool = True,
           deadline: float | None = None, tga: TGA | None = None, max_target: int | None = 32,
           checkpoint=None, every: int = 25, on_checkpoint=None) -> list[float]:
     """Train ``projector`` (everything else frozen) with the language-modelling loss on each
@@ -507,12 +507,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--hidden", type=int, default=512, help="the projector MLP's width")
     ap.add_argument("--ridge", type=float, default=1.0, help="the initial regression's penalty")
-    ap.add_argument("--steps", type=int, default=300, help="training steps after the regression (TGA's weights decay "
+    ap.add_argument("--steps", type=int, default=400, help="training steps after the regression (TGA's weights decay "
                     "over them); 0: the regression alone")
     ap.add_argument("--tga", action="store_true", help="add the TGA loss (retrieval among the training contents)")
-    ap.add_argument("--minutes", type=float, default=60.0, help="stop after this long and save what is trained")
+    ap.add_argument("--minutes", type=float, default=90.0, help="stop after this long and save what is trained")
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--lr", type=float, default=3e-5)
     ap.add_argument("--work", type=Path, help="folder for the checkpoint (resumed from) and a projector file every "
                     "--every steps (step-N.safetensors) and the losses (losses.json)")
     ap.add_argument("--every", type=int, default=25)
