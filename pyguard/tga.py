@@ -89,17 +89,22 @@ class SentenceEncoder:
         self.model = AutoModel.from_pretrained(path, local_files_only=True).eval()
         self.batch_size = batch_size
 
+    def _batches(self, texts: list[str], **tokenizer_kw):
+        """(texts, tokenizer output, last hidden states [b, T, 384]) per batch of ``texts``."""
+        for i in range(0, len(texts), self.batch_size):
+            chunk = texts[i:i + self.batch_size]
+            enc = self.tokenizer(chunk, padding=True, return_tensors="pt", **tokenizer_kw)
+            if enc["input_ids"].shape[1] > self.max_length:
+                n = int(enc["attention_mask"].sum(1).max()) - 2
+                raise ValueError(f"a text of {n} word pieces: the encoder reads at most {self.max_length - 2}")
+            inputs = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+            yield chunk, enc, self.model(**inputs).last_hidden_state
+
     @torch.no_grad()
     def encode(self, texts: list[str]) -> torch.Tensor:
-        """Unit-norm sentence embeddings [N, 384]."""
-        out = []
-        for i in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(texts[i:i + self.batch_size], padding=True, truncation=True, max_length=self.max_length,
-                                 return_tensors="pt")
-            h = self.model(**enc).last_hidden_state
-            out.append(F.normalize(_masked_mean(h, enc["attention_mask"]), dim=-1))
-        return torch.cat(out)
-
+        """Unit-norm sentence embeddings [N, 384] (texts cut to ``max_length`` tokens)."""
+        batches = self._batches(texts, truncation=True, max_length=self.max_length)
+        return torch.cat([F.normalize(_masked_mean(h, enc["attention_mask"]), dim=-1) for _, enc, h in batches])
 
     @torch.no_grad()
     def tokens(self, texts: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -107,20 +112,12 @@ class SentenceEncoder:
         out) and their character spans [n, 2]. ValueError for a text of more word pieces than the
         encoder reads (254) or of none."""
         out = []
-        for i in range(0, len(texts), self.batch_size):
-            chunk = texts[i:i + self.batch_size]
-            enc = self.tokenizer(chunk, padding=True, return_tensors="pt", return_offsets_mapping=True,
-                                 return_special_tokens_mask=True)
-            offsets, special = enc.pop("offset_mapping"), enc.pop("special_tokens_mask").bool()
-            if enc["input_ids"].shape[1] > self.max_length:
-                n = int(enc["attention_mask"].sum(1).max()) - 2
-                raise ValueError(f"a text of {n} word pieces: the encoder reads at most {self.max_length - 2}")
-            h = self.model(**enc).last_hidden_state
+        for chunk, enc, h in self._batches(texts, return_offsets_mapping=True, return_special_tokens_mask=True):
             for j, text in enumerate(chunk):
-                keep = enc["attention_mask"][j].bool() & ~special[j]
+                keep = enc["attention_mask"][j].bool() & ~enc["special_tokens_mask"][j].bool()
                 if not keep.any():
                     raise ValueError(f"text {text!r} has no word pieces")
-                out.append((h[j, keep], offsets[j, keep]))
+                out.append((h[j, keep], enc["offset_mapping"][j, keep]))
         return out
 
 
