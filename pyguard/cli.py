@@ -31,6 +31,8 @@ EXAMPLES = """examples:
   pyguard fit casa --model vlm.gguf --mmproj p.gguf --layer 10 --fit-on text,image --out casa-vlm.safetensors
                                      ... and for typographic images of the prompts, through a real VLM
   pyguard fit cascade --casa casa.safetensors --out casa.safetensors   cascade thresholds, saved with the module
+  pyguard fit cascade --casa casa-graft.safetensors --graft --fit-on text,graft --out casa-graft.safetensors
+                                     ... chosen on validation prompts as text and as grafted content
   pyguard chat                       chat with the default model under the cascade (/image PATH, /reset, /quit)
   pyguard eval                       ASR, benign refusals, latency: none, coca, casa, coca+casa on held-out sets
   pyguard eval --dataset d.jsonl --methods none,all --cmrm sample --out results/d
@@ -112,6 +114,14 @@ def _calibrate(a) -> int:
     return 0
 
 
+def _fit_on(a) -> list[str]:
+    """--fit-on's modalities (default: text), each with the flag it needs."""
+    fit_on = [m.strip() for m in a.fit_on.split(",")] if a.fit_on else ["text"]
+    if a.graft is None and "graft" in fit_on or a.mmproj is None and "image" in fit_on:
+        raise UsageError(f"--fit-on {a.fit_on} needs " + ("--graft" if "graft" in fit_on and a.graft is None else "--mmproj"))
+    return fit_on
+
+
 def _fit(a) -> int:
     if a.method == "cascade":
         return _fit_cascade(a)
@@ -119,9 +129,7 @@ def _fit(a) -> int:
         raise UsageError("fit casa needs --layer")
     from .calibrate import casa
 
-    fit_on = [m.strip() for m in a.fit_on.split(",")] if a.fit_on else ["text"]
-    if a.graft is None and "graft" in fit_on or a.mmproj is None and "image" in fit_on:
-        raise UsageError(f"--fit-on {a.fit_on} needs " + ("--graft" if "graft" in fit_on and a.graft is None else "--mmproj"))
+    fit_on = _fit_on(a)
     _, rep = casa.run(a.model, a.layer, a.out, a.harmful, a.benign, a.report, a.cache,
                       0.05 if a.target_frr is None else a.target_frr, a.jailbreaks, a.seed,
                       graft=_graft(a) if a.graft else None, mmproj=a.mmproj, fit_on=fit_on)
@@ -224,9 +232,11 @@ def _fit_cascade(a) -> int:
     if src is None:
         raise UsageError("fit cascade needs --casa (a fitted CASA file)")
     target = 0.02 if a.target_frr is None else a.target_frr
-    _, rep = cascade.run(src, a.out, a.model, target, a.harmful, a.benign, a.cache, a.jailbreaks, a.seed)
+    fit_on = _fit_on(a)
+    _, rep = cascade.run(src, a.out, a.model, target, a.harmful, a.benign, a.cache, a.jailbreaks, a.seed,
+                         graft=_graft(a) if a.graft else None, mmproj=a.mmproj, fit_on=fit_on)
     print(f"low {rep['low']:.4f}, high {rep['high']:.4f} (target: <= {target:.1%} of validation benign prompts "
-          f"routed to CoCA)")
+          f"({', '.join(fit_on)}) routed to CoCA)")
     for label in ("benign", "harmful"):
         b = rep[f"val_{label}"]
         print(f"  validation {label} ({rep['n_val'][label]}): no guard {b['none']:.1%}, CoCA {b['coca']:.1%}, "
@@ -279,12 +289,12 @@ def parser() -> argparse.ArgumentParser:
                         "counting every benign prompt routed to CoCA as refused)")
     f.add_argument("--report", type=Path, help="report folder (default: next to --out)")
     f.add_argument("--cache", type=Path, help="hidden-state cache (default: $PYGUARD_CACHE/states)")
-    f.add_argument("--graft", nargs="?", const="shipped", help="casa: also give every prompt as grafted content "
+    f.add_argument("--graft", nargs="?", const="shipped", help="also give every prompt as grafted content "
                    "through this projector (alone: the one shipped for the model)")
-    f.add_argument("--mmproj", type=Path, help="casa: also give every prompt as a typographic image, read through "
+    f.add_argument("--mmproj", type=Path, help="also give every prompt as a typographic image, read through "
                    "this GGUF multimodal projector")
-    f.add_argument("--fit-on", help="casa: the modalities to fit on, comma-separated: text, graft, image (default: "
-                   "text); the report covers every collected one")
+    f.add_argument("--fit-on", help="the modalities to fit on, comma-separated: text, graft, image (default: "
+                   "text); casa's report covers every collected one, cascade scores these")
     f.add_argument("--seed", type=int, default=0)
     f.set_defaults(fn=_fit)
     e = sub.add_parser("eval", help="attack success rate, benign refusals and latency per method",

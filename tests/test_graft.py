@@ -484,3 +484,17 @@ def test_fit_casa_on_grafted_prompts(smol, tmp_path):
     parts = datasets.split([{"id": str(i), "text": t, "label": "x"} for i, t in enumerate(harm)], datasets.FIT_FRACTIONS)
     copies = fitcasa.copies(parts[0], ["text", "graft"])
     assert [c["graft"] for c in copies if c["modality"] == "graft"] == [c["text"] for c in copies if c["modality"] == "text"]
+    # the cascade's thresholds, chosen on the validation copies of the modalities it names (cache only)
+    from pyguard.calibrate import cascade as fitcascade
+
+    kw = {k: v for k, v in kw.items() if k != "epochs"}
+    k, crep = fitcascade.run(tmp_path / "c.safetensors", tmp_path / "k.safetensors", gguf, 0.1,
+                             fit_on=("text", "graft"), **kw)
+    _, trep = fitcascade.run(tmp_path / "c.safetensors", tmp_path / "t.safetensors", gguf, 0.1, **kw)
+    assert len(list((tmp_path / "states").rglob("*.npy"))) == cached
+    assert crep["fit_on"] == ["text", "graft"] and trep["fit_on"] == ["text"]
+    assert sum(crep["n_val"].values()) == 2 * sum(trep["n_val"].values()) == rep["n"]["val"]
+    assert 0 <= k.low <= k.high == casa.threshold
+    with pytest.raises(ValueError, match="graft needs a projector"):
+        fitcascade.run(tmp_path / "c.safetensors", tmp_path / "x.safetensors", gguf, 0.1, fit_on=("graft",),
+                       **{**kw, "graft": None})

@@ -45,18 +45,26 @@ def branches(scores: np.ndarray, low: float, high: float) -> dict:
 
 
 def run(casa_path, out, model: str | None = None, target_frr: float = 0.02, harmful=None, benign=None,
-        cache=None, jailbreaks: int = FIT_JAILBREAKS, seed: int = 0, progress: bool = True):
+        cache=None, jailbreaks: int = FIT_JAILBREAKS, seed: int = 0, progress: bool = True,
+        graft=None, mmproj=None, fit_on=("text",)):
     """Score the validation split with the CASA module (hidden states from the cache, computed when
-    missing), choose (low, high), save the CASA file with them at ``out``. Returns (Cascade, report)."""
+    missing), choose (low, high), save the CASA file with them at ``out``. Returns (Cascade, report).
+    ``fit_on``: the modalities whose validation copies are scored (``casa.copies``: text, graft
+    through the projector ``graft``, image through ``mmproj``), as ``pyguard fit casa`` took them."""
     from .. import datasets, models
     from . import casa as casa_fit
 
     casa = CASA.load(casa_path)
     model = model or models.DEFAULT_MODEL
+    need = {"graft": graft, "image": mmproj}
+    if not fit_on or any(m not in casa_fit.MODALITIES or m in need and need[m] is None for m in fit_on):
+        raise ValueError(f"fit_on must name modalities of {casa_fit.MODALITIES} (graft needs a projector, image an "
+                         f"mmproj), got {list(fit_on)}")
     items = casa_fit.prompt_sets(harmful, benign, jailbreaks)
-    val = datasets.split(items, datasets.FIT_FRACTIONS, seed)[1]
-    H, _, _ = casa_fit.hidden_states(model, casa.layer, [it["text"] for it in val], cache, progress,
-                                     "validation states", fitted=casa)
+    folder = Path(cache) if cache else models.cache_dir() / "states"
+    val = casa_fit.copies(datasets.split(items, datasets.FIT_FRACTIONS, seed)[1], fit_on, folder / "typographic")
+    H, _, _ = casa_fit.hidden_states(model, casa.layer, val, cache, progress, "validation states", fitted=casa,
+                                     graft=graft, mmproj=mmproj)
     scores = np.asarray(casa.score(H), dtype=np.float64)
     labels = np.array([it["label"] == "harmful" for it in val])
     high = casa.threshold
@@ -64,7 +72,7 @@ def run(casa_path, out, model: str | None = None, target_frr: float = 0.02, harm
     cascade = Cascade(casa, CoCA(), low=low, high=high)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     cascade.save(out)
-    report = {"low": low, "high": high, "target_frr": target_frr, "model": str(model),
+    report = {"low": low, "high": high, "target_frr": target_frr, "model": str(model), "fit_on": list(fit_on),
               "n_val": {"benign": int((~labels).sum()), "harmful": int(labels.sum())},
               "val_benign": branches(scores[~labels], low, high), "val_harmful": branches(scores[labels], low, high)}
     return cascade, report
