@@ -53,6 +53,17 @@ def test_summary_and_combine(rng):
         cal.combine(diffs, "median")
 
 
+def test_increments_sum_back_to_the_vectors(rng):
+    """A residual stream shifted at every layer by the increments has lost v_l by layer l's output
+    (the vectors themselves would take away v_1 + ... + v_l)."""
+    v = rng.standard_normal((7, 5)).astype(np.float32)
+    v[0] = 0
+    inc = cal.increments(v)
+    assert inc.shape == v.shape and inc.dtype == np.float32
+    np.testing.assert_allclose(np.cumsum(inc, axis=0), v, atol=1e-5)
+    np.testing.assert_allclose(inc[3], v[3] - v[2], rtol=1e-6)
+
+
 def test_extract_resumes_without_recomputing(tmp_path):
     calls = []
 

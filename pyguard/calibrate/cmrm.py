@@ -109,6 +109,15 @@ def combine(diffs: np.ndarray, method: str = "mean") -> np.ndarray:
     return out
 
 
+def increments(vectors: np.ndarray) -> np.ndarray:
+    """Per-layer increments [n_layer, d]: row l is ``v_l - v_{l-1}`` (row 0 kept). Each measured
+    vector ``v_l`` is a layer output's difference, which carries every earlier layer's: shifted at
+    every layer, the residual stream loses ``v_1 + ... + v_l`` by layer l instead of ``v_l``. The
+    increments' running sum is ``v_l``, so shifting by them removes each layer's difference once."""
+    v = np.asarray(vectors, np.float32)
+    return np.concatenate([v[:1], np.diff(v, axis=0)])
+
+
 def extract(states_fn, anchors: list[dict], n_layer: int, model_id: str, cache=None, counterpart: str = "remove",
             position: str = "last", progress: bool = True) -> np.ndarray:
     """Per-anchor differences [N, n_layer, d] (multimodal minus counterpart) through the cache.
