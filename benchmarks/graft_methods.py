@@ -12,11 +12,11 @@ benign refusals within 5 points of the text model's, benign answers' cosine to t
 one (benign refusals within 5 points of the unguarded graft's, answers >= 0.9x its cosine) with the
 lowest ASR, ties to the better answers.
 
-    .venv/bin/python benchmarks/graft_methods.py --split val --coca 0.5,1,1.5,2.5 \\
-        --cmrm benchmarks/graft_methods/cmrm-graft.gguf --cmrm-level dataset,sample \\
-        --cmrm-alpha 0.25,0.5,1 --cmrm-layers 1-23,1-11,12-23 --out benchmarks/graft_methods/val
-    .venv/bin/python benchmarks/graft_methods.py --split test --coca 1 --cmrm ... --cmrm-level dataset \\
-        --cmrm-alpha 0.25 --cmrm-layers 12-23 --casa "text+graft=F" --cascade "text+graft=F" \\
+    .venv/bin/python benchmarks/graft_methods.py --split val --coca 0.1,0.5,1 \\
+        --cmrm benchmarks/graft_methods/cmrm-graft.gguf --cmrm-grid dataset/0.25,0.5,1/1-23,1-11,12-23 \\
+        --cmrm-grid sample/0.5,1/1-23 --out benchmarks/graft_methods/val
+    .venv/bin/python benchmarks/graft_methods.py --split test --coca 0.1 --cmrm ... --cmrm-grid dataset/0.25/1-11 \\
+        --casa "text+graft=F" --cascade "text+graft=F" \\
         --also "TGA graft (unguarded)=benchmarks/graft_curve/test/graft-643972d7aeaf" --out benchmarks/graft_methods/test
 """
 from __future__ import annotations
@@ -46,7 +46,8 @@ def configs(a) -> list[tuple[str, str, str, evaluate.Defences]]:
         out.append(("CoCA", f"CoCA a={alpha:g}", "coca", evaluate.Defences(coca=CoCA(alpha=alpha))))
     if a.cmrm:
         base = CMRM.load(a.cmrm)
-        for level, alpha, (lo, hi) in itertools.product(a.cmrm_level, a.cmrm_alpha, a.cmrm_layers):
+        grid = [(lv, al, ly) for levels, alphas, ranges in a.cmrm_grid for lv, al, ly in itertools.product(levels, alphas, ranges)]
+        for level, alpha, (lo, hi) in grid:
             c = dataclasses.replace(base, alpha=alpha, layers=(lo, hi), mode="sample" if level == "sample" else "dataset",
                                     vectors=cmrm_fit.increments(base.vectors) if level == "increments" else base.vectors)
             out.append((f"CMRM {level}", f"CMRM {level} a={alpha:g} L{lo}-{hi}", "cmrm", evaluate.Defences(cmrm=c)))
@@ -135,9 +136,10 @@ def plot(rows: list[dict], text: dict, graft: dict, path: Path, title: str) -> N
     plt.close(fig)
 
 
-def layers(spec: str) -> tuple[int, int]:
-    lo, hi = spec.split("-")
-    return int(lo), int(hi)
+def grid(spec: str) -> tuple[list[str], list[float], list[tuple[int, int]]]:
+    """``dataset,sample/0.25,1/1-23,12-23`` -> (levels, alphas, inclusive layer ranges)."""
+    levels, alphas, ranges = spec.split("/")
+    return levels.split(","), [float(x) for x in alphas.split(",")], [tuple(map(int, r.split("-"))) for r in ranges.split(",")]
 
 
 def main(argv=None) -> int:
@@ -151,10 +153,9 @@ def main(argv=None) -> int:
     p.add_argument("--projector", default=str(models.shipped_graft(models.DEFAULT_MODEL)))
     p.add_argument("--coca", type=floats, default=[], help="CoCA alphas")
     p.add_argument("--cmrm", help="dataset-level CMRM vectors (pyguard calibrate cmrm --graft)")
-    p.add_argument("--cmrm-level", type=lambda s: s.split(","), default=["dataset"],
-                   help="dataset, increments (the dataset vectors' per-layer increments) or sample")
-    p.add_argument("--cmrm-alpha", type=floats, default=[1.0])
-    p.add_argument("--cmrm-layers", type=lambda s: [layers(x) for x in s.split(",")], default=[(1, 23)])
+    p.add_argument("--cmrm-grid", type=grid, action="append", default=[],
+                   help="LEVELS/ALPHAS/LAYER RANGES, e.g. dataset,increments/0.25,0.5/1-23,12-23: every combination; "
+                        "levels: dataset, increments (the dataset vectors' per-layer increments) or sample")
     p.add_argument("--casa", action="append", default=[], help="LABEL=FILE: CASA fitted for the modality")
     p.add_argument("--cascade", action="append", default=[], help="LABEL=FILE: CASA file with cascade thresholds")
     p.add_argument("--cascade-alpha", type=float, default=1.5, help="the cascade's CoCA alpha")

@@ -479,6 +479,8 @@ def test_fit_casa_on_grafted_prompts(smol, tmp_path):
     assert cached == 2 * 60  # every prompt as text and as grafted content, each under its own key
     _, only = fitcasa.run(gguf, 5, tmp_path / "g.safetensors", fit_on=("graft",), **kw)  # from the cache
     assert len(list((tmp_path / "states").rglob("*.npy"))) == cached and only["n"]["test"] == n_test // 2
+    assert {m: r["fitted_on"] for m, r in only["test_by_modality"].items()} == {"text": False, "graft": True}
+    assert (tmp_path / "g" / "roc.png").stat().st_size > 0  # one curve per modality beside the fitted one
     with pytest.raises(ValueError, match="image needs an mmproj file"):
         fitcasa.run(gguf, 5, tmp_path / "x.safetensors", fit_on=("image",), **kw)
     parts = datasets.split([{"id": str(i), "text": t, "label": "x"} for i, t in enumerate(harm)], datasets.FIT_FRACTIONS)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -254,15 +255,21 @@ def save_report(report: dict, folder, title: str = "CASA") -> tuple[Path, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     js = folder / "report.json"
     js.write_text(json.dumps(report, indent=1))
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot(report["roc"]["fpr"], report["roc"]["tpr"], lw=1.5, label=f"AUROC {report['auroc']:.3f}")
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
     ax.axvline(report["false_refusal_rate"], color="tab:red", lw=0.8,
                label=f"threshold {report['threshold']:.3f}: FRR {report['false_refusal_rate']:.1%}, "
                      f"detected {report['detection_rate']:.1%}")
+    by = report.get("test_by_modality", {})
+    for m, r in by.items() if len(by) > 1 else ():
+        ax.plot(r["roc"]["fpr"], r["roc"]["tpr"], lw=1, ls="--", label=f"as {m}{'' if r['fitted_on'] else ' (not fitted on)'}: "
+                f"AUROC {r['auroc']:.3f}, FRR {r['false_refusal_rate']:.1%}, detected {r['detection_rate']:.1%}")
     ax.set_xlabel("false refusal rate (benign)")
     ax.set_ylabel("detection rate (harmful)")
-    ax.set_title(f"{title}, layer {report['layer']} (held-out)")
+    ax.set_title("\n".join(textwrap.wrap(f"{title}, layer {report['layer']} (held-out"
+                                         f"{', fitted on ' + ' + '.join(report['fit_on']) if 'fit_on' in report else ''})",
+                                         50)), fontsize=8)
     ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
     png = folder / "roc.png"
@@ -369,7 +376,7 @@ def run(model: str, layer: int, out, harmful=None, benign=None, report_dir=None,
         sel = [it for it in parts[2] if it["modality"] == m]
         r = evaluate(np.array([it["label"] == "harmful" for it in sel]), np.asarray(casa.score([it["states"] for it in sel])),
                      casa.threshold)
-        report["test_by_modality"][m] = {k: v for k, v in r.items() if k != "roc"} | {"n": len(sel)}
+        report["test_by_modality"][m] = r | {"n": len(sel), "fitted_on": m in fit_on}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     casa.save(out)
     save_report(report, report_dir or Path(out).with_suffix(""), title=f"CASA {key}")
