@@ -129,7 +129,7 @@ def plot(rows: list[dict], text: dict, graft: dict, path: Path, title: str) -> N
         ax.set_ylabel("ASR, refusal judge (%)")
         ax.set_ylim(-3, 103)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left")
+        ax.legend(fontsize=7, loc="upper right")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
