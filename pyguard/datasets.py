@@ -412,11 +412,17 @@ def jailbreak_eval(seed: int = FIT_SEED) -> list[dict]:
     return jailbreak_wrapped(len(goals), seed + 1, goals=goals, templates=templates, prefix="jailbreak-eval")
 
 
+ANSWER = "Answer the request above."  # the instruction after a grafted request
+
+
+def text_prompt(content: str, instruction: str) -> str:
+    """The text-only counterpart of a grafted prompt: the content inlined where the graft goes."""
+    return f"{content}\n{instruction}"
+
+
 def grafted(items: Sequence[dict], inline: bool = False) -> list[dict]:
     """Requests as grafted content (``pyguard.graft``): ``graft`` holds the request, ``text`` the
     answer instruction; with ``inline`` the text-only counterpart (the request inlined as text)."""
-    from .graft import ANSWER, text_prompt
-
     tag = "inline" if inline else "graft"
     return [{**it, "id": f"{tag}-{it['id']}", "text": text_prompt(it["text"], ANSWER)} if inline
             else {**it, "id": f"{tag}-{it['id']}", "graft": it["text"], "text": ANSWER} for it in items]

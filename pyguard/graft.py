@@ -31,6 +31,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import datasets
+from .datasets import ANSWER, text_prompt
+
 MARKER = "<content>"
 
 
@@ -384,13 +387,8 @@ TOPICS = ("rainbows", "photosynthesis", "bicycles", "the moon", "bread baking", 
           "wind turbines", "time zones", "penguins", "board games", "first aid for small cuts", "making pizza",
           "recursion in programming", "the violin", "snowflakes", "maps", "museums", "bridges", "tides",
           "yoga", "street food")
-ANSWER = "Answer the request above."
-
-
 def _benign_train(seed: int) -> list[str]:
     """The training split of the shipped benign prompts (never its held-out parts)."""
-    from . import datasets
-
     return [it["text"] for it in datasets.split(datasets.benign(), datasets.FIT_FRACTIONS, seed)[0]]
 
 
@@ -398,11 +396,6 @@ def benign_requests(seed: int = 0) -> list[str]:
     """Benign requests for the answer objective: the training split of the shipped benign prompts
     and 300 generated requests (5 tasks x 60 topics)."""
     return _benign_train(seed) + [t.format(topic) for t in TASKS for topic in TOPICS]
-
-
-def text_prompt(content: str, instruction: str) -> str:
-    """The text-only counterpart of a grafted prompt: the content inlined where the graft goes."""
-    return f"{content}\n{instruction}"
 
 
 def distill_answers(model, requests: list[str], out, max_tokens: int = 64, progress: bool = True) -> list[dict]:
@@ -413,7 +406,6 @@ def distill_answers(model, requests: list[str], out, max_tokens: int = 64, progr
 
     from tqdm.auto import tqdm
 
-    from . import datasets
     from .llama.guarded import GuardedLlama
 
     out = Path(out)
@@ -463,8 +455,6 @@ def answer_examples(rows: list[dict]) -> list[Example]:
 def training_examples(model: str, seed: int = 0) -> list[Example]:
     """The projector's benign training set: the answer objective on ``benign_requests`` (their
     distilled answers) and the restate objective on those requests and ``benign_contents``."""
-    from . import datasets
-
     path = answers_path(model)
     if not path.is_file():
         raise FileNotFoundError(f"no distilled answers for {model!r} at {path}: run python -m pyguard.graft answers "

@@ -298,3 +298,18 @@ def test_build_writes_a_readable_jsonl(tmp_path):
     assert all(Path(r["image"]).is_file() for r in rows if r.get("image"))
     with pytest.raises(ValueError, match="unknown data set 'nope'; built-in sets: advbench, jailbreak"):
         D.build("benign+nope", tmp_path)
+
+
+def test_grafted_items_need_neither_torch_nor_the_graft_module():
+    """Grafted items and their text counterparts are data: building them (the llama.cpp path's
+    eval sets) imports neither torch nor pyguard.graft, which imports datasets itself."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pyguard import datasets; "
+            "g = datasets.grafted([{'id': 'a', 'text': 'Write a poem.'}]); "
+            "t = datasets.grafted([{'id': 'a', 'text': 'Write a poem.'}], inline=True); "
+            "assert g[0]['graft'] == 'Write a poem.' and t[0]['text'] == datasets.text_prompt('Write a poem.', datasets.ANSWER); "
+            "print(sorted(m for m in ('torch', 'pyguard.graft') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

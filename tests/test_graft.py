@@ -35,6 +35,7 @@ def test_fit_linear_starts_the_projector_at_the_ridge_regression():
 
 
 def test_projector_save_load(tmp_path):
+    torch.manual_seed(0)
     p = graft.Projector(384, 64, hidden=32)
     torch.nn.init.normal_(p.mlp[-1].weight)  # a trained MLP, not the zero start
     p.save(tmp_path / "p.safetensors", model_hint="llama n_layer=30 n_embd=576 n_vocab=49152")
@@ -45,7 +46,9 @@ def test_projector_save_load(tmp_path):
     p.save(tmp_path / "h.safetensors", half=True)
     h, _ = graft.Projector.load(tmp_path / "h.safetensors")
     assert (tmp_path / "h.safetensors").stat().st_size < 0.6 * (tmp_path / "p.safetensors").stat().st_size
-    torch.testing.assert_close(h(x), p(x), rtol=1e-2, atol=1e-3)  # float16 weights, float32 compute
+    with torch.no_grad():  # float16 weights, float32 compute: errors of float16's precision, relative to the scale
+        ref = p(x)
+        assert float((h(x) - ref).abs().max() / ref.abs().max()) < 2e-3
     with pytest.raises(FileNotFoundError, match="no such projector file"):
         graft.Projector.load(tmp_path / "none.safetensors")
     (tmp_path / "bad.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")

@@ -52,7 +52,7 @@ def messages(anchor: dict, counterpart: str = "remove", seed: int = 0) -> tuple[
     if counterpart not in COUNTERPARTS:
         raise ValueError(f"counterpart must be one of {COUNTERPARTS}, got {counterpart!r}")
     if "graft" in anchor:
-        from ..graft import text_prompt
+        from ..datasets import text_prompt
 
         if counterpart not in ("inline", "remove"):
             raise ValueError(f"grafted anchors take counterpart 'inline' or 'remove', got {counterpart!r}")
@@ -174,7 +174,8 @@ def states_function(model: str, mmproj=None, n_ctx: int = 4096, graft=None):
 def graft_anchors(n: int = 64, seed: int = 0) -> list[dict]:
     """Anchors for a grafted modality: ``n`` of the projector's benign training requests (a
     seeded draw), each with the answer instruction."""
-    from ..graft import ANSWER, benign_requests
+    from ..datasets import ANSWER
+    from ..graft import benign_requests
 
     reqs = benign_requests(seed)
     pick = np.random.default_rng(seed).permutation(len(reqs))[:n]
