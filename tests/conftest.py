@@ -15,6 +15,15 @@ if os.environ.get("PYGUARD_EXT_DIR"):  # scripts/sanitize.sh: test a separately 
     pyguard.__path__.insert(0, os.environ["PYGUARD_EXT_DIR"])
 
 
+def pytest_runtest_setup(item):
+    """``@pytest.mark.needs_file(path, what)``: skip when ``path`` is absent, or fail under
+    PYGUARD_REQUIRE_MODELS (``fetched.fetched``), before any fixture opens it."""
+    from fetched import fetched
+
+    for m in item.iter_markers("needs_file"):
+        fetched(*m.args)
+
+
 @pytest.fixture
 def rng(request):
     """A fresh generator per test; the seed is printed so a failure can be replayed."""

@@ -21,7 +21,7 @@ from pyguard import models  # noqa: E402
 from pyguard.llama import capture  # noqa: E402
 
 MODEL = models.model_path("smollm2-135m")
-pytestmark = pytest.mark.skipif(not MODEL.exists(), reason="SmolLM2 not fetched (scripts/setup.sh)")
+pytestmark = pytest.mark.needs_file(MODEL, "SmolLM2")
 
 LAYER = 5
 NAME = capture.layer_name(LAYER)

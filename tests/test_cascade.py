@@ -75,7 +75,7 @@ def llama_run(**kw):
     return r, decoded, n_base, n_safe
 
 
-@pytest.mark.skipif(not MODEL.exists(), reason="SmolLM2 not fetched (scripts/setup.sh)")
+@pytest.mark.needs_file(MODEL, "SmolLM2")
 def test_llama_each_branch():
     pytest.importorskip("llama_cpp")
     plain, _, _, _ = llama_run()
@@ -98,7 +98,7 @@ def test_llama_each_branch():
             assert sum(decoded) == n_base  # nothing after the prompt
 
 
-@pytest.mark.skipif(not MODEL.exists(), reason="SmolLM2 not fetched (scripts/setup.sh)")
+@pytest.mark.needs_file(MODEL, "SmolLM2")
 def test_llama_cascade_excludes_coca_and_casa():
     from pyguard.llama import GuardedLlama
 
@@ -183,7 +183,7 @@ def test_choose_low():
         choose_low(benign, 0.9, 1.0)
 
 
-@pytest.mark.skipif(not MODEL.exists(), reason="SmolLM2 not fetched (scripts/setup.sh)")
+@pytest.mark.needs_file(MODEL, "SmolLM2")
 def test_fit_cascade_writes_thresholds_into_the_casa_file(tmp_path):
     pytest.importorskip("llama_cpp")
     from pyguard import datasets
@@ -209,7 +209,7 @@ def test_fit_cascade_writes_thresholds_into_the_casa_file(tmp_path):
                 cache=tmp_path / "states", progress=False)
 
 
-@pytest.mark.skipif(not MODEL.exists(), reason="SmolLM2 not fetched (scripts/setup.sh)")
+@pytest.mark.needs_file(MODEL, "SmolLM2")
 def test_cmrm_stays_on_for_images_in_every_branch(tmp_path):
     pytest.importorskip("llama_cpp")
     from tiny_mmproj import write_test_image, write_tiny_mmproj

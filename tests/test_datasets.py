@@ -313,3 +313,22 @@ def test_grafted_items_need_neither_torch_nor_the_graft_module():
             "print(sorted(m for m in ('torch', 'pyguard.graft') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("require", ["", "1"])
+def test_needs_file_skips_or_fails_under_require_models(tmp_path, require):
+    """A test marked ``needs_file`` whose model is absent (an empty cache) is skipped, and fails
+    under PYGUARD_REQUIRE_MODELS, which scripts/test.sh sets for CI."""
+    import os
+    import subprocess
+    import sys
+
+    tests = Path(__file__).parent
+    env = {**os.environ, "PYGUARD_CACHE": str(tmp_path), "PYGUARD_REQUIRE_MODELS": require}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        f"{tests / 'test_llama.py'}::test_response_is_openai_shaped"],
+                       capture_output=True, text=True, env=env, cwd=tests.parent)
+    if require:
+        assert r.returncode != 0 and "skipped" not in r.stdout and "SmolLM2 is not fetched" in r.stdout, r.stdout[-2000:]
+    else:
+        assert r.returncode == 0 and "1 skipped" in r.stdout, r.stdout[-2000:]

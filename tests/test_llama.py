@@ -14,7 +14,7 @@ from pyguard.llama.reference import naive_coca  # noqa: E402
 from pyguard.methods import CMRM, CoCA  # noqa: E402
 
 MODEL = models.model_path("smollm2-135m")
-pytestmark = pytest.mark.skipif(not MODEL.exists(), reason="SmolLM2 not fetched (scripts/setup.sh)")
+pytestmark = pytest.mark.needs_file(MODEL, "SmolLM2")
 
 MSGS = [{"role": "system", "content": "You are a helpful assistant."},
         {"role": "user", "content": "List three uses of a paperclip."}]
