@@ -30,13 +30,18 @@ def test_fit_separates_and_the_file_scores_raw_states(rng, tmp_path):
     train, val, test = synthetic(rng, 200), synthetic(rng, 80), synthetic(rng, 80)
     casa, report = fitcasa.fit(train, val, test, layer=3, r=8, heads=2, epochs=40, progress=False)
     assert report["auroc"] > 0.9 and report["n"] == {"train": 200, "val": 80, "test": 80}
-    # the saved module is the CASA formula on raw states: equal to the trained torch module's scores
+    # the saved module is the CASA formula on raw states, equal to the trained torch module on
+    # standardized ones: its validation loss on raw states is the best epoch's, which the torch
+    # module scored (a wrong fold of mu / sigma into the parameters changes it)
+    s = np.clip(casa.score([h for h, _ in val], backend="ref"), 1e-7, 1 - 1e-7)
+    y = np.array([y for _, y in val])
+    assert float(-np.mean(y * np.log(s) + (1 - y) * np.log(1 - s))) == pytest.approx(report["best_val_loss"], rel=1e-4)
+    # ... and the C++ op agrees with the reference on the test prompts
     Hs = [h for h, _ in test]
-    got = casa.score(Hs, backend="ref")
     p = casa.params
     cu = np.concatenate([[0], np.cumsum([len(h) for h in Hs])])
     want = ops.casa_score(np.concatenate(Hs), cu, p["Wk"], p["q"], p["w"], p["b"], backend="cpp")
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(casa.score(Hs, backend="ref"), want, rtol=1e-4, atol=1e-5)
     # threshold: at most 5% of the validation benign prompts above it
     val_scores = casa.score([h for h, y in val if y == 0])
     assert np.mean(val_scores > casa.threshold) <= 0.05
