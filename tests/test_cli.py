@@ -19,6 +19,7 @@ def test_help_has_examples():
 def test_usage_errors_exit_2(args):
     r = pyguard(*args)
     assert r.returncode == 2 and "usage:" in r.stderr
+    assert "names" not in r.stderr.splitlines()[-1]  # names are optional; argparse once called them required
 
 
 def test_failure_is_one_line_exit_1():
