@@ -387,6 +387,8 @@ TOPICS = ("rainbows", "photosynthesis", "bicycles", "the moon", "bread baking", 
           "wind turbines", "time zones", "penguins", "board games", "first aid for small cuts", "making pizza",
           "recursion in programming", "the violin", "snowflakes", "maps", "museums", "bridges", "tides",
           "yoga", "street food")
+
+
 def _benign_train(seed: int) -> list[str]:
     """The training split of the shipped benign prompts (never its held-out parts)."""
     return [it["text"] for it in datasets.split(datasets.benign(), datasets.FIT_FRACTIONS, seed)[0]]

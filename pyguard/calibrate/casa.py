@@ -51,6 +51,18 @@ def copies(items: list[dict], modalities, folder=None) -> list[dict]:
     return out
 
 
+def collected(fit_on, graft=None, mmproj=None) -> list[str]:
+    """The modalities a fitting collects (text, graft with a projector, image with an mmproj);
+    ValueError unless ``fit_on`` names some of them."""
+    modalities = ["text"] + (["graft"] if graft is not None else []) + (["image"] if mmproj is not None else [])
+    need = {"graft": "a projector (--graft)", "image": "an mmproj file (--mmproj)"}
+    bad = [m for m in fit_on if m not in modalities]
+    if not fit_on or bad:
+        raise ValueError(f"fit_on must name collected modalities ({', '.join(modalities)}), got {list(fit_on)}"
+                         + "".join(f"; {m} needs {need[m]}" for m in bad if m in need))
+    return modalities
+
+
 def prompt_key(item, tag: str = "") -> str:
     """A prompt's cache key: its text; for grafted content or an image, the content or the image
     bytes' sha256 and ``tag`` (the projector or mmproj that reads it) too."""
@@ -348,12 +360,7 @@ def run(model: str, layer: int, out, harmful=None, benign=None, report_dir=None,
     that was collected, so a fit on one modality is measured on the others too (transfer)."""
     from .. import datasets, models
 
-    modalities = ["text"] + (["graft"] if graft is not None else []) + (["image"] if mmproj is not None else [])
-    need = {"graft": "a projector (--graft)", "image": "an mmproj file (--mmproj)"}
-    bad = [m for m in fit_on if m not in modalities]
-    if not fit_on or bad:
-        raise ValueError(f"fit_on must name collected modalities ({', '.join(modalities)}), got {list(fit_on)}"
-                         + "".join(f"; {m} needs {need[m]}" for m in bad if m in need))
+    modalities = collected(fit_on, graft, mmproj)
     items = prompt_sets(harmful, benign, jailbreaks)
     folder = Path(cache) if cache else models.cache_dir() / "states"
     parts = [copies(p, modalities, folder / "typographic") for p in datasets.split(items, datasets.FIT_FRACTIONS, seed)]

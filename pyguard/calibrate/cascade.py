@@ -56,10 +56,7 @@ def run(casa_path, out, model: str | None = None, target_frr: float = 0.02, harm
 
     casa = CASA.load(casa_path)
     model = model or models.DEFAULT_MODEL
-    need = {"graft": graft, "image": mmproj}
-    if not fit_on or any(m not in casa_fit.MODALITIES or m in need and need[m] is None for m in fit_on):
-        raise ValueError(f"fit_on must name modalities of {casa_fit.MODALITIES} (graft needs a projector, image an "
-                         f"mmproj), got {list(fit_on)}")
+    casa_fit.collected(fit_on, graft, mmproj)
     items = casa_fit.prompt_sets(harmful, benign, jailbreaks)
     folder = Path(cache) if cache else models.cache_dir() / "states"
     val = casa_fit.copies(datasets.split(items, datasets.FIT_FRACTIONS, seed)[1], fit_on, folder / "typographic")
