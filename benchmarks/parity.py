@@ -41,12 +41,10 @@ def compare(prompts=PROMPTS, tokens: int = 8, alpha: float = 1.5, hf=None) -> li
             guard(model, tok, coca=coca) as gt:
         for p in prompts:
             msgs = [{"role": "user", "content": p}]
-            req = gl._request(msgs, tokens, 0.0, 1.0, None, None)
-            try:
-                ids_llama = list(req["base"][0])
-                out_llama = [t for t, _ in gl._decode(req)]  # token ids, the last may be end-of-generation
-            finally:
-                req["base"].free(), req["safe"].free()
+            job = gl.submit(msgs, tokens)
+            ids_llama = list(job.base[0])
+            list(gl.events(job))
+            out_llama = job.out  # token ids, the last may be end-of-generation
             ids = tok(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False),
                       add_special_tokens=False).input_ids
             out = gt.generate(input_ids=torch.tensor([ids]), max_new_tokens=tokens)[0, len(ids):].tolist()

@@ -68,7 +68,7 @@ class Naive:
 
     def create_chat_completion(self, messages, max_tokens):
         req = self.tok._request(messages, max_tokens, 0.0, 1.0, None, None)
-        out = naive_coca(self.engine, req["base"][0], req["safe"][0], 1.5, max_tokens, backend="cpp")
+        out = naive_coca(self.engine, req.base[0], req.safe[0], 1.5, max_tokens, backend="cpp")
         return {"usage": {"completion_tokens": len(out)}, "pyguard": {}}
 
     def close(self):

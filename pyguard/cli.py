@@ -1,4 +1,4 @@
-"""pyguard command line: ``pyguard demo | chat | calibrate | fit | eval | bench | models``.
+"""pyguard command line: ``pyguard demo | chat | serve | calibrate | fit | eval | bench | models``.
 
 Exit codes: 0 ok, 1 failure, 2 usage (bad flags or values). Errors print one line; ``--debug``
 shows the traceback.
@@ -6,6 +6,7 @@ shows the traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -34,6 +35,7 @@ EXAMPLES = """examples:
   pyguard fit cascade --casa casa-graft.safetensors --graft --fit-on text,graft --out casa-graft.safetensors
                                      ... chosen on validation prompts as text and as grafted content
   pyguard chat                       chat with the default model under the cascade (/image PATH, /reset, /quit)
+  pyguard serve --parallel 4         OpenAI-compatible server (http://127.0.0.1:8080/v1), requests batched
   pyguard eval                       ASR, benign refusals, latency: none, coca, casa, coca+casa on held-out sets
   pyguard eval --dataset d.jsonl --methods none,all --cmrm sample --out results/d
   pyguard bench                      end-to-end latency of each method beside the unguarded model
@@ -217,6 +219,29 @@ def _chat(a) -> int:
         g.close()
 
 
+def _serve(a) -> int:
+    from . import evaluate
+
+    d = _defences(a)
+    [method] = _methods(a.method or d.best(), one=True)
+    rt = evaluate.Runtime(a.model, a.mmproj, a.n_ctx, _graft(a))
+    if rt.kind != "gguf":
+        raise UsageError(f"pyguard serve runs GGUF models (llama.cpp); {a.model!r} is a Hugging Face folder")
+    for flag in ("parallel", "port"):
+        if getattr(a, flag) < (0 if flag == "port" else 1):
+            raise UsageError(f"--{flag} must be {'>= 0' if flag == 'port' else '>= 1'}, got {getattr(a, flag)}")
+    import uvicorn
+
+    from . import server
+
+    g = rt.open(parallel=a.parallel, max_queue=a.max_queue, **d.for_method(method))
+    app = server.create_app(g, a.name, a.api_key or None)
+    print(f"pyguard serve: {g.name} with {method}, {a.parallel} parallel, on http://{a.host}:{a.port}/v1",
+          file=sys.stderr, flush=True)
+    uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level, timeout_graceful_shutdown=a.grace)
+    return 0
+
+
 def _eval(a) -> int:
     from . import evaluate
 
@@ -323,6 +348,19 @@ def parser() -> argparse.ArgumentParser:
     ch.add_argument("--max-tokens", type=int, default=256)
     ch.add_argument("--system", help="a system message")
     ch.set_defaults(fn=_chat)
+    sv = sub.add_parser("serve", help="OpenAI-compatible server (llama.cpp), concurrent requests batched")
+    _model_flags(sv)
+    sv.add_argument("--method", help="the guard, as for chat (default: cascade when the CASA file has thresholds)")
+    sv.add_argument("--parallel", type=int, default=4, help="requests decoded side by side (batched)")
+    sv.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those (more: 429)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8080)
+    sv.add_argument("--name", help="the model id clients see (default: the file name)")
+    sv.add_argument("--api-key", default=os.environ.get("PYGUARD_API_KEY"),
+                    help="require 'Authorization: Bearer KEY' (default: $PYGUARD_API_KEY)")
+    sv.add_argument("--grace", type=float, default=30, help="seconds to finish requests in flight at shutdown")
+    sv.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    sv.set_defaults(fn=_serve)
     b = sub.add_parser("bench", help="end-to-end latency of every method beside the unguarded model (llama.cpp)",
                        epilog=BENCH_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("--model", default=DEFAULT_MODEL, help="default model name or .gguf file")

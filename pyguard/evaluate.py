@@ -122,14 +122,18 @@ class Runtime:
         cfg = transformers.AutoConfig.from_pretrained(self.path).get_text_config()
         return cfg.num_hidden_layers, cfg.hidden_size
 
-    def open(self, **methods):
-        """A guarded model with ``methods`` (coca=, cmrm=, casa=); cmrm="sample" is sized here."""
+    def open(self, parallel: int = 1, max_queue: int = 0, **methods):
+        """A guarded model with ``methods`` (coca=, cmrm=, casa=); cmrm="sample" is sized here.
+        ``parallel`` requests batched (a .gguf model only), ``max_queue`` waiting at most."""
         if isinstance(methods.get("cmrm"), str):
             methods["cmrm"] = CMRM.sample(*self.shape)
         if self.kind == "gguf":
             from .llama import GuardedLlama
 
-            return GuardedLlama(self.path, mmproj_path=self.mmproj, n_ctx=self.n_ctx, graft=self.graft, **methods)
+            return GuardedLlama(self.path, mmproj_path=self.mmproj, n_ctx=self.n_ctx, graft=self.graft,
+                                parallel=parallel, max_queue=max_queue, **methods)
+        if parallel != 1 or max_queue:
+            raise ValueError("parallel requests are batched on the llama.cpp runtime: serve a .gguf model")
         from .calibrate import hf_model
         from .torch import guard
 

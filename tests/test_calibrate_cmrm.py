@@ -177,9 +177,9 @@ def test_sample_level_cmrm_on_llama_equals_its_own_vectors(tmp_path):
     traces, reports = [], []
     for cmrm in (CMRM.sample(30, 576, alpha=2.0), CMRM(v, alpha=2.0), None):
         with GuardedLlama(path, mmproj_path=mmproj, n_ctx=256, cmrm=cmrm, coca=CoCA(alpha=0.0)) as g:
-            g._trace = []  # with alpha 0 the calibrated logits are the base sequence's
+            g.policy.trace = []  # with alpha 0 the calibrated logits are the base sequence's
             r = g.create_chat_completion(msgs, max_tokens=3)
-            traces.append(np.stack(g._trace))
+            traces.append(np.stack(g.policy.trace))
             reports.append(r["pyguard"]["cmrm"])
     assert reports[0]["mode"] == "sample" and reports[0]["on"] and reports[0]["norm"] > 0
     np.testing.assert_allclose(traces[0], traces[1], rtol=1e-5, atol=1e-5)  # the request's own vectors

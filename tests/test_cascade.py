@@ -69,9 +69,9 @@ def llama_run(**kw):
         g.engine.decode = counting
         r = g.create_chat_completion(MSGS, max_tokens=8)
         req = g._request(MSGS, 8, 0.0, 1.0, None, None)
-        n_base, n_safe = len(req["base"][0]), len(req["safe"][0]) if req["safe"] is not None else 0
-        req["base"].free()
-        req["safe"] is not None and req["safe"].free()
+        n_base, n_safe = len(req.base[0]), len(req.safe[0]) if req.safe is not None else 0
+        req.base.free()
+        req.safe is not None and req.safe.free()
     return r, decoded, n_base, n_safe
 
 
@@ -87,12 +87,14 @@ def test_llama_each_branch():
         assert rep["cascade"]["branch"] == branch and rep["casa"]["score"] == pytest.approx(score, abs=1e-6)
         if branch == "none":
             assert text(r) == text(plain) and rep["coca"] is None
-            assert sum(decoded[:2]) == n_base  # the prompt once; no safe tail
+            prompt = [d for d in decoded if d > 1]  # then one token per step: no safe sequence
+            assert sum(prompt) == n_base and decoded == prompt + [1] * (len(decoded) - len(prompt))
         elif branch == "coca":
             assert text(r) == text(coca) and rep["coca"]["dual_steps"] == r["usage"]["completion_tokens"]
             shared = rep["coca"]["shared_prefix_tokens"]
-            # prompt tokens decoded: the shared prefix once, then each tail: nothing recomputed
-            assert sum(decoded[:3]) == n_base + n_safe - shared
+            # the base prompt (CASA reads it), then the safe tail only: nothing recomputed; then pairs
+            prompt = [d for d in decoded if d > 2]
+            assert sum(prompt) == n_base + n_safe - shared and decoded == prompt + [2] * (len(decoded) - len(prompt))
         else:
             assert text(r) == DEFAULT_REFUSAL and rep["casa"]["unsafe"] and rep["coca"] is None
             assert sum(decoded) == n_base  # nothing after the prompt

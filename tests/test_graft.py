@@ -155,18 +155,19 @@ def test_both_runtimes_read_the_graft_alike(smol):
     """The llama.cpp route (soft tokens as embeddings in the batch) and the HF route (inputs_embeds)
     give the same logits within the runtimes' usual gap on real tokens, and the same first token."""
     from pyguard.llama import GuardedLlama
+    from pyguard.methods import CoCA
     from pyguard.torch import guard
 
     gguf, model, tok, g = smol
     msgs = graft_messages("Green parrots sing loudly.")  # 4 words: 4 soft tokens
-    with GuardedLlama(gguf, n_ctx=256, graft=g) as llm:
+    with GuardedLlama(gguf, n_ctx=256, graft=g, coca=CoCA(alpha=0.0)) as llm:  # alpha 0: the trace is the base row
         req = llm._request(msgs, 1, 0.0, 1.0, None, None)
-        assert [type(s).__name__ for s in req["base"]] == ["list", "Soft", "list"] and req["base"][1].n_pos == 4
-        assert llm._request(graft_messages("A paper kite."), 1, 0.0, 1.0, None, None)["base"][1].n_pos == 3
-        llm.engine.clear()
-        llm._prefill(req["base"], None, {})
-        via_llama = llm.engine.logits(-1)[0].copy()
-        before, after = req["base"][0], req["base"][2]
+        assert [type(s).__name__ for s in req.base] == ["list", "Soft", "list"] and req.base[1].n_pos == 4
+        assert llm._request(graft_messages("A paper kite."), 1, 0.0, 1.0, None, None).base[1].n_pos == 3
+        llm.policy.trace = []
+        llm.create_chat_completion(msgs, max_tokens=1)
+        via_llama = llm.policy.trace[0][0]
+        before, after = req.base[0], req.base[2]
         real = llm.engine.tokenize(" a small red box")[:4]  # 4 real tokens in the soft tokens' place
         ids = before + real + after
         llm.engine.clear()

@@ -57,17 +57,17 @@ def test_shared_prefix_equals_two_independent_runs(position):
     """Calibrated logits at every step equal those from two separately prefilled and decoded
     sequences, and so do the greedy tokens."""
     with guarded(alpha=1.7, principle_position=position) as g:
-        g._trace = []
+        g.policy.trace = []
         r = g.create_chat_completion(MSGS, max_tokens=16)
         req = g._request(MSGS, 16, 0.0, 1.0, None, None)
-        base, safe = req["base"][0], req["safe"][0]  # text-only prompts: one token list each
+        base, safe = req.base[0], req.safe[0]  # text-only prompts: one token list each
         assert 0 < r["pyguard"]["coca"]["shared_prefix_tokens"] < len(safe)
         trace = []
         naive = naive_coca(g.engine, base, safe, 1.7, 16, trace)
         pieces = b"".join(g.engine.piece(t) for t in naive if not g.engine.is_eog(t)).decode("utf-8", "replace")
-    assert len(g._trace) == len(trace) == len(naive)
-    for step, (got, want) in enumerate(zip(g._trace, trace)):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3, err_msg=f"step {step}")
+    assert len(g.policy.trace) == len(trace) == len(naive)
+    for step, (got, want) in enumerate(zip(g.policy.trace, trace)):
+        np.testing.assert_allclose(got[0], want, rtol=1e-4, atol=1e-3, err_msg=f"step {step}")
     assert text(r) == pieces
 
 
@@ -157,7 +157,7 @@ def test_prompt_renders_as_llama_cpp_python_does(plain):
      "images given, but this model was loaded without an mmproj file"),
     (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]),
      "remote URLs are not fetched"),
-    (dict(temperature=-1.0), "temperature must be >= 0"),
+    (dict(temperature=-1.0), "temperature must be a finite number >= 0"),
     (dict(top_p=0.0), "top_p must be in (0, 1]"),
 ])
 def test_bad_requests_are_clear_errors_and_the_model_stays_usable(plain, kw, msg):
@@ -171,8 +171,8 @@ def test_bad_requests_are_clear_errors_and_the_model_stays_usable(plain, kw, msg
 def test_coca_context_counts_the_longer_prompt():
     with guarded(alpha=1.5) as g:
         req = g._request(MSGS, 1, 0.0, 1.0, None, None)
-        room = 512 - len(req["safe"][0])
-        assert len(req["safe"][0]) > len(req["base"][0])
+        room = 512 - len(req.safe[0])
+        assert len(req.safe[0]) > len(req.base[0])
         g.create_chat_completion(MSGS, max_tokens=room)  # fits
         with pytest.raises(ValueError, match="the longer CoCA prompt"):
             g.create_chat_completion(MSGS, max_tokens=room + 1)
@@ -247,10 +247,10 @@ def test_bad_images_and_mmproj(image_files, tmp_path):
 def first_step_logits(**kw):
     """Base logits of the first decode step (CoCA alpha 0 traces them exactly)."""
     with GuardedLlama(MODEL, n_ctx=512, coca=CoCA(alpha=0.0), **kw) as g:
-        g._trace = []
+        g.policy.trace = []
         r = g.create_chat_completion(MSGS, max_tokens=1)
-        base = g._request(MSGS, 1, 0.0, 1.0, None, None)["base"][0]
-    return g._trace[0], r, base
+        base = g._request(MSGS, 1, 0.0, 1.0, None, None).base[0]
+    return g.policy.trace[0][0], r, base
 
 
 def test_cmrm_zero_vector_changes_nothing(plain):
@@ -310,7 +310,7 @@ def test_casa_score_equals_casa_score_on_independently_captured_states(rng, coca
     casa = casa_params(rng, 0.0, threshold=1.0)  # never unsafe: the answer runs too
     with GuardedLlama(MODEL, n_ctx=512, casa=casa, coca=CoCA(alpha=1.5) if coca else None) as g:
         r = g.create_chat_completion(MSGS, max_tokens=4)
-        base = g._request(MSGS, 1, 0.0, 1.0, None, None)["base"][0]
+        base = g._request(MSGS, 1, 0.0, 1.0, None, None).base[0]
     got = r["pyguard"]["casa"]
     assert got["unsafe"] is False and got["action"] is None and text(r)
     py = capture.PyCapture(capture.libggml_base_path(), "l_out-10")  # the ctypes oracle

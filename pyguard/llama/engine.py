@@ -17,7 +17,12 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 
 class Engine:
-    """One model, one context with ``n_seq`` sequences of ``n_ctx`` tokens each."""
+    """One model, one context with ``n_seq`` sequences of ``n_ctx`` tokens each, each sequence in
+    a KV stream of its own (``kv_unified = False``): a sequence's attention sees only its own
+    cells, at the same places as when it runs alone, so batching changes no result (16 of 16
+    concurrent greedy answers equal their lone runs on SmolLM2; benchmarks/RESULTS.md). With a
+    unified cache, 8 of 16 differed: the masked cells of other sequences shift the order of the
+    attention sums. llama.cpp regroups a batch of several sequences by sequence (split_equal)."""
 
     def __init__(self, model_path: str | Path, n_ctx: int = 2048, n_seq: int = 2, n_threads: int | None = None,
                  n_batch: int = 512, verbose: bool = False, cb_eval=None, cb_eval_user_data=None):
@@ -33,7 +38,7 @@ class Engine:
         except ValueError:
             raise ValueError(f"cannot load model {path}: not a GGUF model llama.cpp can read") from None
         cp = L.llama_context_default_params()
-        cp.n_ctx = n_ctx * n_seq  # llama.cpp splits n_ctx evenly between sequences
+        cp.n_ctx = n_ctx * n_seq  # llama.cpp splits n_ctx evenly between the streams
         cp.n_batch = cp.n_ubatch = n_batch
         cp.n_seq_max = n_seq
         cp.kv_unified = False
@@ -135,6 +140,8 @@ class Engine:
         L.llama_memory_clear(self.mem, True)
 
     def copy_seq(self, src: int, dst: int) -> None:
+        """Copy sequence src into dst, whole (across streams llama.cpp copies whole streams; the
+        copy is made at the start of the next decode)."""
         L.llama_memory_seq_cp(self.mem, src, dst, -1, -1)
 
     def drop_seq(self, seq: int) -> None:

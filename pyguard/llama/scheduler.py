@@ -1,0 +1,426 @@
+"""Continuous batching on one llama.cpp context: every active sequence's next token, and chunks of
+newly arrived prompts, in ONE ``llama_decode`` per step; one ``coca_step`` over all CoCA pairs and
+one CASA score over all prompts that finished prefilling in that step.
+
+A request is a *plan*: a generator that yields what its prompt needs evaluated (token runs,
+soft-token runs, images, KV copies, a CASA check) and gets back logit rows and captured hidden
+states; :class:`pyguard.llama.guarded.GuardedLlama` writes the plan, this module runs many at
+once on a thread of its own. Per-request choices (tokens, CASA's decision, CoCA's gate) are
+:class:`pyguard.policy.Policy`'s.
+
+Sequences: slot i owns sequence ids ``i * per_slot ..`` (base, then CoCA's safe sequence), each
+in a KV stream of its own (``Engine``). llama.cpp regroups a batch of several sequences, so prompt
+chunks whose hidden states are captured (CASA, CMRM's vectors) get a decode of their own.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..policy import Policy, Request
+
+
+# ----------------------------------------------------------------------------- plan ops
+@dataclass
+class Tokens:
+    """Evaluate ``tokens`` into sequence ``seq`` from position ``pos``; with ``last`` the plan gets
+    the last token's logit row [1, V]; with ``capture`` its hidden states go to the request."""
+
+    seq: int
+    tokens: list
+    pos: int
+    last: bool = False
+    capture: bool = False
+    done: int = 0  # tokens evaluated so far
+
+
+@dataclass
+class Embd:
+    """Soft tokens ``embd`` [n, n_embd] into ``seq`` from ``pos`` (a decode of their own)."""
+
+    seq: int
+    embd: np.ndarray
+    pos: int
+    capture: bool = False
+
+
+@dataclass
+class ImageChunk:
+    """An mtmd image chunk into ``seq`` from ``pos`` (its own decodes); the plan gets the next pos."""
+
+    seq: int
+    image: object
+    pos: int
+    capture: bool = False
+
+
+@dataclass
+class Copy:
+    """Copy sequence ``src`` into ``dst`` as it is now (no compute: a KV copy)."""
+
+    src: int
+    dst: int
+
+
+@dataclass
+class Drop:
+    seq: int
+
+
+@dataclass
+class Cvec:
+    """Set the context's control vector (None clears it): only for requests that run alone."""
+
+    data: object
+
+
+@dataclass
+class Check:
+    """CASA's check of the prompt hidden states ``H`` [T, n_embd]; scored with the others of the step."""
+
+    H: np.ndarray
+
+
+class QueueFull(RuntimeError):
+    """The scheduler's queue holds ``max_queue`` requests already."""
+
+
+class Cancelled(RuntimeError):
+    pass
+
+
+@dataclass(eq=False)
+class Job(Request):
+    """A request in the scheduler: the policy's state, the plan and what it waits for."""
+
+    plan: object = None        # generator of ops; returns (first rows, next positions) or None (job ends)
+    key: object = None         # requests run side by side only with the same control-vector key
+    cvec: tuple | None = None  # the control vector (Engine.set_cvec arguments) of that key
+    on_token: object = None    # callable(job, token) -> bool (True: finished); the runtime's text
+    slot: int = -1
+    seqs: tuple = ()
+    phase: str = "waiting"     # waiting | prefill | decode
+    pending: object = None     # the op (or list of Tokens) the plan waits on
+    states: dict = field(default_factory=dict)  # {layer: [row blocks]} captured for the current op
+    rows: tuple = ()           # logit rows for the next choose()
+    next: list = field(default_factory=list)   # (token, pos, seq) items of the next decode
+    pos: list = field(default_factory=list)    # next position of each live sequence
+    events: queue.Queue = field(default_factory=queue.Queue)  # what the caller reads
+    outbox: list = field(default_factory=list)  # events of this step, delivered once it is over
+    wake: object = None        # callable() after events were delivered (e.g. an asyncio loop's)
+    cancelled: bool = False
+    finished: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Scheduler:
+    """Runs jobs on ``engine`` (a unified-KV context with ``parallel * per_slot`` sequences).
+
+    capture: a LayerCapture / PyCapture installed in the engine's context, or None; its layers
+    ``capture_layers``. vision: the mtmd context, or None. finish(job, exc): called on the
+    scheduler thread when a job ends (free its native memory)."""
+
+    def __init__(self, engine, policy: Policy, parallel: int, per_slot: int, capture=None,
+                 capture_layers: tuple = (), vision=None, max_queue: int = 0, finish=None):
+        if not 1 <= parallel * per_slot <= engine.n_seq or parallel * per_slot > engine.n_batch:
+            raise ValueError(f"parallel = {parallel} x {per_slot} sequences must be in [1, {engine.n_seq}] "
+                             f"and at most n_batch = {engine.n_batch}")
+        self.engine, self.policy, self.parallel, self.per_slot = engine, policy, parallel, per_slot
+        self.capture, self.capture_layers, self.vision = capture, tuple(capture_layers), vision
+        self.max_queue, self._finish = max_queue, finish
+        self.waiting: deque = deque()
+        self.active: list = []
+        self._free_slots = list(range(parallel))
+        self._cv = threading.Condition()
+        self._step_lock = threading.Lock()  # held while the engine is in use (a step, or exclusive())
+        self._ended: list = []
+        self._closing = False
+        self._exclusive = 0
+        self._key = None  # the control-vector key of the active jobs
+        self.stats = {"steps": 0, "decoded_rows": 0, "casa_calls": 0, "coca_calls": 0}
+        self._thread = threading.Thread(target=self._loop, name="pyguard-scheduler", daemon=True)
+        self._thread.start()
+
+    # -- the caller's side -----------------------------------------------------------------
+    def submit(self, job: Job) -> Job:
+        with self._cv:
+            if self._closing:
+                raise RuntimeError("the scheduler is closed")
+            if self.max_queue and len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting (the queue holds {self.max_queue})")
+            self.waiting.append(job)
+            self._cv.notify_all()
+        return job
+
+    def exclusive(self):
+        """A context manager: no job runs while it is held (direct use of the engine)."""
+        return _Exclusive(self)
+
+    def depth(self) -> tuple[int, int]:
+        """(waiting jobs, active jobs)."""
+        with self._cv:
+            return len(self.waiting), len(self.active)
+
+    def n_sequences(self) -> int:
+        """KV sequences in use: one per active job, two while CoCA runs for it."""
+        with self._cv:
+            return sum(1 + bool(j.dual) for j in self.active)
+
+    def close(self, cancel: bool = True) -> None:
+        """Stop the thread (finishing, or with ``cancel`` cancelling, the jobs in flight)."""
+        with self._cv:
+            self._closing = True
+            if cancel:
+                for j in [*self.waiting, *self.active]:
+                    j.cancelled = True
+            self._cv.notify_all()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+    # -- the scheduler thread --------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closing and not self.active and (self._exclusive or not self._admissible()):
+                    self._cv.wait()
+                if self._closing and not self.active and not self.waiting:
+                    return
+            with self._step_lock:
+                with self._cv:
+                    self._admit()
+                try:
+                    self._step()
+                except Exception as e:  # noqa: BLE001 - a failed decode fails its jobs, not the thread
+                    for j in list(self.active):
+                        self._end(j, e)
+            self._deliver()
+
+    def _deliver(self) -> None:
+        """Hand the step's events to the callers, once the engine is free."""
+        with self._cv:
+            jobs, self._ended = [*self.active, *self._ended], []
+        for j in jobs:
+            if not j.outbox:
+                continue
+            while j.outbox:
+                j.events.put(j.outbox.pop(0))
+            if j.wake is not None:
+                j.wake()
+
+    def _admissible(self) -> bool:
+        if not self.waiting or not self._free_slots or self._exclusive:
+            return False
+        head = self.waiting[0]
+        return head.cancelled or not self.active or head.key == self._key
+
+    def _admit(self) -> None:
+        """Start waiting jobs, in order, while slots are free and their control vector matches."""
+        while self._admissible():
+            j = self.waiting.popleft()
+            if j.cancelled:
+                self._end(j, Cancelled("cancelled before it started"))
+                continue
+            if not self.active and j.key != self._key:
+                self.engine.set_cvec(*j.cvec) if j.cvec is not None else self.engine.set_cvec(None)
+                self._key = j.key
+            j.slot = self._free_slots.pop(0)
+            j.seqs = tuple(range(j.slot * self.per_slot, (j.slot + 1) * self.per_slot))
+            for s in j.seqs:
+                self.engine.drop_seq(s)
+            j.t0 = time.perf_counter()
+            j.phase = "prefill"
+            self.active.append(j)
+            self._advance(j, None)
+
+    def _advance(self, j: Job, value) -> None:
+        """Run j's plan with ``value`` until it waits on a decode or a check (or ends)."""
+        try:
+            while True:
+                op = j.plan.send(value)
+                value = None
+                if isinstance(op, Copy):
+                    self.engine.copy_seq(op.src, op.dst)
+                elif isinstance(op, Drop):
+                    self.engine.drop_seq(op.seq)
+                elif isinstance(op, Cvec):
+                    self.engine.set_cvec(*op.data) if op.data is not None else self.engine.set_cvec(None)
+                else:
+                    j.pending = op
+                    return
+        except StopIteration as stop:
+            j.pending = None
+            if stop.value is None:  # refused, or states only: the job ends here
+                self._end(j, None)
+            else:
+                (j.rows, j.pos), j.phase = stop.value, "decode"
+                self.policy.first_token(j)
+        except Exception as e:  # noqa: BLE001 - the job fails with its error; others go on
+            self._end(j, e)
+
+    def _step(self) -> None:
+        e = self.engine
+        for j in list(self.active):
+            if j.cancelled:
+                self._end(j, Cancelled("cancelled"))
+        # decodes of their own: media, and prompt chunks whose hidden states are captured
+        for j in list(self.active):
+            while isinstance(j.pending, (Embd, ImageChunk)) and not j.finished:
+                op = j.pending
+                cap = self._capturing(op.capture)
+                if isinstance(op, Embd):
+                    e.decode_embd(op.embd, op.pos, op.seq, want_last=False)
+                    nxt = None
+                else:
+                    nxt = self.vision.eval_image(op.image, op.pos, op.seq)
+                if cap:
+                    self._take_states(j)
+                self._advance(j, nxt)
+            if isinstance(j.pending, list) and any(op.capture for op in j.pending) and not j.finished:
+                [op] = j.pending  # a capturing op comes alone
+                n = min(len(op.tokens) - op.done, e.n_batch)
+                last = op.last and op.done + n == len(op.tokens)
+                self._capturing(True)
+                e.decode([(op.tokens[i], op.pos + i, op.seq, last and i == op.done + n - 1)
+                          for i in range(op.done, op.done + n)])
+                self._take_states(j)
+                op.done += n
+                if op.done == len(op.tokens):
+                    self._advance(j, [np.array(e.logits(-1)) if last else None])
+        # one batch: the decoding sequences' next tokens, then prefill chunks
+        items, owners = [], []
+        for j in self.active:
+            if j.next and not j.finished:
+                for tok, pos, seq in j.next:
+                    items.append((tok, pos, seq, True))
+                    owners.append((j, None))
+                j.next = []
+        budget = e.n_batch - len(items)
+        prefilling = []
+        for j in self.active:
+            if budget <= 0 or j.finished or not isinstance(j.pending, list) or any(op.capture for op in j.pending):
+                continue
+            for op in j.pending:
+                n = min(len(op.tokens) - op.done, budget)
+                for i in range(op.done, op.done + n):
+                    items.append((op.tokens[i], op.pos + i, op.seq, op.last and i == len(op.tokens) - 1))
+                    owners.append((j, op))
+                op.done += n
+                budget -= n
+            prefilling.append(j)
+        if items:
+            e.decode(items)
+            self.stats["steps"] += 1
+            self.stats["decoded_rows"] += len(items)
+            got: dict = {}  # job -> [(op or None, logit row)], in batch order
+            for i, (_, _, _, want) in enumerate(items):
+                if want:
+                    got.setdefault(owners[i][0], []).append((owners[i][1], np.array(e.logits(i))))
+            for j in self.active:
+                if j.phase == "decode" and j in got:
+                    j.rows = tuple(row for op, row in got[j] if op is None)
+            for j in prefilling:
+                if not j.finished and all(op.done == len(op.tokens) for op in j.pending):
+                    rows = {id(op): row for op, row in got.get(j, []) if op is not None}
+                    self._advance(j, [rows.get(id(op)) for op in j.pending])
+        self._checks()
+        self._choose()
+
+    def _checks(self) -> None:
+        """One CASA score over every prompt that finished prefilling; the plans go on."""
+        while True:
+            waiting = [j for j in self.active if isinstance(j.pending, Check) and not j.finished]
+            if not waiting:
+                return
+            t0 = time.perf_counter()
+            scores = self.policy.casa.score([j.pending.H for j in waiting])
+            self.stats["casa_calls"] += 1
+            self.policy.decide(waiting, scores, (time.perf_counter() - t0) * 1e3)
+            for j in waiting:
+                self._advance(j, None)
+
+    def _choose(self) -> None:
+        """The next token of every job with logit rows."""
+        ready = [j for j in self.active if j.phase == "decode" and j.rows]
+        if not ready:
+            return
+        was_dual = [j.dual for j in ready]
+        if any(was_dual):
+            self.stats["coca_calls"] += 1
+        toks = self.policy.choose(ready, [j.rows for j in ready])
+        for j, tok, dual in zip(ready, toks, was_dual):
+            j.rows = ()
+            if dual and not j.dual:  # gated: the safe sequence goes
+                self.engine.drop_seq(j.seqs[1])
+                j.pos = j.pos[:1]
+            if j.on_token(j, tok):
+                self._end(j, None)
+                continue
+            j.next = [(tok, p, s) for p, s in zip(j.pos, j.seqs)]
+            j.pos = [p + 1 for p in j.pos]
+
+    # -- capture -----------------------------------------------------------------------------
+    def _capturing(self, on: bool) -> bool:
+        if self.capture is None or not on:
+            return False
+        self.capture.clear()
+        self.capture.enabled = True
+        return True
+
+    def _take_states(self, j: Job) -> None:
+        """The rows captured in the last decode(s), all j's, appended to ``j.states``."""
+        cap = self.capture
+        cap.enabled = False
+        if len(self.capture_layers) == 1:
+            got = {self.capture_layers[0]: cap.take()}
+        else:
+            named = cap.take_all()
+            got = {il: named[n] for il, n in zip(self.capture_layers, cap.names)}
+        for il, H in got.items():
+            j.states.setdefault(il, []).append(H)
+
+    # -- endings -----------------------------------------------------------------------------
+    def _end(self, j: Job, exc: Exception | None) -> None:
+        if j.finished:
+            return
+        j.finished = True
+        if j in self.active:
+            self.active.remove(j)
+            for s in j.seqs:
+                self.engine.drop_seq(s)
+            self._free_slots.append(j.slot)
+            self._free_slots.sort()
+        if j.plan is not None:
+            j.plan.close()
+        if self._finish is not None:
+            self._finish(j, exc)
+        if exc is not None:
+            j.outbox.append(exc)
+        with self._cv:
+            self._ended.append(j)
+            self._cv.notify_all()
+
+
+class _Exclusive:
+    def __init__(self, s: Scheduler):
+        self.s = s
+
+    def __enter__(self):
+        with self.s._cv:
+            self.s._exclusive += 1
+            while self.s.active:
+                self.s._cv.wait()
+        self.s._step_lock.acquire()
+        return self.s.engine
+
+    def __exit__(self, *exc):
+        self.s._step_lock.release()
+        with self.s._cv:
+            self.s._exclusive -= 1
+            self.s._cv.notify_all()

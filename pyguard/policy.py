@@ -1,0 +1,208 @@
+"""The per-request safety policy, written once for both runtimes: the CMRM switch, the CASA
+decision and its action (refuse, or force the refusal's tokens first), cascade routing, CoCA's
+token choice with its gate, sampling, and the typed ``pyguard`` report.
+
+A runtime (``pyguard.llama`` or ``pyguard.torch``) evaluates prompts and hands this module logit
+rows; everything decided per request is decided here. numpy only (the edge path); torch rows
+work too, through :func:`pyguard.ops.coca_step`.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+from . import ops
+from .methods import CASA, CMRM, Cascade, CoCA
+from .sampling import sample
+
+
+# ----------------------------------------------------------------------------- the report
+@dataclass
+class CasaReport:
+    """CASA's decision on a prompt. Under a cascade, ``unsafe`` means its refuse branch."""
+
+    score: float
+    unsafe: bool
+    threshold: float
+    layer: int
+    action: Optional[str]  # "refuse" | "prefix" | None (safe)
+    ms: float
+
+
+@dataclass
+class CocaReport:
+    alpha: float
+    shared_prefix_tokens: int
+    dual_steps: int = 0
+    gated: bool = False
+    kl_max: float = 0.0
+
+
+@dataclass
+class CmrmReport:
+    on: bool
+    mode: str
+    norm: Optional[float] = None  # sample-level CMRM: the norm of this request's vectors
+
+
+@dataclass
+class Timings:
+    prefill_ms: Optional[float] = None
+    decode_ms_per_token: Optional[float] = None
+
+
+@dataclass
+class Report:
+    """What pyguard did for one request (``to_dict()``: the ``pyguard`` entry of a response)."""
+
+    casa: Optional[CasaReport] = None
+    coca: Optional[CocaReport] = None
+    cmrm: Optional[CmrmReport] = None
+    cascade: Optional[dict] = None  # {"branch", "why"} under a cascade
+    timings: Timings = field(default_factory=Timings)
+
+    def to_dict(self) -> dict:
+        out = {"casa": None if self.casa is None else asdict(self.casa),
+               "coca": None if self.coca is None else asdict(self.coca),
+               "timings": asdict(self.timings),
+               "cmrm": None if self.cmrm is None else asdict(self.cmrm)}
+        if out["cmrm"] is not None and out["cmrm"]["norm"] is None:
+            del out["cmrm"]["norm"]
+        if self.cascade is not None:
+            out["cascade"] = dict(self.cascade)
+        return out
+
+
+# ----------------------------------------------------------------------------- one request
+@dataclass(eq=False)
+class Request:
+    """One request's generation state, as the policy and a runtime's loop see it."""
+
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    rng: Any = None  # numpy Generator (sampling); None when greedy
+    has_media: bool = False  # images or grafted content: what CMRM shifts
+    report: Report = field(default_factory=Report)
+    out: list = field(default_factory=list)     # chosen tokens
+    forced: list = field(default_factory=list)  # tokens forced at the first steps (CASA "prefix")
+    dual: bool = False     # CoCA's safe sequence still runs
+    refused: bool = False  # CASA refused: its refusal text is the whole answer
+    t0: float = field(default_factory=time.perf_counter)
+    t_first: Optional[float] = None
+
+    @property
+    def step(self) -> int:
+        return len(self.out)
+
+
+def check_sampling(max_tokens, temperature, top_p) -> None:
+    """ValueError naming the first invalid generation option."""
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
+        raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not (temperature >= 0 and np.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not (0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
+class Policy:
+    """The safety methods a guarded model runs, applied per request.
+
+    refusal: the token ids of CASA's refusal text (its ``prefix`` action forces them); eos: the
+    end-of-generation token a refused request ends with in token-level APIs."""
+
+    def __init__(self, coca: CoCA | None = None, cmrm: CMRM | None = None, casa: CASA | None = None,
+                 cascade: Cascade | None = None, refusal: list | None = None):
+        self.coca, self.cmrm, self.casa, self.cascade = coca, cmrm, casa, cascade
+        self.refusal = list(refusal or [])
+        self.trace: list | None = None  # tests: a list collecting the calibrated rows [n_dual, V] per step
+
+    # -- before the first token ------------------------------------------------------------
+    def cmrm_on(self, has_media: bool) -> bool:
+        """Whether CMRM shifts this request (sample-level CMRM: requests with media only)."""
+        c = self.cmrm
+        if c is None:
+            return False
+        return has_media if c.mode == "sample" else (c.when == "always" or has_media)
+
+    def start(self, req: Request) -> Request:
+        if self.cmrm is not None:
+            req.report.cmrm = CmrmReport(self.cmrm_on(req.has_media), self.cmrm.mode)
+        return req
+
+    def decide(self, reqs: list, scores, ms: float) -> None:
+        """CASA's decision for each request from its prompt's score; sets the forced tokens and,
+        for a refusal, ``refused``. Under a cascade also the branch (``dual`` off for "none")."""
+        for r, s in zip(reqs, np.asarray(scores, dtype=np.float64).tolist()):
+            if self.cascade is None:
+                unsafe, threshold = bool(self.casa.decide(np.float32(s))), self.casa.threshold
+                action = self.casa.on_unsafe if unsafe else None
+            else:
+                unsafe, threshold = self.cascade.route(s) == "refuse", self.cascade.high
+                action = "refuse" if unsafe else None
+                r.report.cascade = self.cascade.report(s)
+            r.report.casa = CasaReport(s, unsafe, threshold, self.casa.layer, action, ms)
+            if unsafe:
+                r.forced = list(self.refusal)
+                r.refused = action == "refuse"
+
+    def wants_safe(self, req: Request) -> bool:
+        """Whether CoCA's safe sequence must be evaluated for this request (after decide)."""
+        return (self.coca is not None and not req.refused
+                and (req.report.cascade is None or req.report.cascade["branch"] == "coca"))
+
+    def start_dual(self, req: Request, shared: int) -> None:
+        """CoCA's two sequences are ready: ``shared`` prompt positions were evaluated once."""
+        req.dual = True
+        req.report.coca = CocaReport(self.coca.alpha, shared)
+
+    def first_token(self, req: Request) -> None:
+        req.t_first = time.perf_counter()
+        req.report.timings.prefill_ms = (req.t_first - req.t0) * 1e3
+
+    # -- each step -------------------------------------------------------------------------
+    def choose(self, reqs: list, rows: list) -> list:
+        """The next token of each request. rows[i]: the request's logit rows, (base [1, V],) or,
+        while ``dual``, (base [1, V], safe [1, V]). One ``coca_step`` serves every dual request.
+        Requests whose safe sequence the gate drops have ``dual`` False afterwards."""
+        toks: list = [None] * len(reqs)
+        dual = [i for i, r in enumerate(reqs) if r.dual]
+        if dual:
+            base = np.concatenate([rows[i][0] for i in dual])
+            safe = np.concatenate([rows[i][1] for i in dual])
+            cal = np.empty_like(base)
+            rs = [reqs[i] for i in dual]
+            alpha = np.full(len(dual), self.coca.alpha, np.float32)
+            temp = np.array([r.temperature if r.temperature > 0 else 1.0 for r in rs], np.float32)
+            force = np.array([r.forced[r.step] if r.step < len(r.forced) else -1 for r in rs], np.int64)
+            tok, kl = ops.coca_step(base, safe, alpha, temp, force if (force >= 0).any() else None, cal)
+            if self.trace is not None:
+                self.trace.append(cal)
+            for j, (i, r) in enumerate(zip(dual, rs)):
+                forced = r.step < len(r.forced)
+                toks[i] = int(tok[j]) if r.temperature <= 0 or forced else sample(cal[j], r.top_p, r.rng)
+                rep = r.report.coca
+                rep.dual_steps += 1
+                rep.kl_max = max(rep.kl_max, float(kl[j]))
+                c = self.coca
+                if (c.gate_kl is not None and r.step + 1 == c.gate_tokens and rep.kl_max < c.gate_kl
+                        and r.step + 1 >= len(r.forced)):
+                    r.dual, rep.gated = False, True
+        for i, r in enumerate(reqs):
+            if toks[i] is not None:
+                continue
+            if r.step < len(r.forced):
+                toks[i] = r.forced[r.step]
+                continue
+            row = rows[i][0][0]
+            toks[i] = int(np.argmax(row)) if r.temperature <= 0 else sample(row / np.float32(r.temperature),
+                                                                            r.top_p, r.rng)
+        for r, t in zip(reqs, toks):
+            r.out.append(t)
+            r.report.timings.decode_ms_per_token = (time.perf_counter() - r.t_first) * 1e3 / len(r.out)
+        return toks

@@ -1,0 +1,123 @@
+"""Continuous batching on llama.cpp (issue #15): concurrent requests give exactly what each gives
+alone, mixed guards side by side, cancellation frees the slot, a full queue refuses."""
+import threading
+
+import numpy as np
+import pytest
+
+pytest.importorskip("llama_cpp")
+
+from pyguard import models  # noqa: E402
+from pyguard.llama import GuardedLlama  # noqa: E402
+from pyguard.llama.scheduler import Cancelled, QueueFull  # noqa: E402
+from pyguard.methods import Cascade, CoCA  # noqa: E402
+from test_cascade import casa_random  # noqa: E402
+
+MODEL = models.model_path("smollm2-135m")
+pytestmark = pytest.mark.needs_file(MODEL, "SmolLM2")
+TOPICS = ["cats", "the sea", "Paris", "bread", "rain", "chess", "music", "trees", "gold", "snow", "ice", "wind",
+          "salt", "glass", "fire", "sand"]
+
+
+def ask(topic):
+    return [{"role": "user", "content": f"Tell me about {topic}."}]
+
+
+def concurrently(fn, args) -> list:
+    out = [None] * len(args)
+
+    def run(i):
+        try:
+            out[i] = fn(args[i])
+        except Exception as e:  # noqa: BLE001 - surfaced by the caller's assertion
+            out[i] = e
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(args))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def answer(r) -> str:
+    return r["choices"][0]["message"]["content"]
+
+
+def test_sixteen_concurrent_greedy_requests_equal_their_lone_runs():
+    with GuardedLlama(MODEL, n_ctx=256, parallel=16) as g:
+        jobs = []
+
+        def run(topic):
+            job = g.submit(ask(topic), 24)
+            jobs.append(job)
+            return "".join(p for p, *_ in g.events(job)), list(job.out)
+        alone = [run(t) for t in TOPICS]
+        steps = g.scheduler.stats["steps"]
+        together = concurrently(run, TOPICS)
+        batched_steps = g.scheduler.stats["steps"] - steps
+    assert together == alone  # the same tokens and text, every one
+    assert batched_steps < steps / 4  # and they were batched: 16 requests in far fewer decode steps
+
+
+def test_mixed_guards_side_by_side_equal_their_lone_runs():
+    """CoCA pairs, the cascade's three branches, CASA refusals: one batch, each equal to alone."""
+    casa = casa_random(576, 10, seed=3)
+    with GuardedLlama(MODEL, n_ctx=256, casa=casa, capture_layer=10) as probe:
+        scores = np.array([probe.create_chat_completion(ask(t), max_tokens=1)["pyguard"]["casa"]["score"]
+                           for t in TOPICS])
+    low, high = np.quantile(scores, [0.3, 0.7])  # some of each branch
+    cascade = Cascade(casa, CoCA(alpha=1.5), low=float(low), high=float(high))
+    with GuardedLlama(MODEL, n_ctx=256, cascade=cascade, parallel=8) as g:
+        alone = [g.create_chat_completion(ask(t), max_tokens=12) for t in TOPICS]
+        calls = dict(g.scheduler.stats)
+        together = concurrently(lambda t: g.create_chat_completion(ask(t), max_tokens=12), TOPICS)
+        stats = g.scheduler.stats
+    branches = [r["pyguard"]["cascade"]["branch"] for r in alone]
+    assert {"none", "coca", "refuse"} <= set(branches)
+    for a, b in zip(alone, together):
+        assert answer(b) == answer(a) and b["usage"] == a["usage"]
+        assert b["pyguard"]["cascade"] == a["pyguard"]["cascade"]
+        assert b["pyguard"]["casa"]["score"] == pytest.approx(a["pyguard"]["casa"]["score"], abs=1e-6)
+        assert (b["pyguard"]["coca"] or {}).get("dual_steps") == (a["pyguard"]["coca"] or {}).get("dual_steps")
+    # one CASA score per step over the prompts that finished in it: fewer calls than prompts
+    assert stats["casa_calls"] - calls["casa_calls"] < len(TOPICS)
+
+
+def test_cancelled_stream_frees_its_slot_and_the_next_request_runs():
+    with GuardedLlama(MODEL, n_ctx=256, parallel=1, coca=CoCA()) as g:
+        stream = g.create_chat_completion(ask("cats"), max_tokens=150, stream=True)
+        next(stream), next(stream)
+        stream.close()  # the client went away
+        r = g.create_chat_completion(ask("the sea"), max_tokens=4)
+        assert r["usage"]["completion_tokens"] == 4
+        assert g.scheduler.depth() == (0, 0) and g.scheduler.n_sequences() == 0
+
+
+def test_full_queue_is_refused_and_accepted_requests_all_finish():
+    with GuardedLlama(MODEL, n_ctx=256, parallel=1, max_queue=2) as g:
+        jobs, refused = [], 0
+        for t in TOPICS[:8]:
+            try:
+                jobs.append(g.submit(ask(t), 16))
+            except QueueFull as e:
+                refused += 1
+                assert "the queue holds 2" in str(e)
+        assert refused >= 1 and len(jobs) >= 3
+        for job in jobs:  # nothing accepted is lost
+            events = list(g.events(job))
+            assert events[-1][1] in ("stop", "length")
+
+
+def test_close_cancels_waiting_requests_with_an_error():
+    g = GuardedLlama(MODEL, n_ctx=256, parallel=1)
+    jobs = [g.submit(ask(t), 64) for t in TOPICS[:3]]
+    g.close()
+    outcomes = []
+    for job in jobs:
+        try:
+            outcomes.append(list(g.events(job))[-1][1])
+        except Cancelled:
+            outcomes.append("cancelled")
+    assert "cancelled" in outcomes and all(o in ("cancelled", "stop", "length") for o in outcomes)
+    with pytest.raises(RuntimeError, match="closed"):
+        g.create_chat_completion(ask("cats"), max_tokens=2)
