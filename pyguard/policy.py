@@ -15,7 +15,7 @@ from typing import Any, Optional
 import numpy as np
 
 from . import ops
-from .methods import CASA, CMRM, Cascade, CoCA
+from .methods import CASA, CMRM, Cascade, CoCA, casa_report, coca_report
 from .sampling import sample
 
 
@@ -130,26 +130,20 @@ class Policy:
             return False
         return has_media if c.mode == "sample" else (c.when == "always" or has_media)
 
-    def start(self, req: Request) -> Request:
+    def start(self, req: Request) -> None:
         if self.cmrm is not None:
             req.report.cmrm = CmrmReport(self.cmrm_on(req.has_media), self.cmrm.mode)
-        return req
 
     def decide(self, reqs: list, scores, ms: float) -> None:
         """CASA's decision for each request from its prompt's score; sets the forced tokens and,
         for a refusal, ``refused``. Under a cascade also the branch (``dual`` off for "none")."""
         for r, s in zip(reqs, np.asarray(scores, dtype=np.float64).tolist()):
-            if self.cascade is None:
-                unsafe, threshold = bool(self.casa.decide(np.float32(s))), self.casa.threshold
-                action = self.casa.on_unsafe if unsafe else None
-            else:
-                unsafe, threshold = self.cascade.route(s) == "refuse", self.cascade.high
-                action = "refuse" if unsafe else None
+            r.report.casa = rep = CasaReport(**casa_report(self.casa, self.cascade, s, ms))
+            if self.cascade is not None:
                 r.report.cascade = self.cascade.report(s)
-            r.report.casa = CasaReport(s, unsafe, threshold, self.casa.layer, action, ms)
-            if unsafe:
+            if rep.unsafe:
                 r.forced = list(self.refusal)
-                r.refused = action == "refuse"
+                r.refused = rep.action == "refuse"
 
     def wants_safe(self, req: Request) -> bool:
         """Whether CoCA's safe sequence must be evaluated for this request (after decide)."""
@@ -159,7 +153,7 @@ class Policy:
     def start_dual(self, req: Request, shared: int) -> None:
         """CoCA's two sequences are ready: ``shared`` prompt positions were evaluated once."""
         req.dual = True
-        req.report.coca = CocaReport(self.coca.alpha, shared)
+        req.report.coca = CocaReport(**coca_report(self.coca, shared))
 
     def first_token(self, req: Request) -> None:
         req.t_first = time.perf_counter()

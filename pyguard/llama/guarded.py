@@ -137,6 +137,9 @@ class GuardedLlama:
         requests wait already."""
         job = self._request(messages, max_tokens, temperature, top_p, seed, stop)
         job.wake = wake
+        return self._enqueue(job)
+
+    def _enqueue(self, job: "LlamaJob") -> "LlamaJob":
         try:
             return self.scheduler.submit(job)
         except BaseException:
@@ -260,11 +263,7 @@ class GuardedLlama:
             j.states_out = yield from self._evaluate(j, j.base, s0, 0, True, whole=True)
             return None
         base, safe, cap = j.base, j.safe, self.casa is not None
-        k = len(base) - 1
-        if safe is not None:
-            k = 0
-            while k < min(len(base), len(safe)) - 1 and base[k] == safe[k]:
-                k += 1
+        k = common_prefix(base, safe) if safe is not None else len(base) - 1  # segments shared
         pos = yield from self._evaluate(j, base[:k], s0, 0, cap)
         tb = base[k]
         ts = safe[k] if safe is not None else None
@@ -353,12 +352,7 @@ class GuardedLlama:
         job = self._request(messages, 1, 0.0, 1.0, None, None, states=True)
         mask = np.concatenate([np.zeros(seg.n_pos, bool) if isinstance(seg, (Image, Soft)) else np.ones(len(seg), bool)
                                for seg in job.base])
-        try:
-            self.scheduler.submit(job)
-        except BaseException:
-            job.free()
-            raise
-        (_, _, _, H), = list(self.events(job))
+        (_, _, _, H), = list(self.events(self._enqueue(job)))
         states = H[self._states_layer] if self._states_layer is not None else H
         return (states, mask) if with_mask else states
 

@@ -106,7 +106,7 @@ class Job(Request):
     seqs: tuple = ()
     phase: str = "waiting"     # waiting | prefill | decode
     pending: object = None     # the op (or list of Tokens) the plan waits on
-    states: dict = field(default_factory=dict)  # {layer: [row blocks]} captured for the current op
+    states: dict = field(default_factory=dict)  # {layer: [row blocks]} captured, until the plan collects them
     rows: tuple = ()           # logit rows for the next choose()
     next: list = field(default_factory=list)   # (token, pos, seq) items of the next decode
     pos: list = field(default_factory=list)    # next position of each live sequence
@@ -121,7 +121,7 @@ class Job(Request):
 
 
 class Scheduler:
-    """Runs jobs on ``engine`` (a unified-KV context with ``parallel * per_slot`` sequences).
+    """Runs jobs on ``engine`` (a context with ``parallel * per_slot`` sequences, a KV stream each).
 
     capture: a LayerCapture / PyCapture installed in the engine's context, or None; its layers
     ``capture_layers``. vision: the mtmd context, or None. finish(job, exc): called on the
@@ -139,10 +139,8 @@ class Scheduler:
         self.active: list = []
         self._free_slots = list(range(parallel))
         self._cv = threading.Condition()
-        self._step_lock = threading.Lock()  # held while the engine is in use (a step, or exclusive())
         self._ended: list = []
         self._closing = False
-        self._exclusive = 0
         self._key = None  # the control-vector key of the active jobs
         self.stats = {"steps": 0, "decoded_rows": 0, "casa_calls": 0, "coca_calls": 0}
         self._thread = threading.Thread(target=self._loop, name="pyguard-scheduler", daemon=True)
@@ -159,10 +157,6 @@ class Scheduler:
             self._cv.notify_all()
         return job
 
-    def exclusive(self):
-        """A context manager: no job runs while it is held (direct use of the engine)."""
-        return _Exclusive(self)
-
     def depth(self) -> tuple[int, int]:
         """(waiting jobs, active jobs)."""
         with self._cv:
@@ -173,13 +167,12 @@ class Scheduler:
         with self._cv:
             return sum(1 + bool(j.dual) for j in self.active)
 
-    def close(self, cancel: bool = True) -> None:
-        """Stop the thread (finishing, or with ``cancel`` cancelling, the jobs in flight)."""
+    def close(self) -> None:
+        """Cancel the jobs in flight and stop the thread."""
         with self._cv:
             self._closing = True
-            if cancel:
-                for j in [*self.waiting, *self.active]:
-                    j.cancelled = True
+            for j in [*self.waiting, *self.active]:
+                j.cancelled = True
             self._cv.notify_all()
         if self._thread is not threading.current_thread():
             self._thread.join()
@@ -188,22 +181,21 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._closing and not self.active and (self._exclusive or not self._admissible()):
+                while not self._closing and not self.active and not self._admissible():
                     self._cv.wait()
                 if self._closing and not self.active and not self.waiting:
                     return
-            with self._step_lock:
-                with self._cv:
-                    self._admit()
-                try:
-                    self._step()
-                except Exception as e:  # noqa: BLE001 - a failed decode fails its jobs, not the thread
-                    for j in list(self.active):
-                        self._end(j, e)
+                self._admit()
+            try:
+                self._step()
+            except Exception as e:  # noqa: BLE001 - a failed decode fails its jobs, not the thread
+                for j in list(self.active):
+                    self._end(j, e)
             self._deliver()
 
     def _deliver(self) -> None:
-        """Hand the step's events to the callers, once the engine is free."""
+        """Hand the step's events to the callers, once the step is over (the engine is idle
+        when the last job's final event arrives)."""
         with self._cv:
             jobs, self._ended = [*self.active, *self._ended], []
         for j in jobs:
@@ -215,7 +207,7 @@ class Scheduler:
                 j.wake()
 
     def _admissible(self) -> bool:
-        if not self.waiting or not self._free_slots or self._exclusive:
+        if not self.waiting or not self._free_slots:
             return False
         head = self.waiting[0]
         return head.cancelled or not self.active or head.key == self._key
@@ -228,7 +220,7 @@ class Scheduler:
                 self._end(j, Cancelled("cancelled before it started"))
                 continue
             if not self.active and j.key != self._key:
-                self.engine.set_cvec(*j.cvec) if j.cvec is not None else self.engine.set_cvec(None)
+                self._set_cvec(j.cvec)
                 self._key = j.key
             j.slot = self._free_slots.pop(0)
             j.seqs = tuple(range(j.slot * self.per_slot, (j.slot + 1) * self.per_slot))
@@ -250,7 +242,7 @@ class Scheduler:
                 elif isinstance(op, Drop):
                     self.engine.drop_seq(op.seq)
                 elif isinstance(op, Cvec):
-                    self.engine.set_cvec(*op.data) if op.data is not None else self.engine.set_cvec(None)
+                    self._set_cvec(op.data)
                 else:
                     j.pending = op
                     return
@@ -365,6 +357,10 @@ class Scheduler:
             j.next = [(tok, p, s) for p, s in zip(j.pos, j.seqs)]
             j.pos = [p + 1 for p in j.pos]
 
+    def _set_cvec(self, args: tuple | None) -> None:
+        """Set the control vector (``Engine.set_cvec`` arguments) or clear it (None)."""
+        self.engine.set_cvec(*args) if args is not None else self.engine.set_cvec(None)
+
     # -- capture -----------------------------------------------------------------------------
     def _capturing(self, on: bool) -> bool:
         if self.capture is None or not on:
@@ -406,21 +402,3 @@ class Scheduler:
             self._ended.append(j)
             self._cv.notify_all()
 
-
-class _Exclusive:
-    def __init__(self, s: Scheduler):
-        self.s = s
-
-    def __enter__(self):
-        with self.s._cv:
-            self.s._exclusive += 1
-            while self.s.active:
-                self.s._cv.wait()
-        self.s._step_lock.acquire()
-        return self.s.engine
-
-    def __exit__(self, *exc):
-        self.s._step_lock.release()
-        with self.s._cv:
-            self.s._exclusive -= 1
-            self.s._cv.notify_all()
