@@ -77,6 +77,19 @@ class Report:
 
 
 # ----------------------------------------------------------------------------- one request
+@dataclass(frozen=True)
+class Guards:
+    """Which of the loaded methods run for one request (see :meth:`Policy.guards`)."""
+
+    coca: bool = True
+    casa: bool = True
+    cmrm: bool = True
+    alpha: Optional[float] = None  # CoCA's alpha for this request (None: the loaded one)
+
+
+ALL = Guards()
+
+
 @dataclass(eq=False)
 class Request:
     """One request's generation state, as the policy and a runtime's loop see it."""
@@ -86,6 +99,7 @@ class Request:
     top_p: float = 1.0
     rng: Any = None  # numpy Generator (sampling); None when greedy
     has_media: bool = False  # images or grafted content: what CMRM shifts
+    guards: Guards = ALL
     report: Report = field(default_factory=Report)
     out: list = field(default_factory=list)     # chosen tokens
     forced: list = field(default_factory=list)  # tokens forced at the first steps (CASA "prefix")
@@ -123,16 +137,53 @@ class Policy:
         self.trace: list | None = None  # tests: a list collecting the calibrated rows [n_dual, V] per step
 
     # -- before the first token ------------------------------------------------------------
-    def cmrm_on(self, has_media: bool) -> bool:
+    def guards(self, choice: Optional[dict]) -> Guards:
+        """A request's choice of methods, e.g. ``{"coca": False}`` or ``{"cascade": False,
+        "cmrm": True, "alpha": 2.0}``: each key turns a loaded method off or on (``cascade``
+        turns the cascade's CASA and CoCA together); ``alpha`` sets CoCA's. ValueError naming
+        the first key this model cannot honour."""
+        if choice is None:
+            return ALL
+        if not isinstance(choice, dict):
+            raise ValueError(f"pyguard: expected an object of method switches, got {choice!r:.80}")
+        loaded = {"coca": self.coca, "casa": self.casa, "cmrm": self.cmrm}
+        on = {k: True for k in loaded}
+        for key, value in choice.items():
+            if key == "alpha":
+                if self.coca is None:
+                    raise ValueError("pyguard.alpha: this model runs without CoCA")
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+                    raise ValueError(f"pyguard.alpha must be a finite number, got {value!r:.80}")
+                continue
+            if key not in (*loaded, "cascade"):
+                raise ValueError(f"pyguard.{key}: unknown switch (known: coca, casa, cmrm, cascade, alpha)")
+            if not isinstance(value, bool):
+                raise ValueError(f"pyguard.{key} must be true or false, got {value!r:.80}")
+            if key == "cascade" or (self.cascade is not None and key in ("coca", "casa")):
+                if self.cascade is None:
+                    raise ValueError("pyguard.cascade: this model runs without a cascade")
+                if key != "cascade":
+                    raise ValueError(f"pyguard.{key}: under a cascade CASA routes to CoCA; "
+                                     "switch both with pyguard.cascade")
+                on["coca"] = on["casa"] = value
+            elif loaded[key] is None:
+                if value:
+                    raise ValueError(f"pyguard.{key}: this model was loaded without {key.upper()}")
+            else:
+                on[key] = value
+        alpha = choice.get("alpha")
+        return Guards(**on, alpha=None if alpha is None else float(alpha))
+
+    def cmrm_on(self, has_media: bool, guards: Guards = ALL) -> bool:
         """Whether CMRM shifts this request (sample-level CMRM: requests with media only)."""
         c = self.cmrm
-        if c is None:
+        if c is None or not guards.cmrm:
             return False
         return has_media if c.mode == "sample" else (c.when == "always" or has_media)
 
     def start(self, req: Request) -> None:
         if self.cmrm is not None:
-            req.report.cmrm = CmrmReport(self.cmrm_on(req.has_media), self.cmrm.mode)
+            req.report.cmrm = CmrmReport(self.cmrm_on(req.has_media, req.guards), self.cmrm.mode)
 
     def decide(self, reqs: list, scores, ms: float) -> None:
         """CASA's decision for each request from its prompt's score; sets the forced tokens and,
@@ -147,13 +198,15 @@ class Policy:
 
     def wants_safe(self, req: Request) -> bool:
         """Whether CoCA's safe sequence must be evaluated for this request (after decide)."""
-        return (self.coca is not None and not req.refused
+        return (self.coca is not None and req.guards.coca and not req.refused
                 and (req.report.cascade is None or req.report.cascade["branch"] == "coca"))
 
     def start_dual(self, req: Request, shared: int) -> None:
         """CoCA's two sequences are ready: ``shared`` prompt positions were evaluated once."""
         req.dual = True
         req.report.coca = CocaReport(**coca_report(self.coca, shared))
+        if req.guards.alpha is not None:
+            req.report.coca.alpha = req.guards.alpha
 
     def first_token(self, req: Request) -> None:
         req.t_first = time.perf_counter()
@@ -171,7 +224,7 @@ class Policy:
             safe = np.concatenate([rows[i][1] for i in dual])
             cal = np.empty_like(base)
             rs = [reqs[i] for i in dual]
-            alpha = np.full(len(dual), self.coca.alpha, np.float32)
+            alpha = np.array([r.report.coca.alpha for r in rs], np.float32)
             temp = np.array([r.temperature if r.temperature > 0 else 1.0 for r in rs], np.float32)
             force = np.array([r.forced[r.step] if r.step < len(r.forced) else -1 for r in rs], np.int64)
             tok, kl = ops.coca_step(base, safe, alpha, temp, force if (force >= 0).any() else None, cal)

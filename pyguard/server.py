@@ -50,6 +50,7 @@ class ChatRequest(BaseModel):
     stream_options: Optional[dict[str, Any]] = None
     n: Literal[1] = 1
     user: Optional[str] = None
+    pyguard: Optional[dict[str, Any]] = None  # this request's methods, e.g. {"coca": false} (Policy.guards)
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
@@ -133,7 +134,8 @@ def create_app(g, model_name: str | None = None, api_key: str | None = None, ret
         max_tokens = body.max_completion_tokens or body.max_tokens
         try:
             job = await run_in_threadpool(g.submit, body.messages, max_tokens, body.temperature, body.top_p,
-                                          body.seed, body.stop, lambda: loop.call_soon_threadsafe(wake.set))
+                                          body.seed, body.stop, lambda: loop.call_soon_threadsafe(wake.set),
+                                          guards=body.pyguard)
         except QueueFull as e:
             m.requests.labels("429").inc()
             return _error(429, f"the server is busy: {e}; retry later", "rate_limit_error",

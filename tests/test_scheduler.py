@@ -83,6 +83,26 @@ def test_mixed_guards_side_by_side_equal_their_lone_runs():
     assert stats["casa_calls"] - calls["casa_calls"] < len(TOPICS)
 
 
+def test_per_request_guards_side_by_side():
+    """One batch of CoCA as loaded, CoCA off, and CoCA at alpha 0 (the base row): off and alpha 0
+    answer as the unguarded model does, the default as CoCA alone."""
+    topics = TOPICS[:4]
+    with GuardedLlama(MODEL, n_ctx=256) as plain:
+        unguarded = [answer(plain.create_chat_completion(ask(t), max_tokens=12)) for t in topics]
+    with GuardedLlama(MODEL, n_ctx=256, coca=CoCA(alpha=1.5), parallel=8) as g:
+        guarded = [g.create_chat_completion(ask(t), max_tokens=12) for t in topics]
+        calls = [(t, c) for t in topics for c in (None, {"coca": False}, {"alpha": 0})]
+        out = concurrently(lambda a: g.create_chat_completion(ask(a[0]), max_tokens=12, guards=a[1]), calls)
+        with pytest.raises(ValueError, match="loaded without CASA"):
+            g.create_chat_completion(ask("x"), guards={"casa": True})
+    for i, t in enumerate(topics):
+        default, off, zero = out[3 * i: 3 * i + 3]
+        assert answer(default) == answer(guarded[i]) and default["pyguard"]["coca"]["alpha"] == 1.5
+        assert answer(off) == unguarded[i] and off["pyguard"]["coca"] is None
+        assert answer(zero) == unguarded[i] and zero["pyguard"]["coca"]["alpha"] == 0
+        assert zero["pyguard"]["coca"]["dual_steps"] == zero["usage"]["completion_tokens"]
+
+
 def test_cancelled_stream_frees_its_slot_and_the_next_request_runs():
     with GuardedLlama(MODEL, n_ctx=256, parallel=1, coca=CoCA()) as g:
         stream = g.create_chat_completion(ask("cats"), max_tokens=150, stream=True)

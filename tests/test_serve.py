@@ -89,6 +89,16 @@ def test_openai_client_plain_and_streaming(live):
     assert "pyguard_requests_total{status=\"200\"}" in metrics and "pyguard_time_to_first_token_seconds" in metrics
 
 
+def test_guard_choices_in_the_request_body(live):
+    c = live.client()
+    r = c.chat.completions.create(model="smol", messages=MSGS, max_tokens=4, extra_body={"pyguard": {"coca": False}})
+    assert r.model_extra["pyguard"]["coca"] is None
+    r = c.chat.completions.create(model="smol", messages=MSGS, max_tokens=4, extra_body={"pyguard": {"alpha": 2.5}})
+    assert r.model_extra["pyguard"]["coca"]["alpha"] == 2.5
+    with pytest.raises(openai.BadRequestError, match="loaded without CASA"):
+        c.chat.completions.create(model="smol", messages=MSGS, max_tokens=4, extra_body={"pyguard": {"casa": True}})
+
+
 def test_concurrent_clients_get_their_lone_answers(live):
     c = live.client()
     prompts = [[{"role": "user", "content": f"Say something about {t}."}] for t in ("cats", "rain", "chess", "gold",

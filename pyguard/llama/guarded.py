@@ -116,11 +116,14 @@ class GuardedLlama:
 
     # -- API -------------------------------------------------------------------------------
     def create_chat_completion(self, messages, max_tokens: int = 256, temperature: float = 0.0,
-                               top_p: float = 1.0, seed: int | None = None, stop=None, stream: bool = False):
+                               top_p: float = 1.0, seed: int | None = None, stop=None, stream: bool = False,
+                               guards: dict | None = None):
         """OpenAI-style chat completion (a dict), or an iterator of chunks when ``stream``.
         temperature 0 is greedy; otherwise temperature / top-p sampling, reproducible by seed.
-        Requests from several threads run side by side (up to ``parallel``), batched."""
-        job = self.submit(messages, max_tokens, temperature, top_p, seed, stop)
+        guards: this request's choice of the loaded methods (:meth:`pyguard.policy.Policy.guards`),
+        e.g. ``{"coca": False}``. Requests from several threads run side by side (up to
+        ``parallel``), batched."""
+        job = self.submit(messages, max_tokens, temperature, top_p, seed, stop, guards=guards)
         if stream:
             return self._stream(job)
         text, finish, n, report = "", "length", 0, None
@@ -130,12 +133,12 @@ class GuardedLlama:
         return responses.completion(job.id, self.name, text, finish, job.n_prompt, n, report)
 
     def submit(self, messages, max_tokens: int | None = 256, temperature: float = 0.0, top_p: float = 1.0,
-               seed: int | None = None, stop=None, wake=None) -> "LlamaJob":
+               seed: int | None = None, stop=None, wake=None, guards: dict | None = None) -> "LlamaJob":
         """Queue a request (``max_tokens`` None: up to the context); read its text with
         :meth:`events`; ``wake()`` is called (on the scheduler's thread) whenever new events are
         there. Raises ValueError for a bad request, ``scheduler.QueueFull`` when ``max_queue``
         requests wait already."""
-        job = self._request(messages, max_tokens, temperature, top_p, seed, stop)
+        job = self._request(messages, max_tokens, temperature, top_p, seed, stop, guards=guards)
         job.wake = wake
         return self._enqueue(job)
 
@@ -165,13 +168,16 @@ class GuardedLlama:
         if self.engine is None:
             raise RuntimeError("this GuardedLlama is closed")
 
-    def _request(self, messages, max_tokens, temperature, top_p, seed, stop, states: bool = False) -> "LlamaJob":
+    def _request(self, messages, max_tokens, temperature, top_p, seed, stop, states: bool = False,
+                 guards: dict | None = None) -> "LlamaJob":
         with self._lock:  # mtmd and the tokenizer are used by one thread at a time
             self._check_open()
-            return self._prepare(messages, max_tokens, temperature, top_p, seed, stop, states)
+            return self._prepare(messages, max_tokens, temperature, top_p, seed, stop, states, guards)
 
-    def _prepare(self, messages, max_tokens, temperature, top_p, seed, stop, states=False) -> "LlamaJob":
+    def _prepare(self, messages, max_tokens, temperature, top_p, seed, stop, states=False,
+                 guards: dict | None = None) -> "LlamaJob":
         check_sampling(1 if max_tokens is None else max_tokens, temperature, top_p)
+        use = self.policy.guards(guards)
         if stop is not None and not isinstance(stop, str) and not (
                 isinstance(stop, list) and all(isinstance(x, str) for x in stop)):
             raise ValueError(f"stop must be a string or a list of strings, got {stop!r:.80}")
@@ -185,7 +191,7 @@ class GuardedLlama:
         base = self._segments(prompt, soft)
         safe = text_only = None
         try:
-            if self.coca is not None and not states:
+            if self.coca is not None and use.coca and not states:
                 safe = self._segments(chat.with_principle(prompt, self.coca.principle,
                                                           self.coca.principle_position, MARKER), soft)
             n_base, n_safe = n_pos(base), n_pos(safe or [])
@@ -195,7 +201,7 @@ class GuardedLlama:
                 which = "the longer CoCA prompt" if n_safe > n_base else "the prompt"
                 raise ValueError(f"{which} ({max(n_base, n_safe)} tokens) + max_tokens ({max_tokens}) exceeds "
                                  f"the context of {self.engine.n_ctx} tokens per sequence")
-            sample_cmrm = not states and self.policy.cmrm_on(prompt.media) and self.cmrm.mode == "sample"
+            sample_cmrm = not states and self.policy.cmrm_on(prompt.media, use) and self.cmrm.mode == "sample"
             if sample_cmrm:  # the media-removed twin
                 text_only = self._segments(chat.Prompt([dict(m, content=m["content"].replace(MARKER, ""))
                                                         for m in prompt.messages], []))
@@ -204,11 +210,11 @@ class GuardedLlama:
                 segs is not None and segs.free()
             raise
         job = LlamaJob(max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p),
-                       rng=np.random.default_rng(seed), has_media=prompt.media, id=responses.new_id(),
+                       rng=np.random.default_rng(seed), has_media=prompt.media, guards=use, id=responses.new_id(),
                        base=base, safe=safe, text_only=text_only, n_prompt=n_base, states_only=states,
                        text=TextAssembler(stops), on_token=self._on_token)
         if states:  # what CASA would read: the dataset-level shift when it would apply, never the sample one
-            on = self.cmrm is not None and self.cmrm.mode == "dataset" and self.policy.cmrm_on(prompt.media)
+            on = self.cmrm is not None and self.cmrm.mode == "dataset" and self.policy.cmrm_on(prompt.media, use)
         else:
             self.policy.start(job)
             on = job.report.cmrm is not None and job.report.cmrm.on
@@ -262,7 +268,7 @@ class GuardedLlama:
         if j.states_only:
             j.states_out = yield from self._evaluate(j, j.base, s0, 0, True, whole=True)
             return None
-        base, safe, cap = j.base, j.safe, self.casa is not None
+        base, safe, cap = j.base, j.safe, self.casa is not None and j.guards.casa
         k = common_prefix(base, safe) if safe is not None else len(base) - 1  # segments shared
         pos = yield from self._evaluate(j, base[:k], s0, 0, cap)
         tb = base[k]
