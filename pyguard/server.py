@@ -64,6 +64,8 @@ class _Metrics:
         self.registry = r = CollectorRegistry()
         self.requests = Counter("pyguard_requests", "Chat completion requests, by outcome", ["status"], registry=r)
         self.prompt_tokens = Counter("pyguard_prompt_tokens", "Prompt tokens of finished requests", registry=r)
+        self.cached_tokens = Counter("pyguard_prompt_cached_tokens", "Prompt tokens the prompt cache supplied",
+                                     registry=r)
         self.completion_tokens = Counter("pyguard_completion_tokens", "Tokens generated", registry=r)
         self.queue = Gauge("pyguard_queue_depth", "Requests waiting for a slot", registry=r)
         self.active = Gauge("pyguard_active_requests", "Requests being decoded", registry=r)
@@ -164,7 +166,7 @@ def create_app(g, model_name: str | None = None, api_key: str | None = None, ret
             m.requests.labels("500").inc()
             return _error(500, f"generation failed: {e}", "server_error")
         _account(m, job, n, report)
-        return responses.completion(job.id, name, text, finish, job.n_prompt, n, report)
+        return responses.completion(job.id, name, text, finish, job.n_prompt, n, report, job.n_cached)
 
     return app
 
@@ -197,6 +199,7 @@ async def _events(job, wake: asyncio.Event, m: _Metrics, t0: float):
 def _account(m: _Metrics, job, n: int, report: dict | None) -> None:
     m.requests.labels("200").inc()
     m.prompt_tokens.inc(job.n_prompt)
+    m.cached_tokens.inc(job.n_cached)
     m.completion_tokens.inc(n)
     if report:
         if report.get("cascade"):
@@ -218,8 +221,7 @@ async def _sse(job, events, name: str, body: ChatRequest, m: _Metrics):
                 if usage:
                     yield json.dumps({"id": job.id, "object": "chat.completion.chunk", "created": int(time.time()),
                                       "model": name, "choices": [],
-                                      "usage": {"prompt_tokens": job.n_prompt, "completion_tokens": n,
-                                                "total_tokens": job.n_prompt + n}})
+                                      "usage": responses.usage(job.n_prompt, n, job.n_cached)})
                 _account(m, job, n, report)
     except Cancelled:
         return

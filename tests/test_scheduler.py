@@ -9,7 +9,7 @@ pytest.importorskip("llama_cpp")
 
 from pyguard import models  # noqa: E402
 from pyguard.llama import GuardedLlama  # noqa: E402
-from pyguard.llama.scheduler import Cancelled, QueueFull  # noqa: E402
+from pyguard.llama.scheduler import Cancelled, Kept, QueueFull  # noqa: E402
 from pyguard.methods import Cascade, CoCA  # noqa: E402
 from test_cascade import casa_random  # noqa: E402
 
@@ -41,6 +41,10 @@ def concurrently(fn, args) -> list:
 
 def answer(r) -> str:
     return r["choices"][0]["message"]["content"]
+
+
+def tokens(r) -> tuple:
+    return r["usage"]["prompt_tokens"], r["usage"]["completion_tokens"]
 
 
 def test_sixteen_concurrent_greedy_requests_equal_their_lone_runs():
@@ -75,7 +79,7 @@ def test_mixed_guards_side_by_side_equal_their_lone_runs():
     branches = [r["pyguard"]["cascade"]["branch"] for r in alone]
     assert {"none", "coca", "refuse"} <= set(branches)
     for a, b in zip(alone, together):
-        assert answer(b) == answer(a) and b["usage"] == a["usage"]
+        assert answer(b) == answer(a) and tokens(b) == tokens(a)
         assert b["pyguard"]["cascade"] == a["pyguard"]["cascade"]
         assert b["pyguard"]["casa"]["score"] == pytest.approx(a["pyguard"]["casa"]["score"], abs=1e-6)
         assert (b["pyguard"]["coca"] or {}).get("dual_steps") == (a["pyguard"]["coca"] or {}).get("dual_steps")
@@ -101,6 +105,45 @@ def test_per_request_guards_side_by_side():
         assert answer(off) == unguarded[i] and off["pyguard"]["coca"] is None
         assert answer(zero) == unguarded[i] and zero["pyguard"]["coca"]["alpha"] == 0
         assert zero["pyguard"]["coca"]["dual_steps"] == zero["usage"]["completion_tokens"]
+
+
+@pytest.mark.parametrize("kw", [{}, {"coca": CoCA()}, {"coca": CoCA(principle_position="before")},
+                                {"casa": casa_random(576, 10, seed=3)}], ids=["plain", "coca", "coca-before", "casa"])
+def test_prompt_cache_reuses_the_shared_prefix_and_answers_the_same(kw):
+    """The KV (and CASA's rows) of the prefix a request shares with the last one in its slot is
+    reused; answers, CASA scores and the report are those of a run without the cache."""
+    runs = {}
+    for cache in (False, True):
+        with GuardedLlama(MODEL, n_ctx=256, parallel=2, cache_prompt=cache, **kw) as g:
+            runs[cache] = [g.create_chat_completion(ask(t), max_tokens=8) for t in TOPICS[:4]]
+            turn2 = [*ask(TOPICS[3]), runs[cache][3]["choices"][0]["message"], {"role": "user", "content": "More?"}]
+            before = g.scheduler.stats["cached_tokens"]
+            runs[cache].append(g.create_chat_completion(turn2, max_tokens=8))
+            cached = g.scheduler.stats["cached_tokens"], g.scheduler.stats["cached_tokens"] - before
+        if not cache:
+            assert cached == (0, 0)
+    n_prompt = runs[True][3]["usage"]["prompt_tokens"]
+    assert cached[0] > 3 * 10 and cached[1] >= n_prompt  # the system prompt each time; the whole first turn
+    assert runs[True][-1]["usage"]["prompt_tokens_details"]["cached_tokens"] == cached[1]
+    for a, b in zip(runs[False], runs[True]):
+        assert answer(b) == answer(a) and tokens(b) == tokens(a)
+        assert a["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        for key in ("casa", "coca"):
+            x, y = a["pyguard"][key], b["pyguard"][key]
+            assert (x is None) == (y is None)
+            if x is not None:
+                assert {k: v for k, v in y.items() if k != "ms"} == pytest.approx({k: v for k, v in x.items() if k != "ms"})
+
+
+def test_kept_kv_is_reused_only_for_its_tokens_its_control_vector_and_captured_rows():
+    k = Kept([1, 2, 3, None, 5], key="dataset", rows=[np.zeros((2, 4), np.float32)], n_rows=2)
+    assert k.reusable([1, 2, 3, 4], "dataset", False) == 3
+    assert k.reusable([1, 2, 3, None, 5], "dataset", False) == 3  # media positions are never matched
+    assert k.reusable([1, 2, 3], None, False) == 0  # computed under another control vector
+    assert k.reusable([1, 2, 3], "dataset", True) == 2  # CASA needs the rows: two were captured
+    assert k.reusable([1, 9], "dataset", False) == 1
+    k.truncate(1)
+    assert k.tokens == [1] and k.n_rows == 1 and np.concatenate(k.rows).shape == (1, 4)
 
 
 def test_cancelled_stream_frees_its_slot_and_the_next_request_runs():

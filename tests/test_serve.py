@@ -83,10 +83,13 @@ def test_openai_client_plain_and_streaming(live):
     finals = [ch for ch in chunks if ch.choices and ch.choices[0].finish_reason]
     assert len(finals) == 1 and finals[0].model_extra["pyguard"]["coca"]["alpha"] == 1.5
     assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    # the same prompt again: its KV comes from the prompt cache
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == r.usage.prompt_tokens - 1
     health = json.loads(live.get("/health"))
     assert health["status"] == "ok"
     metrics = live.get("/metrics")
-    assert "pyguard_requests_total{status=\"200\"}" in metrics and "pyguard_time_to_first_token_seconds" in metrics
+    assert "pyguard_requests_total{status=\"200\"}" in metrics and "pyguard_prompt_cached_tokens_total" in metrics
+    assert "pyguard_time_to_first_token_seconds" in metrics
 
 
 def test_guard_choices_in_the_request_body(live):

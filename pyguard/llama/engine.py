@@ -144,8 +144,10 @@ class Engine:
         copy is made at the start of the next decode)."""
         L.llama_memory_seq_cp(self.mem, src, dst, -1, -1)
 
-    def drop_seq(self, seq: int) -> None:
-        L.llama_memory_seq_rm(self.mem, seq, -1, -1)
+    def drop_seq(self, seq: int, keep: int = 0) -> None:
+        """Remove seq's positions from ``keep`` on (all of them by default)."""
+        if not L.llama_memory_seq_rm(self.mem, seq, keep if keep > 0 else -1, -1):
+            raise RuntimeError(f"llama.cpp could not remove positions {keep}.. of sequence {seq}")
 
     def set_cvec(self, data: np.ndarray | None, il_start: int = 0, il_end: int = 0) -> None:
         """Apply a control vector (float32, n_embd x (n_layer - 1), from layer 1) or clear it."""

@@ -29,14 +29,16 @@ class GuardedLlama:
     parts (soft tokens fed as embeddings). ``n_ctx`` is the context of each sequence (CoCA runs two).
     capture_layer: the decoder layer whose prompt hidden states :meth:`prompt_states` returns
     (CASA's layer when CASA is on), or a list of layers (calibration). ``parallel``: requests
-    decoded side by side, batched (more wait in a queue of ``max_queue``, 0: unbounded). Use as a
-    context manager or call ``close()``.
+    decoded side by side, batched (more wait in a queue of ``max_queue``, 0: unbounded).
+    cache_prompt: a request reuses the KV (and CASA's rows) of the longest token prefix it shares
+    with the last request of a free slot, as llama-server does. Use as a context manager or call
+    ``close()``.
     """
 
     def __init__(self, model_path, mmproj_path=None, n_ctx: int = 2048, n_threads: int | None = None,
                  coca=None, cmrm=None, casa=None, n_batch: int = 512, verbose: bool = False,
                  capture_layer: int | None = None, cascade=None, graft=None, parallel: int = 1,
-                 max_queue: int = 0):
+                 max_queue: int = 0, cache_prompt: bool = True):
         self.model_path = Path(model_path)
         coca, casa = unpack_cascade(cascade, coca, casa)
         self.coca, self.cmrm, self.casa, self.cascade, self.graft = coca, cmrm, casa, cascade, graft
@@ -89,7 +91,7 @@ class GuardedLlama:
             cl = self.capture_layer
             self._layers = () if cl is None else (cl,) if isinstance(cl, int) else tuple(cl)
             self.scheduler = Scheduler(e, self.policy, parallel, per_slot, self._capture, self._layers,
-                                       self.vision, max_queue, finish=self._finished)
+                                       self.vision, max_queue, finish=self._finished, cache_prompt=cache_prompt)
         except BaseException:
             self.close()
             raise
@@ -130,7 +132,7 @@ class GuardedLlama:
         for piece, finish_now, n, report in self.events(job):
             text += piece
             finish = finish_now or finish
-        return responses.completion(job.id, self.name, text, finish, job.n_prompt, n, report)
+        return responses.completion(job.id, self.name, text, finish, job.n_prompt, n, report, job.n_cached)
 
     def submit(self, messages, max_tokens: int | None = 256, temperature: float = 0.0, top_p: float = 1.0,
                seed: int | None = None, stop=None, wake=None, guards: dict | None = None) -> "LlamaJob":
@@ -222,6 +224,9 @@ class GuardedLlama:
             job.key, job.cvec = "dataset", self._cvec
         elif on:
             job.key = object()  # its own vectors: it runs alone
+        if not states and text_only is None:  # what the prompt cache may supply: the leading text tokens
+            job.prefix = tuple(cacheable(segs) for segs in (base, safe) if segs is not None)
+            job.prefix_rows = self.casa is not None and use.casa
         job.plan = self._plan(job)
         return job
 
@@ -269,22 +274,26 @@ class GuardedLlama:
             j.states_out = yield from self._evaluate(j, j.base, s0, 0, True, whole=True)
             return None
         base, safe, cap = j.base, j.safe, self.casa is not None and j.guards.casa
+        hb, hs = (*j.have, 0, 0)[:2]  # positions the prompt cache supplied, base and safe
         k = common_prefix(base, safe) if safe is not None else len(base) - 1  # segments shared
-        pos = yield from self._evaluate(j, base[:k], s0, 0, cap)
+        pos = yield from self._evaluate(j, base[:k], s0, 0, cap, skip=hb)
         tb = base[k]
         ts = safe[k] if safe is not None else None
         if any(isinstance(x, (Image, Soft)) for x in [*base[k:], *(safe or [])[k:]]):
             raise AssertionError("base and safe prompts differ before an image")  # with_principle prevents it
         P = common_prefix(tb, ts) if ts is not None else 0
-        if P:
-            yield [Tokens(s0, tb[:P], pos, capture=cap)]
-        if ts is not None:
-            yield Copy(s0, j.seqs[1])  # the shared prefix, before the base tail goes in
+        shared = pos + P
+        if max(hb, pos) < shared:
+            yield [Tokens(s0, tb[max(hb - pos, 0):P], max(hb, pos), capture=cap)]
+        if ts is not None and hs < shared:
+            yield Copy(s0, j.seqs[1], shared)  # the shared prefix, before the base tail goes in
+            hs = shared
+        b0 = max(hb, shared)  # where each tail starts
         if ts is not None and not cap:
-            rb, rs = yield [Tokens(s0, tb[P:], pos + P, last=True), Tokens(j.seqs[1], ts[P:], pos + P, last=True)]
-            self.policy.start_dual(j, pos + P)
+            rb, rs = yield [Tokens(s0, tb[b0 - pos:], b0, last=True), Tokens(j.seqs[1], ts[hs - pos:], hs, last=True)]
+            self.policy.start_dual(j, shared)
             return (rb, rs), [pos + len(tb), pos + len(ts)]
-        (rb,) = yield [Tokens(s0, tb[P:], pos + P, last=True, capture=cap)]
+        (rb,) = yield [Tokens(s0, tb[b0 - pos:], b0, last=True, capture=cap)]
         if cap:
             H = self._collect(j, pos + len(tb))
             yield Check(H[self.casa.layer])
@@ -294,15 +303,22 @@ class GuardedLlama:
             if ts is not None:
                 yield Drop(j.seqs[1])
             return (rb,), [pos + len(tb)]
-        (rs,) = yield [Tokens(j.seqs[1], ts[P:], pos + P, last=True)]
-        self.policy.start_dual(j, pos + P)
+        (rs,) = yield [Tokens(j.seqs[1], ts[hs - pos:], hs, last=True)]
+        self.policy.start_dual(j, shared)
         return (rb, rs), [pos + len(tb), pos + len(ts)]
 
-    def _evaluate(self, j: "LlamaJob", segs, seq: int, pos: int, capture: bool, whole: bool = False):
-        """Ops evaluating ``segs`` into ``seq`` from ``pos``; returns the next pos, or for a
-        ``whole`` prompt (its last token's logits computed) the captured states."""
+    def _evaluate(self, j: "LlamaJob", segs, seq: int, pos: int, capture: bool, whole: bool = False,
+                  skip: int = 0):
+        """Ops evaluating ``segs`` into ``seq`` from ``pos`` (positions before ``skip``, text, are
+        there already); returns the next pos, or for a ``whole`` prompt (its last token's logits
+        computed) the captured states."""
         for i, seg in enumerate(segs):
-            if isinstance(seg, Image):
+            if isinstance(seg, list) and pos + len(seg) <= skip:
+                pos += len(seg)
+            elif isinstance(seg, list) and pos < skip:
+                yield [Tokens(seq, seg[skip - pos:], skip, capture=capture)]
+                pos += len(seg)
+            elif isinstance(seg, Image):
                 pos = yield ImageChunk(seq, seg, pos, capture)
             elif isinstance(seg, Soft):
                 yield Embd(seq, seg.embd, pos, capture)
@@ -363,6 +379,13 @@ class GuardedLlama:
         return (states, mask) if with_mask else states
 
 
+def cacheable(segments) -> list:
+    """The prompt's leading text tokens the prompt cache may supply (never the last one: its
+    logits are computed)."""
+    head = segments[0] if segments and isinstance(segments[0], list) else []
+    return head[:-1] if len(segments) == 1 else list(head)
+
+
 def n_pos(segments) -> int:
     """Positions a tokenized prompt takes."""
     return sum(s.n_pos if isinstance(s, (Image, Soft)) else len(s) for s in segments)
@@ -381,6 +404,11 @@ class LlamaJob(Job):
     states_out: dict | None = None
     text: TextAssembler = None
     utf8: object = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
+
+    @property
+    def n_cached(self) -> int:
+        """Prompt tokens of the base sequence the prompt cache supplied."""
+        return self.have[0] if self.have else 0
 
     def free(self) -> None:
         for segs in (self.base, self.safe, self.text_only):

@@ -11,6 +11,11 @@ once on a thread of its own. Per-request choices (tokens, CASA's decision, CoCA'
 Sequences: slot i owns sequence ids ``i * per_slot ..`` (base, then CoCA's safe sequence), each
 in a KV stream of its own (``Engine``). llama.cpp regroups a batch of several sequences, so prompt
 chunks whose hidden states are captured (CASA, CMRM's vectors) get a decode of their own.
+
+Prompt cache (as llama-server's ``cache_prompt``): a finished request's KV stays in its slot's
+sequences, with the tokens it holds (and CASA's rows of them). A new request goes to the free slot
+whose base sequence shares the longest token prefix with it; each of its sequences keeps that
+shared prefix (computed under the same control vector) and the plan evaluates only the rest.
 """
 from __future__ import annotations
 
@@ -61,10 +66,12 @@ class ImageChunk:
 
 @dataclass
 class Copy:
-    """Copy sequence ``src`` into ``dst`` as it is now (no compute: a KV copy)."""
+    """Copy sequence ``src`` into ``dst`` as it is now (no compute: a KV copy); ``dst`` keeps the
+    first ``n`` positions (-1: all)."""
 
     src: int
     dst: int
+    n: int = -1
 
 
 @dataclass
@@ -86,6 +93,34 @@ class Check:
     H: np.ndarray
 
 
+@dataclass
+class Kept:
+    """What one sequence's KV holds: ``tokens[p]`` at position p (None: media), computed under
+    the control-vector ``key``; ``rows``: the captured hidden states (a single-layer capture) of
+    positions 0 .. n_rows - 1, as blocks."""
+
+    tokens: list = field(default_factory=list)
+    key: object = None
+    rows: list = field(default_factory=list)
+    n_rows: int = 0
+
+    def reusable(self, prefix: list, key, need_rows: bool) -> int:
+        """Leading positions of ``prefix`` this KV holds."""
+        if key != self.key:
+            return 0
+        n = 0
+        for a, b in zip(self.tokens, prefix):
+            if a is None or a != b:
+                break
+            n += 1
+        return min(n, self.n_rows) if need_rows else n
+
+    def truncate(self, n: int) -> None:
+        del self.tokens[n:]
+        if self.n_rows > n:
+            self.rows, self.n_rows = ([np.concatenate(self.rows)[:n]] if n else []), n
+
+
 class QueueFull(RuntimeError):
     """The scheduler's queue holds ``max_queue`` requests already."""
 
@@ -101,6 +136,9 @@ class Job(Request):
     plan: object = None        # generator of ops; returns (first rows, next positions) or None (job ends)
     key: object = None         # requests run side by side only with the same control-vector key
     cvec: tuple | None = None  # the control vector (Engine.set_cvec arguments) of that key
+    prefix: tuple = ()         # per sequence: the prompt tokens it may take from the cache (none: fresh)
+    prefix_rows: bool = False  # the base prefix's captured rows are needed too (CASA reads them)
+    have: list = field(default_factory=list)  # per sequence: positions taken from the cache
     on_token: object = None    # callable(job, token) -> bool (True: finished); the runtime's text
     slot: int = -1
     seqs: tuple = ()
@@ -128,13 +166,15 @@ class Scheduler:
     scheduler thread when a job ends (free its native memory)."""
 
     def __init__(self, engine, policy: Policy, parallel: int, per_slot: int, capture=None,
-                 capture_layers: tuple = (), vision=None, max_queue: int = 0, finish=None):
+                 capture_layers: tuple = (), vision=None, max_queue: int = 0, finish=None,
+                 cache_prompt: bool = True):
         if not 1 <= parallel * per_slot <= engine.n_seq or parallel * per_slot > engine.n_batch:
             raise ValueError(f"parallel = {parallel} x {per_slot} sequences must be in [1, {engine.n_seq}] "
                              f"and at most n_batch = {engine.n_batch}")
         self.engine, self.policy, self.parallel, self.per_slot = engine, policy, parallel, per_slot
         self.capture, self.capture_layers, self.vision = capture, tuple(capture_layers), vision
-        self.max_queue, self._finish = max_queue, finish
+        self.max_queue, self._finish, self.cache_prompt = max_queue, finish, cache_prompt
+        self.kept = [Kept() for _ in range(parallel * per_slot)]
         self.waiting: deque = deque()
         self.active: list = []
         self._free_slots = list(range(parallel))
@@ -142,7 +182,7 @@ class Scheduler:
         self._ended: list = []
         self._closing = False
         self._key = None  # the control-vector key of the active jobs
-        self.stats = {"steps": 0, "decoded_rows": 0, "casa_calls": 0, "coca_calls": 0}
+        self.stats = {"steps": 0, "decoded_rows": 0, "casa_calls": 0, "coca_calls": 0, "cached_tokens": 0}
         self._thread = threading.Thread(target=self._loop, name="pyguard-scheduler", daemon=True)
         self._thread.start()
 
@@ -222,13 +262,17 @@ class Scheduler:
             if not self.active and j.key != self._key:
                 self._set_cvec(j.cvec)
                 self._key = j.key
-            j.slot = self._free_slots.pop(0)
+            j.slot = max(self._free_slots, key=lambda slot: (self._reusable(j, slot * self.per_slot, 0), -slot))
+            self._free_slots.remove(j.slot)
             j.seqs = tuple(range(j.slot * self.per_slot, (j.slot + 1) * self.per_slot))
-            for s in j.seqs:
-                self.engine.drop_seq(s)
             j.t0 = time.perf_counter()
             j.phase = "prefill"
             self.active.append(j)
+            try:
+                j.have = [self._take_cached(j, s, i) for i, s in enumerate(j.seqs)]
+            except Exception as e:  # noqa: BLE001 - the job fails, the scheduler goes on
+                self._end(j, e)
+                continue
             self._advance(j, None)
 
     def _advance(self, j: Job, value) -> None:
@@ -239,11 +283,18 @@ class Scheduler:
                 value = None
                 if isinstance(op, Copy):
                     self.engine.copy_seq(op.src, op.dst)
+                    src = self.kept[op.src]
+                    self.kept[op.dst] = dst = Kept(list(src.tokens), src.key)
+                    if op.n >= 0:
+                        self.engine.drop_seq(op.dst, keep=op.n)
+                        dst.truncate(op.n)
                 elif isinstance(op, Drop):
-                    self.engine.drop_seq(op.seq)
+                    self._drop(op.seq)
                 elif isinstance(op, Cvec):
                     self._set_cvec(op.data)
                 else:
+                    if isinstance(op, list) and not all(t.tokens for t in op):
+                        raise AssertionError(f"a plan asked to evaluate no tokens: {op}")
                     j.pending = op
                     return
         except StopIteration as stop:
@@ -269,10 +320,12 @@ class Scheduler:
                 if isinstance(op, Embd):
                     e.decode_embd(op.embd, op.pos, op.seq, want_last=False)
                     nxt = None
+                    self._track(op.seq, op.pos, [None] * len(op.embd))
                 else:
                     nxt = self.vision.eval_image(op.image, op.pos, op.seq)
+                    self._track(op.seq, op.pos, [None] * (nxt - op.pos))
                 if cap:
-                    self._take_states(j)
+                    self._take_states(j, op.seq, op.pos)
                 self._advance(j, nxt)
             if isinstance(j.pending, list) and any(op.capture for op in j.pending) and not j.finished:
                 [op] = j.pending  # a capturing op comes alone
@@ -281,7 +334,8 @@ class Scheduler:
                 self._capturing(True)
                 e.decode([(op.tokens[i], op.pos + i, op.seq, last and i == op.done + n - 1)
                           for i in range(op.done, op.done + n)])
-                self._take_states(j)
+                self._track(op.seq, op.pos + op.done, op.tokens[op.done:op.done + n])
+                self._take_states(j, op.seq, op.pos + op.done)
                 op.done += n
                 if op.done == len(op.tokens):
                     self._advance(j, [np.array(e.logits(-1)) if last else None])
@@ -308,6 +362,8 @@ class Scheduler:
             prefilling.append(j)
         if items:
             e.decode(items)
+            for tok, pos, seq, _ in items:
+                self._track(seq, pos, [tok])
             self.stats["steps"] += 1
             self.stats["decoded_rows"] += len(items)
             got: dict = {}  # job -> [(op or None, logit row)], in batch order
@@ -349,7 +405,7 @@ class Scheduler:
         for j, tok, dual in zip(ready, toks, was_dual):
             j.rows = ()
             if dual and not j.dual:  # gated: the safe sequence goes
-                self.engine.drop_seq(j.seqs[1])
+                self._drop(j.seqs[1])
                 j.pos = j.pos[:1]
             if j.on_token(j, tok):
                 self._end(j, None)
@@ -369,17 +425,60 @@ class Scheduler:
         self.capture.enabled = True
         return True
 
-    def _take_states(self, j: Job) -> None:
-        """The rows captured in the last decode(s), all j's, appended to ``j.states``."""
+    def _take_states(self, j: Job, seq: int, pos: int) -> None:
+        """The rows captured in the last decode(s), all j's (sequence ``seq`` from ``pos``),
+        appended to ``j.states`` (and, for a single layer, to what ``seq`` keeps)."""
         cap = self.capture
         cap.enabled = False
         if len(self.capture_layers) == 1:
             got = {self.capture_layers[0]: cap.take()}
+            kept = self.kept[seq]
+            if kept.n_rows == pos:
+                kept.rows.append(got[self.capture_layers[0]])
+                kept.n_rows += len(kept.rows[-1])
         else:
             named = cap.take_all()
             got = {il: named[n] for il, n in zip(self.capture_layers, cap.names)}
         for il, H in got.items():
             j.states.setdefault(il, []).append(H)
+
+    # -- the prompt cache --------------------------------------------------------------------
+    def _reusable(self, j: Job, seq: int, i: int) -> int:
+        """Leading positions of j's i-th prefix that sequence ``seq`` holds already."""
+        if not self.cache_prompt or i >= len(j.prefix) or not j.prefix[i]:
+            return 0
+        rows = i == 0 and j.prefix_rows
+        if rows and len(self.capture_layers) != 1:
+            return 0
+        return self.kept[seq].reusable(j.prefix[i], j.key, rows)
+
+    def _take_cached(self, j: Job, seq: int, i: int) -> int:
+        """Keep what ``seq`` holds of j's i-th prefix, drop the rest; the positions kept."""
+        n = self._reusable(j, seq, i)
+        kept = self.kept[seq]
+        if not n:
+            self._drop(seq)
+            return 0
+        self.engine.drop_seq(seq, keep=n)
+        kept.truncate(n)
+        if i == 0 and j.prefix_rows:
+            j.states = {self.capture_layers[0]: [np.concatenate(kept.rows)[:n]]}
+        if i == 0:
+            self.stats["cached_tokens"] += n  # prompt tokens, as the request's usage counts them
+        return n
+
+    def _track(self, seq: int, pos: int, tokens: list) -> None:
+        """Tokens decoded into ``seq`` from ``pos`` (None: media positions)."""
+        kept = self.kept[seq]
+        if not kept.tokens:
+            kept.key = self._key
+        if len(kept.tokens) != pos:  # not where the sequence ended: trust nothing before pos
+            self.kept[seq] = kept = Kept([None] * pos, kept.key)
+        kept.tokens.extend(tokens)
+
+    def _drop(self, seq: int) -> None:
+        self.engine.drop_seq(seq)
+        self.kept[seq] = Kept()
 
     # -- endings -----------------------------------------------------------------------------
     def _end(self, j: Job, exc: Exception | None) -> None:
@@ -388,8 +487,9 @@ class Scheduler:
         j.finished = True
         if j in self.active:
             self.active.remove(j)
-            for s in j.seqs:
-                self.engine.drop_seq(s)
+            if exc is not None or not self.cache_prompt:  # otherwise the KV stays for the next request
+                for s in j.seqs:
+                    self._drop(s)
             self._free_slots.append(j.slot)
             self._free_slots.sort()
         if j.plan is not None:
