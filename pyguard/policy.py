@@ -215,27 +215,29 @@ class Policy:
     # -- each step -------------------------------------------------------------------------
     def choose(self, reqs: list, rows: list) -> list:
         """The next token of each request. rows[i]: the request's logit rows, (base [1, V],) or,
-        while ``dual``, (base [1, V], safe [1, V]). One ``coca_step`` serves every dual request.
-        Requests whose safe sequence the gate drops have ``dual`` False afterwards."""
+        while ``dual``, (base [1, V], safe [1, V]): numpy, or torch on any device (it stays
+        there; the tokens are read back once). None for a request whose next token is forced.
+        One ``coca_step`` serves every dual request. Requests whose safe sequence the gate drops
+        have ``dual`` False afterwards."""
         toks: list = [None] * len(reqs)
         dual = [i for i, r in enumerate(reqs) if r.dual]
         if dual:
-            base = np.concatenate([rows[i][0] for i in dual])
-            safe = np.concatenate([rows[i][1] for i in dual])
-            cal = np.empty_like(base)
             rs = [reqs[i] for i in dual]
-            alpha = np.array([r.report.coca.alpha for r in rs], np.float32)
-            temp = np.array([r.temperature if r.temperature > 0 else 1.0 for r in rs], np.float32)
-            force = np.array([r.forced[r.step] if r.step < len(r.forced) else -1 for r in rs], np.int64)
-            tok, kl = ops.coca_step(base, safe, alpha, temp, force if (force >= 0).any() else None, cal)
+            base, safe = _cat([rows[i][0] for i in dual]), _cat([rows[i][1] for i in dual])
+            like = lambda values, dtype: _array(values, dtype, base)  # noqa: E731
+            alpha = like([r.report.coca.alpha for r in rs], "float32")
+            temp = like([r.temperature if r.temperature > 0 else 1.0 for r in rs], "float32")
+            forced = [r.forced[r.step] if r.step < len(r.forced) else -1 for r in rs]
+            cal = base.copy() if isinstance(base, np.ndarray) else base.clone()
+            tok, kl = ops.coca_step(base, safe, alpha, temp, like(forced, "int64") if max(forced) >= 0 else None, cal)
             if self.trace is not None:
                 self.trace.append(cal)
+            tok, kl = tok.tolist(), kl.tolist()
             for j, (i, r) in enumerate(zip(dual, rs)):
-                forced = r.step < len(r.forced)
-                toks[i] = int(tok[j]) if r.temperature <= 0 or forced else sample(cal[j], r.top_p, r.rng)
+                toks[i] = tok[j] if r.temperature <= 0 or forced[j] >= 0 else sample(cal[j], r.top_p, r.rng)
                 rep = r.report.coca
                 rep.dual_steps += 1
-                rep.kl_max = max(rep.kl_max, float(kl[j]))
+                rep.kl_max = max(rep.kl_max, kl[j])
                 c = self.coca
                 if (c.gate_kl is not None and r.step + 1 == c.gate_tokens and rep.kl_max < c.gate_kl
                         and r.step + 1 >= len(r.forced)):
@@ -247,9 +249,26 @@ class Policy:
                 toks[i] = r.forced[r.step]
                 continue
             row = rows[i][0][0]
-            toks[i] = int(np.argmax(row)) if r.temperature <= 0 else sample(row / np.float32(r.temperature),
-                                                                            r.top_p, r.rng)
+            toks[i] = int(row.argmax()) if r.temperature <= 0 else sample(row / r.temperature, r.top_p, r.rng)
         for r, t in zip(reqs, toks):
             r.out.append(t)
             r.report.timings.decode_ms_per_token = (time.perf_counter() - r.t_first) * 1e3 / len(r.out)
         return toks
+
+
+def _cat(rows: list):
+    """Rows [1, V] stacked to [n, V], numpy or torch."""
+    if isinstance(rows[0], np.ndarray):
+        return np.concatenate(rows)
+    import torch
+
+    return torch.cat(rows)
+
+
+def _array(values: list, dtype: str, like):
+    """A small per-row vector of the kind (and device) of ``like``."""
+    if isinstance(like, np.ndarray):
+        return np.array(values, dtype)
+    import torch
+
+    return torch.tensor(values, dtype=getattr(torch, dtype), device=like.device)

@@ -56,3 +56,30 @@ def test_alpha_per_request_in_one_coca_step():
     base[0, 1], safe[0, 3] = 5, 5
     assert p.choose(reqs, [(base, safe), (base, safe)]) == [1, 3]
     assert [r.report.coca.alpha for r in reqs] == [0.0, 1.0]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_choose_gives_the_same_tokens_from_numpy_and_torch_rows(temperature):
+    """One policy for both runtimes: the llama.cpp runtime's numpy rows and the PyTorch runtime's
+    torch rows give the same tokens, KL and gate, step by step (CoCA pairs, a forced prefix, a
+    single-sequence request), from the same seed."""
+    torch = pytest.importorskip("torch")
+    V, steps = 301, 6
+    logits = np.random.default_rng(4).standard_normal((steps, 5, V)).astype(np.float32) * 2
+    runs = []
+    for to in (np.asarray, torch.from_numpy):
+        p = Policy(coca=CoCA(alpha=1.5, gate_kl=10.0, gate_tokens=3))
+        reqs = [Request(max_tokens=steps, temperature=temperature, top_p=0.9, rng=np.random.default_rng(s))
+                for s in range(3)]
+        reqs[1].forced = [5, 6]
+        for r in reqs[:2]:
+            p.first_token(r)
+            p.start_dual(r, 2)
+        p.first_token(reqs[2])
+        for t in range(steps):
+            x = [to(logits[t, k:k + 1]) for k in range(5)]
+            p.choose(reqs, [(x[0], x[1]) if reqs[0].dual else (x[0],), (x[2], x[3]) if reqs[1].dual else (x[2],),
+                            (x[4],)])
+        runs.append([(r.out, r.report.coca and (r.report.coca.gated, round(r.report.coca.kl_max, 4))) for r in reqs])
+    assert runs[0] == runs[1]
+    assert runs[0][1][0][:2] == [5, 6] and runs[0][0][1][0]  # the forced prefix; the gate dropped a pair

@@ -34,3 +34,17 @@ def test_nucleus_wider_than_the_partial_sort():
     rng = np.random.default_rng(2)
     draws = {sample(logits, 0.5, rng) for _ in range(3000)}
     assert draws <= kept and len(draws) > 1024
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9, 0.5])
+@pytest.mark.parametrize("V", [7, 4099])
+def test_numpy_and_torch_rows_draw_the_same_tokens_from_the_same_seed(top_p, V):
+    """The llama.cpp runtime samples numpy rows, the PyTorch runtime torch rows: same logits and
+    seed, same tokens (#17: sampler parity between runtimes)."""
+    torch = pytest.importorskip("torch")
+    logits = np.random.default_rng(V).standard_normal((40, V)).astype(np.float32) * 3
+    a, b = np.random.default_rng(7), np.random.default_rng(7)
+    got_np = [sample(row, top_p, a) for row in logits]
+    got_torch = [sample(torch.from_numpy(row), top_p, b) for row in logits]
+    assert got_np == got_torch
+    assert len(set(got_np)) > 3  # draws, not a constant

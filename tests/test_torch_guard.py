@@ -90,9 +90,9 @@ def test_calibrated_logits_equal_two_independent_runs(family):
     enc = chat_batch(tok)
     coca = CoCA(alpha=2.5)
     with guard(model, tok, coca=coca) as g:
-        g._trace = []
+        g.policy.trace = []
         out = g.generate(**enc, max_new_tokens=6, eos_token_id=[])
-        trace = torch.stack(g._trace)  # [steps, requests, V]
+        trace = torch.stack(g.policy.trace)  # [steps, requests, V]
         for b in range(len(PROMPTS)):
             base = enc.input_ids[b][enc.attention_mask[b].bool()].tolist()
             safe = g._spliced(base, b)
@@ -108,12 +108,12 @@ def test_coca_on_llava_image_prompt_equals_naive(tmp_path):
     proc, enc = llava_inputs(tmp_path, model, PROMPTS[:1])
     coca = CoCA(alpha=1.5)
     with guard(model, proc, coca=coca) as g:
-        g._trace = []
+        g.policy.trace = []
         out = g.generate(**enc, max_new_tokens=5, eos_token_id=[])
         base = enc.input_ids[0].tolist()
         toks, cal = naive_coca(model, base, g._spliced(base, 0), coca.alpha, 5, pixel_values=enc.pixel_values)
     assert out[0, -5:].tolist() == toks
-    torch.testing.assert_close(torch.stack(g._trace)[:, 0], cal, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.stack(g.policy.trace)[:, 0], cal, rtol=1e-4, atol=1e-4)
 
 
 def test_chat_completion_builds_the_safe_prompt_from_messages():
@@ -121,14 +121,14 @@ def test_chat_completion_builds_the_safe_prompt_from_messages():
     coca = CoCA(alpha=2.0, principle="Be safe and kind!", principle_position="before")
     msgs = [{"role": "system", "content": "Hello"}, {"role": "user", "content": PROMPTS[0]}]
     with guard(model, tok, coca=coca) as g:
-        g._trace = []
+        g.policy.trace = []
         res = g.create_chat_completion(msgs, max_tokens=5)
         ids = lambda m: tok(tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False),  # noqa: E731
                             add_special_tokens=False).input_ids
         safe = ids([msgs[0], {"role": "user", "content": "Be safe and kind!\n\n" + PROMPTS[0]}])
         toks, cal = naive_coca(model, ids(msgs), safe, 2.0, res["usage"]["completion_tokens"])
     assert res["object"] == "chat.completion" and res["pyguard"]["coca"]["alpha"] == 2.0
-    torch.testing.assert_close(torch.stack(g._trace)[:, 0], cal, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.stack(g.policy.trace)[:, 0], cal, rtol=1e-4, atol=1e-4)
     assert res["choices"][0]["message"]["content"] == tok.decode(toks, skip_special_tokens=True)
 
 

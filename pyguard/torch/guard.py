@@ -11,12 +11,14 @@ import contextlib
 import functools
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from .. import chat, ops, responses
-from ..methods import casa_report, coca_report, describe_model, unpack_cascade
+from .. import chat, responses
+from ..methods import describe_model, unpack_cascade
+from ..policy import Policy, Report, Request, check_sampling
 from ..text import TextAssembler, common_prefix
 from .cmrm import RowSelector, shift_layers
 from .layers import capture, decoder_layers
@@ -32,27 +34,24 @@ def guard(model, processor_or_tokenizer, coca=None, cmrm=None, casa=None, cascad
     return GuardedModel(model, processor_or_tokenizer, coca=coca, cmrm=cmrm, casa=casa, cascade=cascade, graft=graft)
 
 
-@dataclass
-class _Request:
-    """One prompt of a batch: token ids without padding (base, and with the principle: safe)."""
+@dataclass(eq=False)
+class _Request(Request):
+    """One prompt of a batch (the policy's :class:`~pyguard.policy.Request`): token ids without
+    padding (base, and with the principle: safe)."""
 
-    base: list
-    safe: list | None
-    has_image: bool  # images or grafted content: what CMRM shifts
+    base: list = None
+    safe: list | None = None
     soft: torch.Tensor | None = None  # the grafted contents' soft tokens [sum n_i, d], in order
-    out: list = field(default_factory=list)   # generated tokens
-    forced: list = field(default_factory=list)
-    dual: bool = False     # CoCA's safe row still runs
-    refused: bool = False  # CASA refused: the forced refusal is the whole answer
     done: bool = False
-    report: dict = field(default_factory=dict)
 
 
 class GuardedModel:
     """A Hugging Face model with CoCA / CMRM / CASA applied by :meth:`generate` and
     :meth:`create_chat_completion`. ``last_report`` holds the ``pyguard`` report of each request
     of the last call. ``graft``: a ``pyguard.graft.Graft`` for "graft" message parts (its soft
-    tokens go in through ``inputs_embeds``). Use as a context manager or call :meth:`close`."""
+    tokens go in through ``inputs_embeds``). The per-request decisions are ``policy``'s
+    (:class:`pyguard.policy.Policy`, shared with the llama.cpp runtime). Use as a context
+    manager or call :meth:`close`."""
 
     def __init__(self, model, processor_or_tokenizer, coca=None, cmrm=None, casa=None, cascade=None, graft=None):
         coca, casa = unpack_cascade(cascade, coca, casa)
@@ -75,9 +74,15 @@ class GuardedModel:
         self.tokenizer = proc.tokenizer if self.processor is not None else proc
         self.image_token_id = getattr(model.config, "image_token_id", getattr(model.config, "image_token_index", None))
         self.has_vision = getattr(model.config, "vision_config", None) is not None
-        self.last_report: list[dict] = []
+        refusal = self.tokenizer(casa.refusal_text, add_special_tokens=False).input_ids if casa else None
+        self.policy = Policy(coca, cmrm, casa, cascade, refusal)
+        self._last: list = []
         self._lock = threading.Lock()
-        self._trace: list | None = None  # tests: set to a list to collect calibrated logits [n_dual, V] per step
+
+    @property
+    def last_report(self) -> list[dict]:
+        """The ``pyguard`` report of each request of the last call."""
+        return [r.report.to_dict() for r in self._last]
 
     # -- lifecycle -------------------------------------------------------------------------
     def close(self) -> None:
@@ -159,8 +164,8 @@ class GuardedModel:
                 self.tokenizer(text.partition(probe)[2], add_special_tokens=False).input_ids)
 
     def _request(self, base: list, safe: list | None, soft: torch.Tensor | None = None) -> _Request:
-        has_image = (self.image_token_id is not None and self.image_token_id in base) or GRAFT_ID in base
-        return _Request(base, safe, has_image, soft)
+        has_media = (self.image_token_id is not None and self.image_token_id in base) or GRAFT_ID in base
+        return _Request(max_tokens=1, base=base, safe=safe, has_media=has_media, soft=soft)
 
     def _inputs(self, ids: torch.Tensor, soft: list) -> dict:
         """The forward's input for token ids [R, T]: ``input_ids``, or ``inputs_embeds`` [R, T, d]
@@ -195,10 +200,7 @@ class GuardedModel:
         """OpenAI-style chat completion (a dict with a ``pyguard`` report), or an iterator of
         chunks when ``stream``. temperature 0 is greedy."""
         self._check_open()
-        if not isinstance(max_tokens, int) or max_tokens <= 0:
-            raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
-        if not temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+        check_sampling(max_tokens, temperature, top_p)
         prompt, marker = self._flatten(messages)
         soft = self._soft(prompt)
         base, pixel_values = self._encode(prompt, marker, soft)
@@ -207,9 +209,8 @@ class GuardedModel:
             safe, _ = self._encode(chat.with_principle(prompt, self.coca.principle, self.coca.principle_position, marker),
                                    marker, soft, pixels=False)
         req = self._request(base, safe, None if soft is None else torch.cat(soft))
-        gen = None if seed is None else torch.Generator(device=self._device()).manual_seed(seed)
         opts = dict(max_new_tokens=max_tokens, do_sample=temperature > 0, temperature=temperature or 1.0,
-                    top_p=top_p, generator=gen)
+                    top_p=top_p, rng=np.random.default_rng(seed))
         cid, name = responses.new_id(), type(self.model).__name__
         pieces = self._texts(req, pixel_values, opts, [stop] if isinstance(stop, str) else list(stop or []))
         if stream:
@@ -218,7 +219,7 @@ class GuardedModel:
         for piece, finish_now in pieces:
             text += piece
             finish = finish_now or finish
-        return responses.completion(cid, name, text, finish, len(base), len(req.out), req.report)
+        return responses.completion(cid, name, text, finish, len(base), len(req.out), req.report.to_dict())
 
     def _stream(self, cid, name, pieces):
         yield responses.chunk(cid, name, {"role": "assistant", "content": ""})
@@ -317,9 +318,10 @@ class GuardedModel:
         return self.model.get_output_embeddings().weight.device
 
     def _run(self, reqs: list, pixel_values, extra: dict, max_new_tokens=None, do_sample=False, temperature=1.0,
-             top_p=1.0, eos_token_id=None, generator=None):
+             top_p=1.0, eos_token_id=None, generator=None, rng=None):
         """Validates the options; returns an iterator over steps of the new token of each request
-        (None when it has finished)."""
+        (None when it has finished). Sampling draws from ``rng`` (a numpy Generator, as the
+        llama.cpp runtime does), else from one seeded by ``generator`` (a torch.Generator)."""
         if max_new_tokens is None:
             max_new_tokens = getattr(getattr(self.model, "generation_config", None), "max_new_tokens", None) or 20
         if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
@@ -330,47 +332,46 @@ class GuardedModel:
             raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
         if pixel_values is not None and not self.has_vision:
             raise ValueError(f"pixel_values given, but {type(self.model).__name__} takes text only")
-        self.last_report = [r.report for r in reqs]
-        sample = self.cmrm is not None and self.cmrm.mode == "sample"
+        if rng is None:
+            seed = None if generator is None else int(torch.randint(2 ** 62, (1,), generator=generator,
+                                                                    device=generator.device))
+            rng = np.random.default_rng(seed)
+        self._last = reqs
         for r in reqs:
-            on = r.has_image if sample else self.cmrm is not None and (self.cmrm.when == "always" or r.has_image)
-            r.report.update(casa=None, coca=None, timings={},
-                            cmrm={"on": on, "mode": self.cmrm.mode} if self.cmrm is not None else None)
-        return self._decode(reqs, pixel_values, extra, max_new_tokens, (do_sample, temperature, top_p, generator),
-                            self._eos_ids(eos_token_id))
+            r.max_tokens, r.temperature, r.top_p, r.rng = max_new_tokens, temperature if do_sample else 0.0, top_p, rng
+            r.report = Report()
+            self.policy.start(r)
+        return self._decode(reqs, pixel_values, extra, max_new_tokens, self._eos_ids(eos_token_id))
 
     @torch.no_grad()
-    def _decode(self, reqs, pixel_values, extra, max_new_tokens, sampling, eos):
+    def _decode(self, reqs, pixel_values, extra, max_new_tokens, eos):
         with self._lock:  # one request batch at a time: the hooks and the cache belong to it
-            yield from self._decode_locked(reqs, pixel_values, extra, max_new_tokens, sampling, eos)
+            yield from self._decode_locked(reqs, pixel_values, extra, max_new_tokens, eos)
 
-    def _decode_locked(self, reqs, pixel_values, extra, max_new_tokens, sampling, eos):
+    def _decode_locked(self, reqs, pixel_values, extra, max_new_tokens, eos):
         t0 = time.perf_counter()
+        for r in reqs:
+            r.t0 = t0
         dev = self._device()
-        shift = self.cmrm is not None and any(r.report["cmrm"]["on"] for r in reqs)
+        shift = self.cmrm is not None and any(r.report.cmrm.on for r in reqs)
         per_request = self._sample_vectors(reqs, pixel_values) if shift and self.cmrm.mode == "sample" else None
         with shift_layers(self.model, self.cmrm) if shift else contextlib.nullcontext() as select:
             state = _Batch(self, reqs, select, dev, per_request)
             decide = lambda states: self._casa_check(reqs, states, eos)  # noqa: E731
             with capture(self.model, [self.casa.layer]) if self.casa else contextlib.nullcontext() as store:
                 logits = state.prefill(pixel_values, extra, store, decide if store is not None else None)
-            t_first = time.perf_counter()
             for r in reqs:
-                r.report["timings"] = {"prefill_ms": (t_first - t0) * 1e3, "decode_ms_per_token": None}
-            alpha = torch.tensor(self.coca.alpha if self.coca else 0.0, dtype=torch.float32, device=dev)
-            for step in range(max_new_tokens):
-                toks = state.choose(logits, step, alpha, *sampling)
-                for r, t in zip(reqs, toks):
-                    if t is not None:
-                        r.out.append(t)
-                        r.done = (t in eos or len(r.out) == max_new_tokens
-                                  or (r.refused and len(r.out) == len(r.forced)))
+                self.policy.first_token(r)
+            for _ in range(max_new_tokens):
+                live = [i for i, r in enumerate(reqs) if not r.done]
+                toks = [None] * len(reqs)
+                for i, t in zip(live, self.policy.choose([reqs[i] for i in live], [state.logit_rows(i, logits) for i in live])):
+                    r, toks[i] = reqs[i], t
+                    r.done = t in eos or len(r.out) == max_new_tokens or (r.refused and len(r.out) == len(r.forced))
                 yield toks
                 if all(r.done for r in reqs):
                     break
                 logits = state.step(toks)
-                for r in reqs:
-                    r.report["timings"]["decode_ms_per_token"] = (time.perf_counter() - t_first) * 1e3 / (step + 1)
 
     def _sample_vectors(self, reqs, pixel_values) -> torch.Tensor:
         """Sample-level CMRM: [n_requests, n_layer, d], for each request with an image (or grafted
@@ -379,7 +380,7 @@ class GuardedModel:
         layers = list(range(self.n_layer))
         dev = self._device()
         media = GRAFT_ID if pixel_values is None else self.image_token_id
-        counts = [r.base.count(media) if r.has_image else 0 for r in reqs]
+        counts = [r.base.count(media) if r.has_media else 0 for r in reqs]
         per_image = sum(counts) // len(pixel_values) if pixel_values is not None else 1
         out = torch.zeros(len(reqs), self.n_layer, self.n_embd)
         first = 0
@@ -389,7 +390,7 @@ class GuardedModel:
             if pixel_values is not None:
                 pv, first = pixel_values[first:first + n_img], first + n_img
                 pixels = {"pixel_values": pv.to(dev, dtype=self.model.dtype)}
-            if not r.has_image:
+            if not r.has_media:
                 continue
             last = []
             for ids, kw in ((r.base, pixels), ([t for t in r.base if t != media], {})):
@@ -398,25 +399,19 @@ class GuardedModel:
                 last.append(torch.stack([store[il][0, -1] for il in layers]).float().cpu().numpy())
             vec = self.cmrm.for_request(*last).vectors
             out[i] = torch.tensor(vec)
-            r.report["cmrm"]["norm"] = float((vec ** 2).sum() ** 0.5)
+            r.report.cmrm.norm = float((vec ** 2).sum() ** 0.5)
         return out
 
     def _casa_check(self, reqs, states: list, eos: list) -> None:
-        """Score each prompt's layer-L hidden states; record decisions; refused requests end here."""
+        """Score each prompt's layer-L hidden states; the policy decides; refused requests end
+        with their forced refusal (and end of sequence: token ids are this API's answer)."""
         t0 = time.perf_counter()
         scores = self.casa.score([h.float() for h in states])
-        ms = (time.perf_counter() - t0) * 1e3
-        refusal = self.tokenizer(self.casa.refusal_text, add_special_tokens=False).input_ids
-        for r, s in zip(reqs, scores.tolist()):
-            r.report["casa"] = rep = casa_report(self.casa, self.cascade, s, ms)
-            if self.cascade is not None:
-                r.report["cascade"] = self.cascade.report(s)
-                r.dual = r.report["cascade"]["branch"] == "coca"
-            if rep["unsafe"]:
-                r.forced = list(refusal)
-                if rep["action"] == "refuse":  # the refusal is the answer: no more forwards for it
-                    r.forced += eos[:1]
-                    r.refused, r.dual = True, False
+        self.policy.decide(reqs, scores, (time.perf_counter() - t0) * 1e3)
+        for r in reqs:
+            if r.refused:  # the refusal is the answer: no more forwards for it
+                r.forced += eos[:1]
+                r.dual = False
 
 
 class _Batch:
@@ -431,7 +426,7 @@ class _Batch:
 
     def _forward(self, ids, mask, pos, **kw):
         if self.select is not None:
-            self.select.rows = torch.tensor([self.reqs[i].report["cmrm"]["on"] for i, _ in self.rows], device=self.dev)
+            self.select.rows = torch.tensor([self.reqs[i].report.cmrm.on for i, _ in self.rows], device=self.dev)
             if self.per_request is not None:
                 self.select.per_row = self.per_request[[i for i, _ in self.rows]]
         few_rows = self.dev.type == "cpu" and 2 <= ids.numel() <= MAX_ROWS
@@ -480,8 +475,6 @@ class _Batch:
         if tails and g.cascade is not None:
             return self._cascade_tails(cut, states, store, decide)
         if tails:
-            for r in reqs:
-                r.dual = True
             self.cache.batch_repeat_interleave(2)
             self.mask = self.mask.repeat_interleave(2, dim=0)
             self.rows = [(i, k) for i in range(len(reqs)) for k in (0, 1)]
@@ -493,7 +486,7 @@ class _Batch:
                 tail_h = store[g.casa.layer]
                 states = [torch.cat([s, tail_h[2 * i][tmask[2 * i].bool()]]) for i, s in enumerate(states)]
             for r, k in zip(reqs, cut):
-                r.report["coca"] = coca_report(g.coca, k)
+                g.policy.start_dual(r, k)
         if decide is not None:
             decide(states)
         return logits
@@ -509,7 +502,7 @@ class _Batch:
         self.pos = pos[:, -1]
         tail_h = store[g.casa.layer]
         decide([torch.cat([s, tail_h[i][tmask[i].bool()]]) for i, s in enumerate(states)])
-        fork = [i for i, r in enumerate(reqs) if r.dual]
+        fork = [i for i, r in enumerate(reqs) if g.policy.wants_safe(r)]
         if not fork:
             return base_logits
         self.cache.batch_select_indices(torch.tensor(list(range(B)) + fork, dtype=torch.long, device=self.dev))
@@ -523,45 +516,20 @@ class _Batch:
         logits[:B] = base_logits
         self.pos = torch.cat([self.pos, pos[B:, -1]])
         for i in fork:
-            reqs[i].report["coca"] = coca_report(g.coca, cut[i])
+            g.policy.start_dual(reqs[i], cut[i])
         return logits
 
-    def choose(self, logits, step: int, alpha, do_sample, temperature, top_p, generator) -> list:
-        """The next token of every request (None for finished ones) from the rows' logits [R, V]."""
-        g, coca = self.g, self.g.coca
-        toks: list = [None] * len(self.reqs)
+    def logit_rows(self, i: int, logits) -> tuple:
+        """Request i's logit rows for the policy: (base [1, V],) or (base, safe) while dual;
+        (None,) when its rows were dropped (a refusal's forced tokens)."""
         where = {row: j for j, row in enumerate(self.rows)}
-        dual = [i for i, r in enumerate(self.reqs) if not r.done and r.dual]
-        if dual:
-            base = logits[[where[(i, 0)] for i in dual]]
-            safe = logits[[where[(i, 1)] for i in dual]]
-            force = torch.tensor([self.reqs[i].forced[step] if step < len(self.reqs[i].forced) else -1 for i in dual],
-                                 device=self.dev)
-            temp = torch.full((len(dual),), float(temperature) if do_sample else 1.0, device=self.dev)
-            tok, kl = ops.coca_step(base, safe, alpha.expand(len(dual)).contiguous(), temp, force, out=base)
-            if g._trace is not None:
-                g._trace.append(base.clone())
-            if do_sample:
-                sampled = _sample(base, top_p, generator)
-                tok = torch.where(force >= 0, force, sampled)
-            for j, i in enumerate(dual):
-                r = self.reqs[i]
-                toks[i] = int(tok[j])
-                rep = r.report["coca"]
-                rep["dual_steps"] += 1
-                rep["kl_max"] = max(rep["kl_max"], float(kl[j]))
-                if (coca.gate_kl is not None and step + 1 == coca.gate_tokens and rep["kl_max"] < coca.gate_kl
-                        and step + 1 >= len(r.forced)):
-                    r.dual, rep["gated"] = False, True
-        for i, r in enumerate(self.reqs):
-            if r.done or toks[i] is not None or i in dual:
-                continue
-            if step < len(r.forced):
-                toks[i] = r.forced[step]
-            elif (i, 0) in where:
-                row = logits[where[(i, 0)]][None]
-                toks[i] = int(_sample(row / temperature, top_p, generator)[0] if do_sample else row.argmax(-1)[0])
-        return toks
+        if (i, 0) not in where:
+            return (None,)
+        j = where[(i, 0)]
+        if not self.reqs[i].dual:
+            return (logits[j:j + 1],)
+        k = where[(i, 1)]
+        return logits[j:j + 1], logits[k:k + 1]
 
     def step(self, toks: list):
         """Drop the rows of finished (or gated) requests; run one forward of the new tokens."""
@@ -578,13 +546,3 @@ class _Batch:
         self.mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=self.mask.dtype, device=self.dev)], 1)
         self.pos = self.pos + 1
         return self._forward(ids, self.mask, self.pos[:, None])
-
-
-def _sample(logits: torch.Tensor, top_p: float, generator) -> torch.Tensor:
-    """Tokens [R] drawn from softmax(logits [R, V]) within the top-p nucleus."""
-    probs = torch.softmax(logits.float(), dim=-1)
-    if top_p < 1.0:
-        sorted_p, idx = probs.sort(dim=-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p >= top_p  # keeps the smallest set reaching top_p
-        probs = probs.scatter(-1, idx, sorted_p.masked_fill(drop, 0.0))
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
