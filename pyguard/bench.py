@@ -22,8 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from . import models
-from .calibrate import locate
-from .llama import GuardedLlama
+from .runtime import Runtime, locate
 from .llama.engine import Engine, model_shape
 from .llama.reference import naive_coca
 from .methods import CASA, CMRM, CoCA
@@ -63,7 +62,7 @@ class Naive:
     """Naive CoCA behind the same call as GuardedLlama (greedy, C++ op)."""
 
     def __init__(self, path, n_ctx):
-        self.tok = GuardedLlama(path, n_ctx=n_ctx, coca=CoCA(alpha=1.5))  # tokenization only
+        self.tok = Runtime(path, n_ctx=n_ctx).open(coca=CoCA(alpha=1.5))  # tokenization only
         self.engine = Engine(path, n_ctx=n_ctx, n_seq=2)
 
     def create_chat_completion(self, messages, max_tokens):
@@ -77,7 +76,7 @@ class Naive:
 
 
 def make(name, spec, path, n_ctx):
-    return Naive(path, n_ctx) if spec == "naive" else GuardedLlama(path, n_ctx=n_ctx, **spec)
+    return Naive(path, n_ctx) if spec == "naive" else Runtime(path, n_ctx=n_ctx).open(**spec)
 
 
 def timed(g, prompt: str, tokens: int):

@@ -208,11 +208,12 @@ def _methods(spec: str, one: bool = False) -> list[str]:
 
 
 def _chat(a) -> int:
-    from . import chat_cli, evaluate
+    from . import chat_cli
+    from .runtime import Runtime
 
     d = _defences(a)
     [method] = _methods(a.method or d.best(), one=True)
-    g = evaluate.Runtime(a.model, a.mmproj, a.n_ctx, _graft(a)).open(**d.for_method(method))
+    g = Runtime(a.model, a.mmproj, a.n_ctx, _graft(a)).open(**d.for_method(method))
     try:
         return chat_cli.run(g, a.max_tokens, a.system)
     finally:
@@ -220,11 +221,11 @@ def _chat(a) -> int:
 
 
 def _serve(a) -> int:
-    from . import evaluate
+    from .runtime import Runtime
 
     d = _defences(a)
     [method] = _methods(a.method or d.best(), one=True)
-    rt = evaluate.Runtime(a.model, a.mmproj, a.n_ctx, _graft(a))
+    rt = Runtime(a.model, a.mmproj, a.n_ctx, _graft(a))
     if rt.kind != "gguf":
         raise UsageError(f"pyguard serve runs GGUF models (llama.cpp); {a.model!r} is a Hugging Face folder")
     for flag in ("parallel", "port"):

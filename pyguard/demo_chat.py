@@ -28,7 +28,7 @@ def _answer(g, prompt: str, max_tokens: int) -> tuple[str, dict, float]:
 
 
 def run(model: str = models.DEFAULT_MODEL, max_tokens: int = 48, alpha: float = 1.5, width: int = 100) -> int:
-    from .llama import GuardedLlama
+    from .runtime import Runtime
 
     path = models.model_path(model)
     if not path.exists():
@@ -45,7 +45,8 @@ def run(model: str = models.DEFAULT_MODEL, max_tokens: int = 48, alpha: float = 
     print(f"model: {path.name}; guard: {what}\n")
     tokens = {"unguarded": 0, "guarded": 0}
     seconds = {"unguarded": 0.0, "guarded": 0.0}
-    with GuardedLlama(path, n_ctx=1024) as plain, GuardedLlama(path, n_ctx=1024, **guard_kw) as guard:
+    rt = Runtime(path, n_ctx=1024)
+    with rt.open() as plain, rt.open(**guard_kw) as guard:
         for kind, prompt in PROMPTS:
             print(f"[{kind}] {textwrap.shorten(prompt, width)}")
             for name, g in (("unguarded", plain), ("guarded", guard)):

@@ -17,7 +17,6 @@ decoded tokens over decode time, summed over items that decoded at least two tok
 from __future__ import annotations
 
 import csv
-import functools
 import json
 import math
 import os
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from . import datasets, judges
 from .methods import CASA, CMRM, Cascade, CoCA
+from .runtime import Runtime
 
 PARTS = ("coca", "cmrm", "casa", "cascade")
 ALIASES = {"none": (), "all": ("coca", "cmrm", "casa")}
@@ -92,56 +92,6 @@ class Defences:
 
 
 # ----------------------------------------------------------------------------------- models
-class Runtime:
-    """Opens a guarded model per method: GuardedLlama for a .gguf (or default model name), the
-    PyTorch GuardedModel for a Hugging Face folder (weights loaded once)."""
-
-    def __init__(self, model, mmproj=None, n_ctx: int = 4096, graft=None):
-        from .calibrate import locate
-
-        self.kind, self.path = locate(model)
-        self.mmproj, self.n_ctx = mmproj, n_ctx
-        if mmproj is not None and self.kind != "gguf":
-            raise ValueError("--mmproj goes with a .gguf model; a Hugging Face folder brings its own vision tower")
-        if graft is not None:
-            from .graft import Graft
-
-            graft = Graft.of(graft)
-        self.graft = graft  # a pyguard.graft.Graft for "graft" items, loaded once
-        self._hf = None
-
-    @functools.cached_property
-    def shape(self) -> tuple[int, int]:
-        """(n_layer, n_embd) of the model."""
-        if self.kind == "gguf":
-            from .llama.engine import model_shape
-
-            return model_shape(self.path)
-        import transformers
-
-        cfg = transformers.AutoConfig.from_pretrained(self.path).get_text_config()
-        return cfg.num_hidden_layers, cfg.hidden_size
-
-    def open(self, parallel: int = 1, max_queue: int = 0, **methods):
-        """A guarded model with ``methods`` (coca=, cmrm=, casa=); cmrm="sample" is sized here.
-        ``parallel`` requests batched (a .gguf model only), ``max_queue`` waiting at most."""
-        if isinstance(methods.get("cmrm"), str):
-            methods["cmrm"] = CMRM.sample(*self.shape)
-        if self.kind == "gguf":
-            from .llama import GuardedLlama
-
-            return GuardedLlama(self.path, mmproj_path=self.mmproj, n_ctx=self.n_ctx, graft=self.graft,
-                                parallel=parallel, max_queue=max_queue, **methods)
-        if parallel != 1 or max_queue:
-            raise ValueError("parallel requests are batched on the llama.cpp runtime: serve a .gguf model")
-        from .calibrate import hf_model
-        from .torch import guard
-
-        if self._hf is None:
-            self._hf = hf_model(self.path)
-        return guard(*self._hf, graft=self.graft, **methods)
-
-
 def messages(item: dict) -> list[dict]:
     """The item as one OpenAI-style user message (image or grafted content first, then the text
     on a new line for grafted content, as the projector was trained)."""

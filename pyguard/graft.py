@@ -408,13 +408,13 @@ def distill_answers(model, requests: list[str], out, max_tokens: int = 64, progr
 
     from tqdm.auto import tqdm
 
-    from .llama.guarded import GuardedLlama
+    from .runtime import Runtime
 
     out = Path(out)
     done = {r["content"]: r for r in (datasets.read_jsonl(out, required=("content",)) if out.exists() else [])}
     todo = [r for r in dict.fromkeys(requests) if r not in done]
     if todo:
-        with GuardedLlama(model, n_ctx=512) as llm:
+        with Runtime(model, n_ctx=512).open() as llm:
             for req in tqdm(todo, desc="answers", unit="request", disable=not progress):
                 r = llm.create_chat_completion([{"role": "user", "content": text_prompt(req, ANSWER)}],
                                                max_tokens=max_tokens)

@@ -89,13 +89,12 @@ class ModelJudge:
     ``max_chars`` (``clip``)."""
 
     def __init__(self, model_path, n_ctx: int = 2048, max_chars: int = 1000):
-        from .calibrate import locate
-        from .llama import GuardedLlama
+        from .runtime import Runtime
 
-        kind, path = locate(model_path)
-        if kind != "gguf":
+        rt = Runtime(model_path, n_ctx=n_ctx)
+        if rt.kind != "gguf":
             raise ValueError(f"the judge model must be a GGUF file or a default model name, got {model_path}")
-        self.llm = GuardedLlama(path, n_ctx=n_ctx)
+        self.llm = rt.open()
         self.max_chars = max_chars
 
     def __call__(self, response: str) -> bool | None:

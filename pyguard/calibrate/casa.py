@@ -18,7 +18,8 @@ import numpy as np
 
 from ..datasets import FIT_JAILBREAKS
 from ..methods import CASA, check_fits
-from . import NpyCache, hf_guard, locate, model_key
+from ..runtime import Runtime, model_key
+from . import NpyCache
 
 
 # ----------------------------------------------------------------------------- hidden states
@@ -311,16 +312,9 @@ def states_function(model: str, layer: int, n_ctx: int = 4096, graft=None, mmpro
     """(``messages -> [T, d]``, cache key, model_hint, closer) for a default model name or GGUF path (llama.cpp)
     or a Hugging Face folder (PyTorch); ``graft`` (a ``pyguard.graft.Graft``) reads grafted
     content, ``mmproj`` (GGUF only) images."""
-    kind, path = locate(model)
-    if kind == "gguf":
-        from ..llama import GuardedLlama
-
-        g = GuardedLlama(path, mmproj_path=mmproj, n_ctx=n_ctx, capture_layer=layer, graft=graft)
-        return g.prompt_states, model_key(kind, path), g.model_hint, g.close
-    if mmproj is not None:
-        raise ValueError("--mmproj is for a GGUF model; a Hugging Face folder reads images with its own processor")
-    g = hf_guard(path, graft=graft)
-    return (lambda m: g.prompt_states(m, layer)), model_key(kind, path), g.model_hint, g.close
+    rt = Runtime(model, mmproj, n_ctx, graft)
+    fn, hint, close = rt.states([layer])
+    return (lambda m: fn(m)[0][layer]), rt.key, hint, close
 
 
 def hidden_states(model: str, layer: int, items: list, cache=None, progress: bool = True,

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from ..methods import CMRM
-from . import NpyCache, hf_guard, locate, model_key
+from ..runtime import Runtime
+from . import NpyCache
 
 COUNTERPARTS = ("remove", "blank", "noise", "inline")
 POSITIONS = ("last", "mean")
@@ -148,27 +149,12 @@ def states_function(model: str, mmproj=None, n_ctx: int = 4096, graft=None):
     """(``messages -> ({layer: [T, d]}, mask)``, n_layer, cache key, model_hint, closer) for a GGUF (+ mmproj,
     llama.cpp) or a Hugging Face folder (PyTorch; LLaVA with its processor); ``graft``: a projector
     file or a ``Graft``, for grafted anchors."""
-    kind, path = locate(model)
-    tag = ""
-    if graft is not None:
-        from ..graft import Graft
-
-        graft = Graft.of(graft)
-        tag = f"-graft-{graft.fingerprint()}"
-    if kind == "gguf":
-        from ..llama import GuardedLlama
-        from ..llama.engine import model_shape
-
-        n_layer = model_shape(path)[0]
-        g = GuardedLlama(path, mmproj_path=mmproj, n_ctx=n_ctx, capture_layer=list(range(n_layer)), graft=graft)
-        key = f"{model_key(kind, path)}-{Path(mmproj).name if mmproj else 'text'}{tag}"
-        return (lambda m: g.prompt_states(m, with_mask=True)), n_layer, key, g.model_hint, g.close
-    g = hf_guard(path, graft=graft)
-
-    def fn(m):
-        states, mask = g.prompt_states(m, list(range(g.n_layer)), with_mask=True)
-        return {il: h.float().cpu().numpy() for il, h in states.items()}, mask.numpy()
-    return fn, g.n_layer, model_key(kind, path) + tag, g.model_hint, g.close
+    rt = Runtime(model, mmproj, n_ctx, graft)
+    tag = "" if rt.graft is None else f"-graft-{rt.graft.fingerprint()}"
+    key = rt.key + (f"-{Path(mmproj).name if mmproj else 'text'}" if rt.kind == "gguf" else "") + tag
+    n_layer = rt.shape[0]
+    fn, hint, close = rt.states(list(range(n_layer)))
+    return fn, n_layer, key, hint, close
 
 
 def graft_anchors(n: int = 64, seed: int = 0) -> list[dict]:
