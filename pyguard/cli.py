@@ -231,15 +231,13 @@ def _serve(a) -> int:
     for flag in ("parallel", "port"):
         if getattr(a, flag) < (0 if flag == "port" else 1):
             raise UsageError(f"--{flag} must be {'>= 0' if flag == 'port' else '>= 1'}, got {getattr(a, flag)}")
-    import uvicorn
-
     from . import server
 
     g = rt.open(parallel=a.parallel, max_queue=a.max_queue, **d.for_method(method))
     app = server.create_app(g, a.name, a.api_key or None)
     print(f"pyguard serve: {g.name} with {method}, {a.parallel} parallel, on http://{a.host}:{a.port}/v1",
           file=sys.stderr, flush=True)
-    uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level, timeout_graceful_shutdown=a.grace)
+    server.serve(app, a.host, a.port, a.log_level, a.grace)
     return 0
 
 

@@ -100,6 +100,7 @@ class Request:
     rng: Any = None  # numpy Generator (sampling); None when greedy
     has_media: bool = False  # images or grafted content: what CMRM shifts
     guards: Guards = ALL
+    suppress: tuple = ()   # token ids never chosen (e.g. end of generation, for ignore_eos)
     report: Report = field(default_factory=Report)
     out: list = field(default_factory=list)     # chosen tokens
     forced: list = field(default_factory=list)  # tokens forced at the first steps (CASA "prefix")
@@ -224,6 +225,9 @@ class Policy:
         if dual:
             rs = [reqs[i] for i in dual]
             base, safe = _cat([rows[i][0] for i in dual]), _cat([rows[i][1] for i in dual])
+            for j, r in enumerate(rs):
+                if r.suppress:
+                    base[j, list(r.suppress)] = safe[j, list(r.suppress)] = NEVER
             like = lambda values, dtype: _array(values, dtype, base)  # noqa: E731
             alpha = like([r.report.coca.alpha for r in rs], "float32")
             temp = like([r.temperature if r.temperature > 0 else 1.0 for r in rs], "float32")
@@ -249,11 +253,17 @@ class Policy:
                 toks[i] = r.forced[r.step]
                 continue
             row = rows[i][0][0]
+            if r.suppress:
+                row = row.copy() if isinstance(row, np.ndarray) else row.clone()
+                row[list(r.suppress)] = NEVER
             toks[i] = int(row.argmax()) if r.temperature <= 0 else sample(row / r.temperature, r.top_p, r.rng)
         for r, t in zip(reqs, toks):
             r.out.append(t)
             r.report.timings.decode_ms_per_token = (time.perf_counter() - r.t_first) * 1e3 / len(r.out)
         return toks
+
+
+NEVER = -1e30  # a suppressed token's logit: finite, so CoCA's difference of two rows stays 0
 
 
 def _cat(rows: list):

@@ -11,8 +11,10 @@ Needs ``pip install 'pyguard[server]'`` (FastAPI, uvicorn, sse-starlette, promet
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import queue
+import signal
 import time
 from typing import Any, Literal, Optional, Union
 
@@ -51,6 +53,7 @@ class ChatRequest(BaseModel):
     n: Literal[1] = 1
     user: Optional[str] = None
     pyguard: Optional[dict[str, Any]] = None  # this request's methods, e.g. {"coca": false} (Policy.guards)
+    ignore_eos: bool = False  # as vLLM and llama-server: run to max_tokens (load generators send it)
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
@@ -137,7 +140,7 @@ def create_app(g, model_name: str | None = None, api_key: str | None = None, ret
         try:
             job = await run_in_threadpool(g.submit, body.messages, max_tokens, body.temperature, body.top_p,
                                           body.seed, body.stop, lambda: loop.call_soon_threadsafe(wake.set),
-                                          guards=body.pyguard)
+                                          guards=body.pyguard, ignore_eos=body.ignore_eos)
         except QueueFull as e:
             m.requests.labels("429").inc()
             return _error(429, f"the server is busy: {e}; retry later", "rate_limit_error",
@@ -169,6 +172,25 @@ def create_app(g, model_name: str | None = None, api_key: str | None = None, ret
         return responses.completion(job.id, name, text, finish, job.n_prompt, n, report, job.n_cached)
 
     return app
+
+
+def serve(app, host: str, port: int, log_level: str = "warning", grace: float = 30) -> None:
+    """Run ``app`` under uvicorn until Ctrl-C / SIGTERM: stop accepting, let requests in flight
+    finish (``grace`` seconds), return (the process then exits 0; uvicorn alone re-raises the
+    signal, which a supervisor reads as a crash)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            old = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, h in old.items():
+                    signal.signal(s, h)
+
+    Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace)).run()
 
 
 async def _events(job, wake: asyncio.Event, m: _Metrics, t0: float):

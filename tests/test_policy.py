@@ -83,3 +83,15 @@ def test_choose_gives_the_same_tokens_from_numpy_and_torch_rows(temperature):
         runs.append([(r.out, r.report.coca and (r.report.coca.gated, round(r.report.coca.kl_max, 4))) for r in reqs])
     assert runs[0] == runs[1]
     assert runs[0][1][0][:2] == [5, 6] and runs[0][0][1][0]  # the forced prefix; the gate dropped a pair
+
+
+def test_suppressed_tokens_are_never_chosen_single_or_dual():
+    p = Policy(coca=CoCA(alpha=1.5))
+    reqs = [Request(max_tokens=4, suppress=(1,)), Request(max_tokens=4, suppress=(1,))]
+    for r in reqs:
+        p.first_token(r)
+    p.start_dual(reqs[0], 2)
+    base = np.zeros((1, 5), np.float32)
+    base[0, 1], base[0, 2] = 9, 1
+    assert p.choose(reqs, [(base, base.copy()), (base,)]) == [2, 2]
+    assert base[0, 1] == 9  # the caller's rows are left as they were

@@ -102,6 +102,17 @@ def test_guard_choices_in_the_request_body(live):
         c.chat.completions.create(model="smol", messages=MSGS, max_tokens=4, extra_body={"pyguard": {"casa": True}})
 
 
+def test_ignore_eos_runs_to_max_tokens(live):
+    """As vLLM and llama-server: load generators (guidellm) send ignore_eos for fixed lengths."""
+    short = [{"role": "user", "content": "Say hi."}]
+    c = live.client()
+    r = c.chat.completions.create(model="smol", messages=short, max_tokens=60, temperature=0)
+    assert r.usage.completion_tokens < 60 and r.choices[0].finish_reason == "stop"
+    r = c.chat.completions.create(model="smol", messages=short, max_tokens=60, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 60 and r.choices[0].finish_reason == "length"
+
+
 def test_concurrent_clients_get_their_lone_answers(live):
     c = live.client()
     prompts = [[{"role": "user", "content": f"Say something about {t}."}] for t in ("cats", "rain", "chess", "gold",
@@ -180,3 +191,43 @@ def test_full_queue_gets_429_and_shutdown_finishes_accepted_requests():
         s.stop()
     t.join()
     assert late and late[0][0] == 200 and late[0][1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_sigterm_finishes_the_request_in_flight_and_exits_0(tmp_path):
+    """The real CLI process: SIGTERM while a request runs; it is answered, the exit code is 0."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "pyguard.cli", "serve", "--model", str(MODEL), "--method", "none",
+                             "--parallel", "1", "--n-ctx", "256", "--port", str(port)], stdout=log, stderr=log)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+                time.sleep(0.2)
+        out = []
+        body = json.dumps({"messages": MSGS, "max_tokens": 40, "ignore_eos": True}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        t = threading.Thread(target=lambda: out.append(json.loads(urllib.request.urlopen(req).read())))
+        t.start()
+        while not out and b"pyguard_active_requests 1.0" not in urllib.request.urlopen(
+                f"http://127.0.0.1:{port}/metrics").read():
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        t.join(60)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert out and out[0]["usage"]["completion_tokens"] == 40

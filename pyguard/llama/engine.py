@@ -4,6 +4,7 @@ No torch."""
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 from pathlib import Path
 
@@ -78,6 +79,11 @@ class Engine:
 
     def is_eog(self, token: int) -> bool:
         return bool(L.llama_vocab_is_eog(self.model.vocab, token))
+
+    @functools.cached_property
+    def eog_tokens(self) -> tuple:
+        """Every end-of-generation token id of the vocabulary."""
+        return tuple(t for t in range(self.n_vocab) if L.llama_vocab_is_eog(self.model.vocab, t))
 
     def token_text(self, token: int) -> str:
         return self.model.token_get_text(token) if token >= 0 else ""

@@ -119,13 +119,14 @@ class GuardedLlama:
     # -- API -------------------------------------------------------------------------------
     def create_chat_completion(self, messages, max_tokens: int = 256, temperature: float = 0.0,
                                top_p: float = 1.0, seed: int | None = None, stop=None, stream: bool = False,
-                               guards: dict | None = None):
+                               guards: dict | None = None, ignore_eos: bool = False):
         """OpenAI-style chat completion (a dict), or an iterator of chunks when ``stream``.
         temperature 0 is greedy; otherwise temperature / top-p sampling, reproducible by seed.
         guards: this request's choice of the loaded methods (:meth:`pyguard.policy.Policy.guards`),
-        e.g. ``{"coca": False}``. Requests from several threads run side by side (up to
-        ``parallel``), batched."""
-        job = self.submit(messages, max_tokens, temperature, top_p, seed, stop, guards=guards)
+        e.g. ``{"coca": False}``. ``ignore_eos``: never choose an end-of-generation token (the
+        answer runs to ``max_tokens``, as load generators ask). Requests from several threads run
+        side by side (up to ``parallel``), batched."""
+        job = self.submit(messages, max_tokens, temperature, top_p, seed, stop, guards=guards, ignore_eos=ignore_eos)
         if stream:
             return self._stream(job)
         text, finish, n, report = "", "length", 0, None
@@ -135,13 +136,16 @@ class GuardedLlama:
         return responses.completion(job.id, self.name, text, finish, job.n_prompt, n, report, job.n_cached)
 
     def submit(self, messages, max_tokens: int | None = 256, temperature: float = 0.0, top_p: float = 1.0,
-               seed: int | None = None, stop=None, wake=None, guards: dict | None = None) -> "LlamaJob":
+               seed: int | None = None, stop=None, wake=None, guards: dict | None = None,
+               ignore_eos: bool = False) -> "LlamaJob":
         """Queue a request (``max_tokens`` None: up to the context); read its text with
         :meth:`events`; ``wake()`` is called (on the scheduler's thread) whenever new events are
         there. Raises ValueError for a bad request, ``scheduler.QueueFull`` when ``max_queue``
         requests wait already."""
         job = self._request(messages, max_tokens, temperature, top_p, seed, stop, guards=guards)
         job.wake = wake
+        if ignore_eos:
+            job.suppress = self.engine.eog_tokens
         return self._enqueue(job)
 
     def _enqueue(self, job: "LlamaJob") -> "LlamaJob":
