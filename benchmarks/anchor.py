@@ -1,6 +1,6 @@
 """pyguard serve beside its anchor, llama.cpp's own llama-server (same vendored llama.cpp, same
 model, same prompts, same --parallel, one KV stream per slot in both), driven by guidellm at fixed
-concurrency. Configurations: llama-server; pyguard unguarded; the cascade on benign traffic; the
+concurrency, greedy. Configurations: llama-server; pyguard unguarded; the cascade on benign traffic; the
 cascade on a mixed harmful/benign stream; CoCA on every request. Then a soak: the cascade at
 twice its capacity (parallel + queue) for ``--soak`` seconds; every request must be answered or
 refused with 429, and the server's memory stay flat. Writes anchor.json, anchor.md, anchor.png.
@@ -97,7 +97,8 @@ def guidellm(port: int, data: Path, tokenizer: Path, streams: int, out: Path, re
              seconds: int = 0) -> dict:
     """One guidellm run at ``streams`` concurrent requests; its benchmark's JSON."""
     limit = {"kind": "max_requests", "count": requests} if requests else {"kind": "max_duration", "seconds": seconds}
-    scenario = {"spec": {"backend": {"kind": "openai_http", "target": f"http://127.0.0.1:{port}"},
+    scenario = {"spec": {"backend": {"kind": "openai_http", "target": f"http://127.0.0.1:{port}",
+                                     "extras": {"body": {"temperature": 0}}},  # greedy on both servers
                          "profile": {"kind": "concurrent", "streams": streams},
                          "tokenizer": {"kind": "hf_auto", "model": str(tokenizer)},
                          "data": [{"kind": "json_file", "path": str(data)}],

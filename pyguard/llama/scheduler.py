@@ -361,6 +361,11 @@ class Scheduler:
                 budget -= n
             prefilling.append(j)
         if items:
+            # by sequence id: llama.cpp cuts a batch of several KV streams into one ubatch per run
+            # of consecutive ids in batch order (8 sequences of Qwen2.5-0.5B on 2 cores: 149 ms a
+            # step in order, 203 ms reversed, 226 ms interleaved)
+            order = sorted(range(len(items)), key=lambda i: (items[i][2], items[i][1]))
+            items, owners = [items[i] for i in order], [owners[i] for i in order]
             e.decode(items)
             for tok, pos, seq, _ in items:
                 self._track(seq, pos, [tok])
