@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -93,10 +94,9 @@ def prompts(path: Path, rows: list[str], tokens: int) -> Path:
     return path
 
 
-def guidellm(port: int, data: Path, tokenizer: Path, streams: int, out: Path, requests: int = 0,
-             seconds: int = 0) -> dict:
-    """One guidellm run at ``streams`` concurrent requests; its benchmark's JSON."""
-    limit = {"kind": "max_requests", "count": requests} if requests else {"kind": "max_duration", "seconds": seconds}
+def guidellm(port: int, data: Path, tokenizer: Path, streams: int, out: Path, requests: int) -> dict:
+    """One guidellm run of ``requests`` at ``streams`` concurrent requests; its benchmark's JSON."""
+    limit = {"kind": "max_requests", "count": requests}
     scenario = {"spec": {"backend": {"kind": "openai_http", "target": f"http://127.0.0.1:{port}",
                                      "extras": {"body": {"temperature": 0}}},  # greedy on both servers
                          "profile": {"kind": "concurrent", "streams": streams},
@@ -122,30 +122,56 @@ def summary(b: dict) -> dict:
             "requests": m["request_totals"]}
 
 
-def soak(model: str, parallel: int, n_ctx: int, seconds: int, data: Path, tokenizer: Path, out: Path) -> dict:
-    """The cascade at twice capacity (parallel + an equal queue) for ``seconds``."""
+def soak(model: str, parallel: int, n_ctx: int, seconds: int, rows: list[str], tokens: int, out: Path) -> dict:
+    """The cascade at twice its capacity for ``seconds``: ``4 * parallel`` closed-loop clients
+    against ``parallel`` slots and a queue of ``parallel``; a refused client waits Retry-After.
+    (guidellm stops a run whose error rate is high, so the soak drives the server itself.)"""
     port = 8479
     s = Server(server_cmd("cascade (mixed)", model, parallel, n_ctx, port, None, max_queue=parallel), port,
                out / "soak-server.log")
-    rss, stop = [], threading.Event()
+    rss, counts, stop = [], {}, threading.Event()
+    lock = threading.Lock()
 
-    def sample():
+    def client(k: int):
+        i = k
         while not stop.is_set():
-            rss.append((time.time(), s.rss_mb()))
-            stop.wait(10)
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
+            body = json.dumps({"messages": [{"role": "user", "content": rows[i % len(rows)]}], "max_tokens": tokens,
+                               "temperature": 0, "stream": True}).encode()
+            i += 4 * parallel
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+            wait = 0.0
+            try:
+                with urllib.request.urlopen(req, timeout=600) as r:
+                    done = b"[DONE]" in r.read()
+                    key = "200" if done else "200 without [DONE]"
+            except urllib.error.HTTPError as e:
+                key, wait = str(e.code), float(e.headers.get("Retry-After") or 0)
+            except OSError as e:
+                key = f"transport error: {type(e).__name__}"
+            with lock:
+                counts[key] = counts.get(key, 0) + 1
+            stop.wait(wait)
+
+    clients = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(4 * parallel)]
+    t_end = time.time() + seconds
+    for t in clients:
+        t.start()
     try:
-        b = guidellm(port, data, tokenizer, 4 * parallel, out / "soak.json", seconds=seconds)
-        statuses = {ln.split('status="')[1].split('"')[0]: float(ln.split()[-1]) for ln in s.metrics().splitlines()
-                    if ln.startswith("pyguard_requests_total{")}
+        while time.time() < t_end:
+            rss.append((time.time(), s.rss_mb()))
+            time.sleep(min(10, max(0.0, t_end - time.time())))
+        stop.set()
+        for t in clients:
+            t.join()
+        statuses = {ln.split('status="')[1].split('"')[0]: int(float(ln.split()[-1]))
+                    for ln in s.metrics().splitlines() if ln.startswith("pyguard_requests_total{")}
     finally:
         stop.set()
-        t.join()
         s.stop()
     first = [r for ts, r in rss if ts - rss[0][0] < 60]
     last = [r for ts, r in rss if rss[-1][0] - ts < 60]
-    return {"seconds": seconds, "streams": 4 * parallel, "client": b["metrics"]["request_totals"], "server": statuses,
+    return {"seconds": seconds, "clients": 4 * parallel, "client_counts": counts, "server_counts": statuses,
             "rss_first_min_mb": max(first), "rss_last_min_mb": max(last), "rss_max_mb": max(r for _, r in rss),
             "exit_code": s.proc.returncode}
 
@@ -181,6 +207,7 @@ def main():
     p.add_argument("--concurrency", default="1,4,8,16")
     p.add_argument("--tokens", type=int, default=32, help="output tokens per request (ignore_eos)")
     p.add_argument("--soak", type=int, default=300, help="soak seconds (0: none)")
+    p.add_argument("--soak-only", action="store_true", help="run the soak, keep the other results in --out")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "anchor")
     a = p.parse_args()
     if not GUIDELLM.exists():
@@ -192,7 +219,10 @@ def main():
     rows = {k: prompt_rows(k) for k in ("benign", "mixed")}
     levels = [int(c) for c in a.concurrency.split(",")]
     res: dict = {}
-    for kind in ("llama-server", "pyguard", "cascade (benign)", "cascade (mixed)", "CoCA"):
+    if a.soak_only:
+        old = json.loads((a.out / "anchor.json").read_text())
+        res = old["results"]
+    for kind in () if a.soak_only else ("llama-server", "pyguard", "cascade (benign)", "cascade (mixed)", "CoCA"):
         port = 8470
         s = Server(server_cmd(kind, a.model, a.parallel, a.n_ctx, port, llama_server), port,
                    a.out / f"server-{kind.split()[0]}.log")
@@ -211,12 +241,11 @@ def main():
                 print(kind, c, {k: round(v, 1) for k, v in res[kind][str(c)].items() if k != "requests"}, flush=True)
         finally:
             s.stop()
-    bare = bare_batch_ratio(models.model_path(a.model), a.tokens, 3)
+    bare = old["bare_batch_of_two_ratio"] if a.soak_only else bare_batch_ratio(models.model_path(a.model), a.tokens, 3)
     report = {"model": a.model, "parallel": a.parallel, "tokens": a.tokens, "cpu": cpu(), "cores": os.cpu_count(),
               "results": res, "bare_batch_of_two_ratio": bare}
     if a.soak:
-        report["soak"] = soak(a.model, a.parallel, a.n_ctx, a.soak, prompts(a.out / "prompts-soak.jsonl", rows["mixed"],
-                                                                           a.tokens), tokenizer, a.out)
+        report["soak"] = soak(a.model, a.parallel, a.n_ctx, a.soak, rows["mixed"], a.tokens, a.out)
     (a.out / "anchor.json").write_text(json.dumps(report, indent=1))
     lines = [f"{a.model}, --parallel {a.parallel}, {a.tokens} output tokens per request (ignore_eos), guidellm "
              f"concurrent; CPU: {cpu()} ({os.cpu_count()} cores)", "",

@@ -142,6 +142,8 @@ class GuardedLlama:
         :meth:`events`; ``wake()`` is called (on the scheduler's thread) whenever new events are
         there. Raises ValueError for a bad request, ``scheduler.QueueFull`` when ``max_queue``
         requests wait already."""
+        if self.scheduler is not None:
+            self.scheduler.check_room()  # refused before tokenizing: a flood of retries stays cheap
         job = self._request(messages, max_tokens, temperature, top_p, seed, stop, guards=guards)
         job.wake = wake
         if ignore_eos:

@@ -191,11 +191,16 @@ class Scheduler:
         with self._cv:
             if self._closing:
                 raise RuntimeError("the scheduler is closed")
-            if self.max_queue and len(self.waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self.waiting)} requests are waiting (the queue holds {self.max_queue})")
+            self.check_room()
             self.waiting.append(job)
             self._cv.notify_all()
         return job
+
+    def check_room(self) -> None:
+        """QueueFull when ``max_queue`` requests wait: a cheap check before a job is prepared."""
+        with self._cv:
+            if self.max_queue and len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting (the queue holds {self.max_queue})")
 
     def depth(self) -> tuple[int, int]:
         """(waiting jobs, active jobs)."""
