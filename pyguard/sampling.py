@@ -15,10 +15,10 @@ def sample(logits, top_p: float, rng: np.random.Generator) -> int:
     probabilities (vocabulary order; with top-p, descending probability, ties by token id)."""
     if is_torch(logits):
         return _sample_torch(logits, top_p, rng.random())
-    p = np.exp(logits - logits.max(), dtype=np.float64)
-    p /= p.sum()
+    p = np.exp(logits - logits.max(), dtype=np.float64)  # unnormalized: the draw scales u instead
     order = None
     if top_p < 1.0:
+        p /= p.sum()
         k = min(p.size, 1024)
         top = np.argpartition(-p, k - 1)[:k] if k < p.size else np.arange(p.size)
         if p[top].sum() < top_p:  # a flat distribution: rank all of it
@@ -27,7 +27,7 @@ def sample(logits, top_p: float, rng: np.random.Generator) -> int:
         order = top[: int(np.searchsorted(np.cumsum(p[top]), top_p)) + 1]
         p = p[order]
     cdf = np.cumsum(p)
-    i = min(int(np.searchsorted(cdf / cdf[-1], rng.random(), side="right")), p.size - 1)
+    i = min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), p.size - 1)
     return int(i if order is None else order[i])
 
 
@@ -35,13 +35,13 @@ def _sample_torch(logits, top_p: float, u: float) -> int:
     """The same draw on the row's device; one host read (the token)."""
     import torch
 
-    p = torch.softmax(logits.double(), dim=-1)
+    p = torch.exp((logits - logits.max()).double())
     order = None
     if top_p < 1.0:
-        p, order = torch.sort(p, descending=True, stable=True)
+        p, order = torch.sort(p / p.sum(), descending=True, stable=True)
         n = torch.searchsorted(torch.cumsum(p, 0), torch.full((1,), top_p, dtype=p.dtype, device=p.device)) + 1
         p = torch.where(torch.arange(p.numel(), device=p.device) < n, p, 0.0)
     cdf = torch.cumsum(p, 0)
-    i = torch.searchsorted(cdf / cdf[-1], torch.full((1,), u, dtype=cdf.dtype, device=cdf.device), right=True)
+    i = torch.searchsorted(cdf, u * cdf[-1:], right=True)
     i = i.clamp_(max=p.numel() - 1)
     return int((i if order is None else order[i]).item())
