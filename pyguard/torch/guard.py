@@ -365,7 +365,8 @@ class GuardedModel:
             for _ in range(max_new_tokens):
                 live = [i for i, r in enumerate(reqs) if not r.done]
                 toks = [None] * len(reqs)
-                for i, t in zip(live, self.policy.choose([reqs[i] for i in live], [state.logit_rows(i, logits) for i in live])):
+                chosen = self.policy.choose([reqs[i] for i in live], state.logit_rows(live, logits))
+                for i, t in zip(live, chosen):
                     r, toks[i] = reqs[i], t
                     r.done = t in eos or len(r.out) == max_new_tokens or (r.refused and len(r.out) == len(r.forced))
                 yield toks
@@ -519,17 +520,21 @@ class _Batch:
             g.policy.start_dual(reqs[i], cut[i])
         return logits
 
-    def logit_rows(self, i: int, logits) -> tuple:
-        """Request i's logit rows for the policy: (base [1, V],) or (base, safe) while dual;
-        (None,) when its rows were dropped (a refusal's forced tokens)."""
+    def logit_rows(self, live: list, logits) -> list:
+        """The logit rows of requests ``live`` for the policy, each (base [1, V],) or (base, safe)
+        while dual; (None,) when its rows were dropped (a refusal's forced tokens)."""
         where = {row: j for j, row in enumerate(self.rows)}
-        if (i, 0) not in where:
-            return (None,)
-        j = where[(i, 0)]
-        if not self.reqs[i].dual:
-            return (logits[j:j + 1],)
-        k = where[(i, 1)]
-        return logits[j:j + 1], logits[k:k + 1]
+        out = []
+        for i in live:
+            j = where.get((i, 0))
+            if j is None:
+                out.append((None,))
+            elif self.reqs[i].dual:
+                k = where[(i, 1)]
+                out.append((logits[j:j + 1], logits[k:k + 1]))
+            else:
+                out.append((logits[j:j + 1],))
+        return out
 
     def step(self, toks: list):
         """Drop the rows of finished (or gated) requests; run one forward of the new tokens."""
