@@ -10,12 +10,19 @@
 // must outlive every llama_context created with it (free the context first), or llama_decode will
 // call into freed memory.
 //
+// Row shift (CMRM per request inside a mixed batch): with a table set (set_shift) and a plan for
+// the next decode (plan_shift: per ubatch, which rows to shift), the callback subtracts
+// alpha * vectors[il] from the planned rows of l_out-il for il in [first, last], with cmrm_shift,
+// before anything reads them: the same arithmetic as a llama.cpp control vector of -alpha *
+// vectors, on chosen rows only. The last layer's l_out holds only the rows with outputs.
+//
 // Threads: the callback runs on the thread that calls llama_decode. Enabling, disabling and the
 // counters are atomics; the row buffer is guarded by a mutex, so take()/clear() from another thread
-// are safe (they see whole tensors only).
+// are safe (they see whole tensors only). The shift table and plan belong to the decoding thread.
 #pragma once
 
 #include <atomic>
+#include <climits>
 #include <cstddef>
 #include <cstdint>
 #include <mutex>
@@ -46,6 +53,18 @@ class LayerCapture {
   using nrows_fn = int64_t (*)(const void*);
   using nbytes_fn = size_t (*)(const void*);
   using tensor_get_fn = void (*)(const void*, void*, size_t, size_t);
+  using tensor_set_fn = void (*)(void*, const void*, size_t, size_t);
+
+  // The shift table: vectors [n_layer * n_embd] row-major, applied to layers first..last.
+  void set_shift(std::vector<float> vectors, int64_t n_layer, int64_t n_embd, float alpha, int first, int last);
+  void clear_shift();
+  // The next decode's ubatches: rows[u] marks the rows of ubatch u to shift, outs[u] those with
+  // outputs (the rows of the last layer); all = true: every row of every ubatch.
+  void plan_shift(std::vector<std::vector<uint8_t>> rows, const std::vector<std::vector<uint8_t>>& outs, bool all);
+  // Ends the plan; the first error since plan_shift ("" if none).
+  std::string end_shift();
+  bool shift_rows_ready() const { return shift_layers_ > 0; }
+  std::atomic<uint64_t> shifts{0};  // tensors shifted
 
   const std::string lib_path;
   const std::string name;
@@ -66,6 +85,24 @@ class LayerCapture {
 
  private:
   void on_data(const void* tensor);
+  bool shift_wanted(int il);
+  void on_shift(void* tensor, int il);
+
+  struct Ubatch {
+    std::vector<uint8_t> rows, out;  // shift masks: every row, the rows with outputs
+    bool any_rows = false, any_out = false;
+  };
+  std::vector<float> shift_v_;
+  int64_t shift_layers_ = 0, shift_d_ = 0;
+  float shift_alpha_ = 0.f;
+  int shift_first_ = 0, shift_last_ = -1;
+  std::vector<Ubatch> plan_;
+  bool planned_ = false, plan_all_ = false;
+  int64_t ub_ = -1;         // the ubatch being computed (a new one starts at a lower l_out index)
+  int last_il_ = INT_MAX;
+  std::vector<float> buf_;
+  std::string shift_error_;
+  tensor_set_fn tensor_set_ = nullptr;
   void* handle_ = nullptr;
   get_name_fn get_name_ = nullptr;
   nelements_fn nelements_ = nullptr;

@@ -345,6 +345,13 @@ class CMRM(_ValueEq):
         data = np.ascontiguousarray(self.vectors[1:] * np.float32(-self.alpha)).reshape(-1)
         return data, max(start, 1), end
 
+    def row_shift(self, n_layer: int, n_embd: int):
+        """Arguments for ``LayerCapture.set_shift(vectors, alpha, first, last)``: the shift of
+        :meth:`cvec_buffer` (same layers, same float32 arithmetic) on chosen rows only."""
+        self.check_model(n_embd, n_layer)
+        start, end = self._range()
+        return self.vectors, self.alpha, max(start, 1), end
+
     # -- files
     @classmethod
     def load(cls, path, **overrides) -> "CMRM":

@@ -379,6 +379,164 @@ def test_engine_takes_the_capture(lib):
     assert h.shape == (len(toks), N_EMBD) and np.isfinite(h).all()
 
 
+# -- a batch of several sequences: llama.cpp's ubatches, CMRM's row shift -------------------------
+SENTENCES = ["The committee reviewed the proposal for the new library on Tuesday.",
+             "Hello there, how are you doing today my friend?",
+             "Write a short poem about the sea, the wind and the sky.", "What is two plus two?"]
+
+
+@pytest.fixture(scope="module")
+def engine(lib):
+    """A 4-sequence Engine with a LayerCapture on layer 5 that is also its shifter."""
+    from pyguard.llama.engine import Engine
+
+    cap = capture.LayerCapture(lib, NAME)
+    cb, ud = capture.eval_callback(cap)
+    e = Engine(MODEL, n_ctx=128, n_seq=4, n_threads=THREADS, n_batch=64, cb_eval=cb, cb_eval_user_data=ud)
+    e.shifter, e.cap = cap, cap
+    yield e
+    e.close()
+
+
+def run(e, items, shift=None):
+    """Decode ``items`` from an empty cache; (layer-5 rows, logit rows) in item order."""
+    e.clear()
+    e.cap.clear()
+    e.cap.enabled = True
+    order = e.decode(items, shift=shift)
+    e.cap.enabled = False
+    H = e.cap.take()
+    rows = np.empty_like(H)
+    rows[order] = H
+    return rows, np.stack([e.logits(i)[0] for i in range(len(items))])
+
+
+def lone_runs(e, toks, cvec=None, shifted=()):
+    """Each prompt in sequence 0 alone, all logits; ``shifted`` ones under the control vector."""
+    out = []
+    for s, t in enumerate(toks):
+        e.set_cvec(*cvec) if s in shifted else e.set_cvec(None)
+        out.append(run(e, [(x, i, 0, True) for i, x in enumerate(t)]))
+    e.set_cvec(None)
+    return out
+
+
+def mixed(toks, rng):
+    """The prompts' tokens in one batch, sequence s = prompt s: interleaved at random, each
+    sequence's positions in order."""
+    labels = rng.permutation([s for s, t in enumerate(toks) for _ in t])
+    nxt = [0] * len(toks)
+    items = []
+    for s in labels:
+        items.append((toks[s][nxt[s]], nxt[s], int(s), True))
+        nxt[s] += 1
+    return items
+
+
+def test_ubatches_predict_llama_cpp_row_order(engine, rng):
+    """Engine.decode's row order (engine.ubatches) is the order the callback saw the rows in:
+    several sequences interleaved or grouped, over several ubatches: rows equal their lone runs."""
+    from pyguard.llama.engine import ubatches
+
+    toks = [engine.tokenize(s, add_bos=True) for s in SENTENCES]
+    alone = lone_runs(engine, toks)
+    for items in (mixed(toks, rng), sorted(mixed(toks, rng), key=lambda it: (it[2], it[1])),
+                  sorted(mixed(toks, rng), key=lambda it: it[1])):
+        H, logits = run(engine, items)
+        for s in range(len(toks)):
+            mine = [k for k, it in enumerate(items) if it[2] == s]
+            np.testing.assert_array_equal(H[mine], alone[s][0])
+            np.testing.assert_array_equal(logits[mine], alone[s][1])
+    # the rules, by hand: runs of consecutive ids, equal shares, n_ubatch rows at most
+    assert [u.tolist() for u in ubatches([0, 0, 1, 1, 1, 3], 8, 4)] == [[0, 1, 2, 3], [4], [5]]
+    assert [u.tolist() for u in ubatches([2, 0, 1, 0], 8, 4)] == [[0], [1, 2], [3]]
+    assert [u.tolist() for u in ubatches([0] * 5, 2, 4)] == [[0, 1], [2, 3], [4]]
+    assert [u.tolist() for u in ubatches([1, 0, 1], 2, 1)] == [[0, 1], [2]]  # one stream: batch order
+
+
+def test_row_shift_equals_the_control_vector_on_its_rows_only(engine, rng):
+    """CMRM's row shift in a mixed batch: the shifted sequence's rows and logits equal a lone run
+    under llama.cpp's control vector exactly; the other sequences' equal their plain runs."""
+    from pyguard.methods import CMRM
+
+    toks = [engine.tokenize(s, add_bos=True) for s in SENTENCES]
+    n_layer = engine.n_layer
+    cm = CMRM((rng.standard_normal((n_layer, N_EMBD)) * 0.5).astype(np.float32), alpha=0.7, layers=(2, n_layer - 1))
+    alone = lone_runs(engine, toks, cm.cvec_buffer(n_layer, N_EMBD), shifted={1, 3})
+    engine.shifter.set_shift(*cm.row_shift(n_layer, N_EMBD))
+    try:
+        for items in (mixed(toks, rng), sorted(mixed(toks, rng), key=lambda it: (it[2], it[1]))):
+            before = engine.shifter.shifts
+            H, logits = run(engine, items, shift=[it[2] in (1, 3) for it in items])
+            assert engine.shifter.shifts > before
+            for s in range(len(toks)):
+                mine = [k for k, it in enumerate(items) if it[2] == s]
+                np.testing.assert_array_equal(H[mine], alone[s][0])
+                np.testing.assert_array_equal(logits[mine], alone[s][1])
+        plain = run(engine, [(x, i, 0, True) for i, x in enumerate(toks[1])])
+        assert np.abs(plain[1] - alone[1][1]).max() > 0.1  # the shift did something
+        # soft tokens, every row: decode_embd(shift=True) equals the control vector too
+        embd = (rng.standard_normal((7, N_EMBD)) * 0.02).astype(np.float32)
+        got = []
+        for shift, cvec in ((True, None), (False, cm.cvec_buffer(n_layer, N_EMBD))):
+            engine.clear()
+            engine.set_cvec(*cvec) if cvec else engine.set_cvec(None)
+            engine.decode_embd(embd, 0, seq=2, shift=shift)
+            got.append(engine.logits(-1)[0].copy())
+        engine.set_cvec(None)
+        np.testing.assert_array_equal(got[0], got[1])
+    finally:
+        engine.shifter.set_shift(None, 0, 0, 0)
+
+
+def test_row_shift_refuses_a_plan_llama_cpp_did_not_run(engine, rng):
+    """A plan with the wrong ubatches is an error after the decode, and a tensor whose rows differ
+    from the plan is left unshifted; bad tables and plans are clear errors."""
+    cap = engine.shifter
+    v = rng.standard_normal((engine.n_layer, N_EMBD)).astype(np.float32)
+    toks = engine.tokenize(SENTENCES[0], add_bos=True)[:10]
+    plain = run(engine, [(x, i, 0, True) for i, x in enumerate(toks)])
+    cap.set_shift(v, 1.0, 1, engine.n_layer - 1)
+    try:
+        for plan, msg in (([(np.ones(10, bool), np.ones(10, bool))] * 2, "ran 1 ubatches, the shift was planned for 2"),
+                          ([(np.ones(9, bool), np.ones(9, bool))], "has 10 rows, the shift was planned for 9")):
+            engine.clear()
+            cap.plan_shift(plan)
+            cap.enabled = True
+            engine._run(_batch(engine, toks))  # noqa: SLF001 - the raw decode, with a plan made by hand
+            cap.enabled = False
+            with pytest.raises(RuntimeError, match=msg):
+                cap.end_shift()
+            if "rows" in msg:  # nothing shifted wrongly
+                np.testing.assert_array_equal(cap.take(), plain[0])
+            cap.clear()
+        cap.end_shift()  # no plan: nothing to report
+        for args, msg in (((v[:, :5].copy(), 1.0, 1, 3), None), ((v.astype(np.float64), 1.0, 1, 3), "float32"),
+                          ((v, float("nan"), 1, 3), "alpha is not finite"), ((v, 1.0, 3, 1), r"layers \[3, 1\]"),
+                          ((v, 1.0, 1, engine.n_layer), "outside")):
+            if msg:
+                with pytest.raises(ValueError, match=msg):
+                    cap.set_shift(*args)
+        with pytest.raises(ValueError, match="rows and outputs differ"):
+            cap.plan_shift([(np.ones(3, bool), np.ones(2, bool))])
+        with pytest.raises(ValueError, match="1-D bool or uint8"):
+            cap.plan_shift([(np.ones(3, np.float32), np.ones(3, bool))])
+        cap.end_shift()
+    finally:
+        cap.set_shift(None, 0, 0, 0)
+    with pytest.raises(ValueError, match="no shift table"):
+        cap.plan_shift(True)
+
+
+def _batch(e, toks):
+    b = e.batch
+    b.n_tokens = len(toks)
+    for i, t in enumerate(toks):
+        b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = t, i, 1, True
+        b.seq_id[i][0] = 0
+    return b
+
+
 def _paired_costs(model, toks, lib, reps, step, threads):
     """Wall time of one decode per configuration, round-robin (so load from other processes
     hits every configuration alike); returns {config: (median ms, median paired diff vs none)}."""

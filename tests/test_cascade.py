@@ -63,9 +63,9 @@ def llama_run(**kw):
         decoded = []
         orig = g.engine.decode
 
-        def counting(items):
+        def counting(items, **kw):
             decoded.append(len(items))
-            return orig(items)
+            return orig(items, **kw)
         g.engine.decode = counting
         r = g.create_chat_completion(MSGS, max_tokens=8)
         req = g._request(MSGS, 8, 0.0, 1.0, None, None)

@@ -270,7 +270,7 @@ def test_cmrm_equals_the_control_vector_applied_by_llama_cpp(rng):
         e.set_cvec((-0.8 * v[1:]).ravel(), 3, 20)
         e.decode([(t, i, 0, i == len(base) - 1) for i, t in enumerate(base)])
         direct = e.logits(-1)[0].copy()
-    np.testing.assert_allclose(shifted, direct, rtol=1e-4, atol=1e-3)
+    np.testing.assert_array_equal(shifted, direct)  # the row shift does llama.cpp's arithmetic
     assert np.abs(shifted - plain_logits).max() > 0.1  # the shift did something
 
 

@@ -87,6 +87,36 @@ def test_mixed_guards_side_by_side_equal_their_lone_runs():
     assert stats["casa_calls"] - calls["casa_calls"] < len(TOPICS)
 
 
+def test_cmrm_image_requests_share_steps_with_text_requests(tmp_path):
+    """Dataset-level CMRM shifts only the rows of image requests: an image request and text
+    requests in one batch each answer as alone; text beside it answers as without CMRM; the
+    image request's answer is the shifted one."""
+    from tiny_mmproj import write_test_image, write_tiny_mmproj
+
+    from pyguard.methods import CMRM
+
+    mmproj = write_tiny_mmproj(tmp_path / "mmproj.gguf", n_embd_text=576)
+    images = [write_test_image(tmp_path / f"img{i}.png", seed=i) for i in range(2)]
+    v = (np.random.default_rng(5).standard_normal((30, 576)) * 0.3).astype(np.float32)
+    v[0] = 0
+    calls = [[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(p)}},
+                                           {"type": "text", "text": "What is this?"}]}] for p in images]
+    calls += [ask(t) for t in TOPICS[:4]]
+    with GuardedLlama(MODEL, mmproj_path=mmproj, n_ctx=256) as plain:
+        unshifted = [answer(plain.create_chat_completion(m, max_tokens=10)) for m in calls]
+    with GuardedLlama(MODEL, mmproj_path=mmproj, n_ctx=256, cmrm=CMRM(v, alpha=1.0), parallel=6) as g:
+        alone = [g.create_chat_completion(m, max_tokens=10) for m in calls]
+        steps = g.scheduler.stats["steps"]
+        together = concurrently(lambda m: g.create_chat_completion(m, max_tokens=10), calls)
+        batched = g.scheduler.stats["steps"] - steps
+        shifts = g._capture.shifts
+    assert [answer(r) for r in together] == [answer(r) for r in alone]
+    assert [r["pyguard"]["cmrm"]["on"] for r in together] == [True, True, False, False, False, False]
+    assert [answer(r) for r in together[2:]] == unshifted[2:]  # text beside images: not shifted
+    assert answer(together[0]) != unshifted[0] or answer(together[1]) != unshifted[1]  # images: shifted
+    assert shifts > 0 and batched < steps / 2  # side by side in shared steps
+
+
 def test_per_request_guards_side_by_side():
     """One batch of CoCA as loaded, CoCA off, and CoCA at alpha 0 (the base row): off and alpha 0
     answer as the unguarded model does, the default as CoCA alone."""

@@ -27,8 +27,11 @@ Rules:
   during generation: the callback then declines every tensor at almost no cost.
 - Rows come in the order llama.cpp computes them: ubatch after ubatch, and inside a ubatch in
   batch order for a single sequence (or ``kv_unified=True``). With ``kv_unified=False`` and several
-  sequences in one batch, llama.cpp regroups each ubatch by sequence: capture on decodes that hold
-  a single sequence.
+  sequences in one batch, llama.cpp regroups each ubatch by sequence: ``Engine.decode`` returns
+  the order (``engine.ubatches``).
+- The same object shifts rows (CMRM per request): ``set_shift(vectors, alpha, first, last)``, then
+  per decode ``plan_shift`` with each ubatch's row mask, and ``end_shift()``; ``Engine.decode(items,
+  shift=...)`` does the planning.
 - The last layer's ``l_out`` is computed only for the rows whose output (logits) was requested
   in the batch; earlier layers hold every token of the batch.
 """

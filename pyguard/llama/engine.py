@@ -3,6 +3,7 @@ batches with explicit positions, zero-copy logit rows, KV-cache copies, control 
 No torch."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
@@ -61,6 +62,7 @@ class Engine:
         self.n_embd = self.model.n_embd()
         self.n_layer = L.llama_model_n_layer(self.model.model)
         self.batch = L.llama_batch_init(n_batch, 0, n_seq)
+        self.shifter = None  # a LayerCapture with a shift table (CMRM's rows, decode(shift=))
         self._ebatch = None  # an embeddings batch, made on first use (decode_embd)
         self.metadata = self.model.metadata()
         self.arch = self.metadata.get("general.architecture", "")
@@ -89,11 +91,17 @@ class Engine:
         return self.model.token_get_text(token) if token >= 0 else ""
 
     # -- evaluation ------------------------------------------------------------------------
-    def decode(self, items) -> None:
+    def decode(self, items, shift=None) -> np.ndarray:
         """Decode (token, pos, seq, want_logits) items, in chunks of n_batch. Logit rows of the
-        final chunk are then read with ``logits(i)``, i = index within that chunk."""
+        final chunk are then read with ``logits(i)``, i = index within that chunk. ``shift``: per
+        item, True for the rows ``shifter`` shifts (CMRM). Returns the item indices in the order
+        llama.cpp computes their rows (:func:`ubatches`, concatenated): the order an eval callback
+        sees them in."""
+        order = []
         for start in range(0, len(items), self.n_batch):
             part = items[start : start + self.n_batch]
+            ubs = ubatches([it[2] for it in part], self.n_batch, self.n_seq)
+            order += [u + start for u in ubs]
             b = self.batch
             b.n_tokens = len(part)
             for i, (tok, pos, seq, want) in enumerate(part):
@@ -102,14 +110,50 @@ class Engine:
                 b.n_seq_id[i] = 1
                 b.seq_id[i][0] = seq
                 b.logits[i] = want
-            rc = L.llama_decode(self.ctx, b)
-            if rc != 0:
-                raise RuntimeError(f"llama_decode failed with code {rc}")
+            mask = None if shift is None else np.asarray(shift[start : start + len(part)], bool)
+            if mask is not None and mask.any():
+                want = np.array([it[3] for it in part], bool)
+                self._shifter().plan_shift([(mask[u], want[u]) for u in ubs])
+                self._run(b, planned=True)
+            else:
+                self._run(b)
+        return np.concatenate(order) if order else np.zeros(0, np.int64)
 
-    def decode_embd(self, embd: np.ndarray, pos: int, seq: int = 0, want_last: bool = True) -> None:
+    def _run(self, batch, planned: bool = False) -> None:
+        """llama_decode; with ``planned`` the shifter's plan ends (and is checked) after it."""
+        rc = L.llama_decode(self.ctx, batch)
+        if planned:
+            try:
+                self.shifter.end_shift()
+            except RuntimeError:
+                if rc == 0:
+                    raise
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with code {rc}")
+
+    def _shifter(self):
+        if self.shifter is None:
+            raise RuntimeError("rows to shift, but this engine has no shifter (a LayerCapture with set_shift)")
+        return self.shifter
+
+    @contextlib.contextmanager
+    def shifting(self, on: bool):
+        """Every row of the decodes inside (e.g. an image's, by mtmd) shifted when ``on``."""
+        if not on:
+            yield
+            return
+        self._shifter().plan_shift(True)
+        try:
+            yield
+        finally:
+            self.shifter.end_shift()
+
+    def decode_embd(self, embd: np.ndarray, pos: int, seq: int = 0, want_last: bool = True,
+                    shift: bool = False) -> None:
         """Decode input embeddings ``embd`` [n, n_embd] (float32; e.g. soft tokens from a
         projector) at positions pos .. pos+n-1 of sequence ``seq``, in chunks of n_batch; with
-        ``want_last`` the last row's logits are read with ``logits(-1)``."""
+        ``want_last`` the last row's logits are read with ``logits(-1)``; ``shift``: every row
+        shifted (``decode``)."""
         embd = np.ascontiguousarray(embd, dtype=np.float32)
         if embd.ndim != 2 or embd.shape[1] != self.n_embd or embd.shape[0] == 0:
             raise ValueError(f"embd must be [n, {self.n_embd}] with n >= 1, got {list(embd.shape)}")
@@ -130,9 +174,8 @@ class Engine:
                 b.n_seq_id[i] = 1
                 b.seq_id[i][0] = seq
                 b.logits[i] = want_last and start + i == n - 1
-            rc = L.llama_decode(self.ctx, b)
-            if rc != 0:
-                raise RuntimeError(f"llama_decode failed with code {rc}")
+            with self.shifting(shift):
+                self._run(b)
 
     def logits(self, i: int) -> np.ndarray:
         """Logit row i of the last decode: a float32 [1, V] view (valid until the next decode)."""
@@ -189,3 +232,37 @@ def model_shape(model_path) -> tuple[int, int]:
     """(n_layer, n_embd) of a GGUF model (loaded with a minimal context, then freed)."""
     with Engine(model_path, n_ctx=64, n_seq=1) as e:
         return e.n_layer, e.n_embd
+
+
+def ubatches(seqs, n_ubatch: int, n_stream: int) -> list[np.ndarray]:
+    """How llama.cpp cuts one decode of tokens of sequences ``seqs`` (batch order) into ubatches:
+    a list of index arrays, each in the order the ubatch's rows are computed (an eval callback
+    sees its tensors' rows in this order).
+
+    One KV stream (``split_simple``): batch order, n_ubatch rows at a time. Several streams
+    (``split_equal`` with sequential ids, llama-batch.cpp): the sequences of the first unused token
+    and of the following unused tokens whose ids continue a run of consecutive ids; each gives the
+    same number of its next tokens while all have some left and the ubatch has room; rows grouped
+    by sequence."""
+    seqs = np.asarray(seqs)
+    n = len(seqs)
+    if n_stream == 1:
+        return [np.arange(s, min(s + n_ubatch, n)) for s in range(0, n, n_ubatch)]
+    used = np.zeros(n, bool)
+    by_seq = {s: np.flatnonzero(seqs == s) for s in np.unique(seqs)}
+    out = []
+    while not used.all():
+        run = []
+        for i in np.flatnonzero(~used):
+            s = int(seqs[i])
+            if s not in run and (not run or s == run[-1] + 1):
+                run.append(s)
+                if len(run) > n_ubatch:
+                    break
+        left = [by_seq[s][~used[by_seq[s]]] for s in run]
+        k = min(len(x) for x in left)
+        k = max(1, min(k, n_ubatch // len(run)))  # every sequence gives k rows
+        rows = np.concatenate([x[:k] for x in left])
+        used[rows] = True
+        out.append(rows)
+    return out

@@ -55,10 +55,15 @@ class GuardedLlama:
                 else list(self.capture_layer)
             self.capture_layer = sorted({*range(cmrm.n_layer), *extra})
         cb = (None, None)
-        if isinstance(self.capture_layer, int):  # the layer's hidden states, copied in C++ during llama_decode
+        rows = cmrm is not None and cmrm.mode == "dataset"  # CMRM shifts its requests' rows in C++
+        if rows and self.capture_layer is not None and not isinstance(self.capture_layer, int):
+            raise ValueError("dataset-level CMRM shifts rows with the C++ capture, which reads one layer: "
+                             f"capture_layer must be one layer, got {self.capture_layer!r}")
+        if isinstance(self.capture_layer, int) or rows:  # hidden states copied, rows shifted, in C++
             from . import capture
 
-            self._capture = capture.LayerCapture(capture.libggml_base_path(), capture.layer_name(self.capture_layer))
+            il = self.capture_layer if isinstance(self.capture_layer, int) else 0
+            self._capture = capture.LayerCapture(capture.libggml_base_path(), capture.layer_name(il))
         elif self.capture_layer is not None:  # several layers (calibration): the ctypes capture
             from . import capture
 
@@ -86,7 +91,9 @@ class GuardedLlama:
                 self.vision = Vision(mmproj_path, e, n_threads or e.n_threads)
             eos = e.model.token_eos()
             self.template = ChatTemplate(e.metadata, e.token_text(eos), e.token_text(e.model.token_bos()), eos)
-            self._cvec = cmrm.cvec_buffer(e.n_layer, e.n_embd) if cmrm is not None else None
+            if rows:
+                self._capture.set_shift(*cmrm.row_shift(e.n_layer, e.n_embd))
+                e.shifter = self._capture
             self.policy = Policy(coca, cmrm, casa, cascade, e.tokenize(casa.refusal_text) if casa else None)
             cl = self.capture_layer
             self._layers = () if cl is None else (cl,) if isinstance(cl, int) else tuple(cl)
@@ -227,9 +234,9 @@ class GuardedLlama:
             self.policy.start(job)
             on = job.report.cmrm is not None and job.report.cmrm.on
         if on and self.cmrm.mode == "dataset":
-            job.key, job.cvec = "dataset", self._cvec
+            job.key, job.shift = "cmrm", True
         elif on:
-            job.key = object()  # its own vectors: it runs alone
+            job.key, job.alone = object(), True  # its own vectors, as a control vector
         if not states and text_only is None:  # what the prompt cache may supply: the leading text tokens
             job.prefix = tuple(cacheable(segs) for segs in (base, safe) if segs is not None)
             job.prefix_rows = self.casa is not None and use.casa
@@ -375,7 +382,7 @@ class GuardedLlama:
         output of that decoder layer at every prompt position (images included), as CASA reads them;
         a dict {layer: states} for several layers (the last layer: the last position only). With
         ``with_mask``, also a bool [T]: True at text positions, False at image positions."""
-        if self._capture is None:
+        if not self._layers:
             raise ValueError("prompt_states needs capture_layer= (or casa=) when the model is loaded")
         job = self._request(messages, 1, 0.0, 1.0, None, None, states=True)
         mask = np.concatenate([np.zeros(seg.n_pos, bool) if isinstance(seg, (Image, Soft)) else np.ones(len(seg), bool)

@@ -9,8 +9,10 @@ once on a thread of its own. Per-request choices (tokens, CASA's decision, CoCA'
 :class:`pyguard.policy.Policy`'s.
 
 Sequences: slot i owns sequence ids ``i * per_slot ..`` (base, then CoCA's safe sequence), each
-in a KV stream of its own (``Engine``). llama.cpp regroups a batch of several sequences, so prompt
-chunks whose hidden states are captured (CASA, CMRM's vectors) get a decode of their own.
+in a KV stream of its own (``Engine``). llama.cpp regroups a batch of several sequences into
+ubatches (``engine.ubatches``), which says which captured row (CASA's prompt states) belongs to
+which request and which rows CMRM's row shift reaches (``Job.shift``): requests with and without
+it share a step. Only a request with a control vector of its own (sample-level CMRM) runs alone.
 
 Prompt cache (as llama-server's ``cache_prompt``): a finished request's KV stays in its slot's
 sequences, with the tokens it holds (and CASA's rows of them). A new request goes to the free slot
@@ -81,7 +83,7 @@ class Drop:
 
 @dataclass
 class Cvec:
-    """Set the context's control vector (None clears it): only for requests that run alone."""
+    """Set the context's control vector (None clears it): only for requests that run ``alone``."""
 
     data: object
 
@@ -134,8 +136,9 @@ class Job(Request):
     """A request in the scheduler: the policy's state, the plan and what it waits for."""
 
     plan: object = None        # generator of ops; returns (first rows, next positions) or None (job ends)
-    key: object = None         # requests run side by side only with the same control-vector key
-    cvec: tuple | None = None  # the control vector (Engine.set_cvec arguments) of that key
+    key: object = None         # what shifts its KV (CMRM): the prompt cache reuses KV only under the same key
+    shift: bool = False        # its rows get CMRM's row shift (the engine's shifter)
+    alone: bool = False        # it sets a control vector of its own (Cvec): no other job runs beside it
     prefix: tuple = ()         # per sequence: the prompt tokens it may take from the cache (none: fresh)
     prefix_rows: bool = False  # the base prefix's captured rows are needed too (CASA reads them)
     have: list = field(default_factory=list)  # per sequence: positions taken from the cache
@@ -181,7 +184,7 @@ class Scheduler:
         self._cv = threading.Condition()
         self._ended: list = []
         self._closing = False
-        self._key = None  # the control-vector key of the active jobs
+        self._cvec = None  # the context's control vector (Engine.set_cvec arguments), set by a lone job
         self.stats = {"steps": 0, "decoded_rows": 0, "casa_calls": 0, "coca_calls": 0, "cached_tokens": 0}
         self._thread = threading.Thread(target=self._loop, name="pyguard-scheduler", daemon=True)
         self._thread.start()
@@ -255,7 +258,7 @@ class Scheduler:
         if not self.waiting or not self._free_slots:
             return False
         head = self.waiting[0]
-        return head.cancelled or not self.active or head.key == self._key
+        return head.cancelled or not self.active or not (head.alone or any(j.alone for j in self.active))
 
     def _admit(self) -> None:
         """Start waiting jobs, in order, while slots are free and their control vector matches."""
@@ -264,9 +267,8 @@ class Scheduler:
             if j.cancelled:
                 self._end(j, Cancelled("cancelled before it started"))
                 continue
-            if not self.active and j.key != self._key:
-                self._set_cvec(j.cvec)
-                self._key = j.key
+            if not self.active and self._cvec is not None:  # a lone job left it
+                self._set_cvec(None)
             j.slot = max(self._free_slots, key=lambda slot: (self._reusable(j, slot * self.per_slot, 0), -slot))
             self._free_slots.remove(j.slot)
             j.seqs = tuple(range(j.slot * self.per_slot, (j.slot + 1) * self.per_slot))
@@ -317,33 +319,21 @@ class Scheduler:
         for j in list(self.active):
             if j.cancelled:
                 self._end(j, Cancelled("cancelled"))
-        # decodes of their own: media, and prompt chunks whose hidden states are captured
+        # media: decodes of their own (mtmd; soft tokens)
         for j in list(self.active):
             while isinstance(j.pending, (Embd, ImageChunk)) and not j.finished:
                 op = j.pending
                 cap = self._capturing(op.capture)
                 if isinstance(op, Embd):
-                    e.decode_embd(op.embd, op.pos, op.seq, want_last=False)
-                    nxt = None
-                    self._track(op.seq, op.pos, [None] * len(op.embd))
+                    e.decode_embd(op.embd, op.pos, op.seq, want_last=False, shift=j.shift)
+                    nxt = op.pos + len(op.embd)
                 else:
-                    nxt = self.vision.eval_image(op.image, op.pos, op.seq)
-                    self._track(op.seq, op.pos, [None] * (nxt - op.pos))
+                    with e.shifting(j.shift):
+                        nxt = self.vision.eval_image(op.image, op.pos, op.seq)
+                self._track(op.seq, op.pos, [None] * (nxt - op.pos), j.key)
                 if cap:
-                    self._take_states(j, op.seq, op.pos)
-                self._advance(j, nxt)
-            if isinstance(j.pending, list) and any(op.capture for op in j.pending) and not j.finished:
-                [op] = j.pending  # a capturing op comes alone
-                n = min(len(op.tokens) - op.done, e.n_batch)
-                last = op.last and op.done + n == len(op.tokens)
-                self._capturing(True)
-                e.decode([(op.tokens[i], op.pos + i, op.seq, last and i == op.done + n - 1)
-                          for i in range(op.done, op.done + n)])
-                self._track(op.seq, op.pos + op.done, op.tokens[op.done:op.done + n])
-                self._take_states(j, op.seq, op.pos + op.done)
-                op.done += n
-                if op.done == len(op.tokens):
-                    self._advance(j, [np.array(e.logits(-1)) if last else None])
+                    self._take_states([(j, op.seq, op.pos, 0, None)])
+                self._advance(j, None if isinstance(op, Embd) else nxt)
         # one batch: the decoding sequences' next tokens, then prefill chunks
         items, owners = [], []
         for j in self.active:
@@ -355,7 +345,7 @@ class Scheduler:
         budget = e.n_batch - len(items)
         prefilling = []
         for j in self.active:
-            if budget <= 0 or j.finished or not isinstance(j.pending, list) or any(op.capture for op in j.pending):
+            if budget <= 0 or j.finished or not isinstance(j.pending, list):
                 continue
             for op in j.pending:
                 n = min(len(op.tokens) - op.done, budget)
@@ -371,9 +361,13 @@ class Scheduler:
             # step in order, 203 ms reversed, 226 ms interleaved)
             order = sorted(range(len(items)), key=lambda i: (items[i][2], items[i][1]))
             items, owners = [items[i] for i in order], [owners[i] for i in order]
-            e.decode(items)
-            for tok, pos, seq, _ in items:
-                self._track(seq, pos, [tok])
+            cap = self._capturing(any(op is not None and op.capture for _, op in owners))
+            shift = [j.shift for j, _ in owners]
+            computed = e.decode(items, shift=shift if any(shift) else None)
+            for (tok, pos, seq, _), (j, _) in zip(items, owners):
+                self._track(seq, pos, [tok], j.key)
+            if cap:
+                self._take_states(_spans(owners, items), computed, np.array([it[3] for it in items], bool))
             self.stats["steps"] += 1
             self.stats["decoded_rows"] += len(items)
             got: dict = {}  # job -> [(op or None, logit row)], in batch order
@@ -426,31 +420,45 @@ class Scheduler:
     def _set_cvec(self, args: tuple | None) -> None:
         """Set the control vector (``Engine.set_cvec`` arguments) or clear it (None)."""
         self.engine.set_cvec(*args) if args is not None else self.engine.set_cvec(None)
+        self._cvec = args
 
     # -- capture -----------------------------------------------------------------------------
     def _capturing(self, on: bool) -> bool:
-        if self.capture is None or not on:
+        if not on or not self.capture_layers:
             return False
         self.capture.clear()
         self.capture.enabled = True
         return True
 
-    def _take_states(self, j: Job, seq: int, pos: int) -> None:
-        """The rows captured in the last decode(s), all j's (sequence ``seq`` from ``pos``),
-        appended to ``j.states`` (and, for a single layer, to what ``seq`` keeps)."""
+    def _take_states(self, spans, rows=None, wants=None) -> None:
+        """Hand the rows captured in the last decode to the jobs of ``spans``: (job, seq, pos, a,
+        b), items a .. b-1 (b None: every row) of sequence ``seq`` from ``pos``. llama.cpp
+        computed item ``rows[k]``'s row k (``Engine.decode``; the last layer: the items with
+        ``wants`` only). A single layer's rows are also kept with the sequence (prompt cache)."""
         cap = self.capture
         cap.enabled = False
         if len(self.capture_layers) == 1:
             got = {self.capture_layers[0]: cap.take()}
-            kept = self.kept[seq]
-            if kept.n_rows == pos:
-                kept.rows.append(got[self.capture_layers[0]])
-                kept.n_rows += len(kept.rows[-1])
         else:
             named = cap.take_all()
             got = {il: named[n] for il, n in zip(self.capture_layers, cap.names)}
         for il, H in got.items():
-            j.states.setdefault(il, []).append(H)
+            if rows is None:
+                where = np.arange(len(H))
+            else:
+                present = rows if len(H) == len(rows) else rows[wants[rows]]
+                if len(present) != len(H):
+                    raise RuntimeError(f"captured {len(H)} rows of layer {il} in a decode of {len(rows)} tokens")
+                where = np.full(len(wants), -1)
+                where[present] = np.arange(len(H))
+            for j, seq, pos, a, b in spans:
+                w = where[a:b]
+                block = H[w[w >= 0]]
+                j.states.setdefault(il, []).append(block)
+                kept = self.kept[seq]
+                if len(got) == 1 and kept.n_rows == pos:
+                    kept.rows.append(block)
+                    kept.n_rows += len(block)
 
     # -- the prompt cache --------------------------------------------------------------------
     def _reusable(self, j: Job, seq: int, i: int) -> int:
@@ -477,11 +485,11 @@ class Scheduler:
             self.stats["cached_tokens"] += n  # prompt tokens, as the request's usage counts them
         return n
 
-    def _track(self, seq: int, pos: int, tokens: list) -> None:
-        """Tokens decoded into ``seq`` from ``pos`` (None: media positions)."""
+    def _track(self, seq: int, pos: int, tokens: list, key) -> None:
+        """Tokens decoded into ``seq`` from ``pos`` (None: media positions) under ``key``."""
         kept = self.kept[seq]
         if not kept.tokens:
-            kept.key = self._key
+            kept.key = key
         if len(kept.tokens) != pos:  # not where the sequence ended: trust nothing before pos
             self.kept[seq] = kept = Kept([None] * pos, kept.key)
         kept.tokens.extend(tokens)
@@ -512,3 +520,16 @@ class Scheduler:
             self._ended.append(j)
             self._cv.notify_all()
 
+
+def _spans(owners, items) -> list:
+    """(job, seq, first pos, a, b) of each capturing op's items a .. b-1 in a batch ordered by
+    (seq, pos): an op's items are consecutive."""
+    spans = []
+    for i, (j, op) in enumerate(owners):
+        if op is None or not op.capture:
+            continue
+        if spans and spans[-1][1] is op and spans[-1][-1] == i:
+            spans[-1][-1] = i + 1
+        else:
+            spans.append([j, op, items[i][1], i, i + 1])
+    return [(j, op.seq, pos, a, b) for j, op, pos, a, b in spans]
