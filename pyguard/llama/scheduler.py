@@ -8,8 +8,10 @@ states; :class:`pyguard.llama.guarded.GuardedLlama` writes the plan, this module
 once on a thread of its own. Per-request choices (tokens, CASA's decision, CoCA's gate) are
 :class:`pyguard.policy.Policy`'s.
 
-Sequences: slot i owns sequence ids ``i * per_slot ..`` (base, then CoCA's safe sequence), each
-in a KV stream of its own (``Engine``). llama.cpp regroups a batch of several sequences into
+Sequences: slot i owns sequence ``i`` (base) and ``parallel + i`` (CoCA's safe one), each in a KV
+stream of its own (``Engine``): the base sequences of busy slots are consecutive ids, and the safe
+ones follow, so a step's batch is one run of ids, which llama.cpp computes as one ubatch (a gap
+starts another: 8 base sequences of a CoCA-sized context, ids 0, 2, .., 14, ran as 8). llama.cpp regroups a batch of several sequences into
 ubatches (``engine.ubatches``), which says which captured row (CASA's prompt states) belongs to
 which request and which rows CMRM's row shift reaches (``Job.shift``): requests with and without
 it share a step. Only a request with a control vector of its own (sample-level CMRM) runs alone.
@@ -269,9 +271,9 @@ class Scheduler:
                 continue
             if not self.active and self._cvec is not None:  # a lone job left it
                 self._set_cvec(None)
-            j.slot = max(self._free_slots, key=lambda slot: (self._reusable(j, slot * self.per_slot, 0), -slot))
+            j.slot = max(self._free_slots, key=lambda slot: (self._reusable(j, slot, 0), -slot))
             self._free_slots.remove(j.slot)
-            j.seqs = tuple(range(j.slot * self.per_slot, (j.slot + 1) * self.per_slot))
+            j.seqs = tuple(j.slot + k * self.parallel for k in range(self.per_slot))
             j.t0 = time.perf_counter()
             j.phase = "prefill"
             self.active.append(j)
