@@ -66,6 +66,8 @@ class Engine:
         self._ebatch = None  # an embeddings batch, made on first use (decode_embd)
         self.metadata = self.model.metadata()
         self.arch = self.metadata.get("general.architecture", "")
+        # a KV cache of attention layers: llama.cpp's batch split is then the one ubatches() predicts
+        self.kv_only = not (L.llama_model_is_recurrent(self.model.model) or L.llama_model_is_hybrid(self.model.model))
 
     # -- tokens ----------------------------------------------------------------------------
     def tokenize(self, text: str, add_bos: bool = False) -> list[int]:
@@ -121,13 +123,16 @@ class Engine:
 
     def _run(self, batch, planned: bool = False) -> None:
         """llama_decode; with ``planned`` the shifter's plan ends (and is checked) after it."""
-        rc = L.llama_decode(self.ctx, batch)
-        if planned:
-            try:
-                self.shifter.end_shift()
-            except RuntimeError:
-                if rc == 0:
-                    raise
+        rc = -1
+        try:
+            rc = L.llama_decode(self.ctx, batch)
+        finally:
+            if planned:
+                try:
+                    self.shifter.end_shift()
+                except RuntimeError:
+                    if rc == 0:
+                        raise
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with code {rc}")
 
@@ -244,7 +249,7 @@ def ubatches(seqs, n_ubatch: int, n_stream: int) -> list[np.ndarray]:
     and of the following unused tokens whose ids continue a run of consecutive ids; each gives the
     same number of its next tokens while all have some left and the ubatch has room; rows grouped
     by sequence."""
-    seqs = np.asarray(seqs)
+    seqs = np.asarray(seqs, np.int64)
     n = len(seqs)
     if n_stream == 1:
         return [np.arange(s, min(s + n_ubatch, n)) for s in range(0, n, n_ubatch)]

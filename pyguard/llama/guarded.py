@@ -91,8 +91,12 @@ class GuardedLlama:
                 self.vision = Vision(mmproj_path, e, n_threads or e.n_threads)
             eos = e.model.token_eos()
             self.template = ChatTemplate(e.metadata, e.token_text(eos), e.token_text(e.model.token_bos()), eos)
-            if rows:
-                self._capture.set_shift(*cmrm.row_shift(e.n_layer, e.n_embd))
+            if (rows or self._capture is not None) and not e.kv_only:
+                raise ValueError(f"CASA, CMRM and hidden-state capture map rows to requests by llama.cpp's batch "
+                                 f"split for attention KV caches; {e.arch} is a recurrent or hybrid model")
+            table = cmrm.row_shift(e.n_layer, e.n_embd) if rows else None
+            if table is not None and table[2] <= table[3]:  # layers to shift (layer 0 never is)
+                self._capture.set_shift(*table)
                 e.shifter = self._capture
             self.policy = Policy(coca, cmrm, casa, cascade, e.tokenize(casa.refusal_text) if casa else None)
             cl = self.capture_layer
@@ -234,7 +238,7 @@ class GuardedLlama:
             self.policy.start(job)
             on = job.report.cmrm is not None and job.report.cmrm.on
         if on and self.cmrm.mode == "dataset":
-            job.key, job.shift = "cmrm", True
+            job.key, job.shift = "cmrm", self.engine.shifter is not None
         elif on:
             job.key, job.alone = object(), True  # its own vectors, as a control vector
         if not states and text_only is None:  # what the prompt cache may supply: the leading text tokens

@@ -239,6 +239,9 @@ class Scheduler:
             try:
                 self._step()
             except Exception as e:  # noqa: BLE001 - a failed decode fails its jobs, not the thread
+                if self.capture is not None:  # a capture the step left on would copy every later decode
+                    self.capture.enabled = False
+                    self.capture.clear()
                 for j in list(self.active):
                     self._end(j, e)
             self._deliver()
