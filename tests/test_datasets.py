@@ -185,6 +185,27 @@ def test_benign_set():
     assert D.BENIGN_PATH.is_file() and D.BENIGN_PATH.parent.name == "data"
 
 
+def test_hand_written_sets_load_with_their_sources_and_categories(advbench):
+    data_file("jailbreaks"), data_file("harmbench"), data_file("donotanswer")
+    styles, risky = D.harmful_styles(), D.benign_risky()
+    assert len(styles) >= 300 and len(risky) >= 300
+    assert collections.Counter(it["source"] for it in styles).keys() == {
+        "pyguard-conversational", "pyguard-indirect", "pyguard-lesser-harm", "pyguard-terse"}
+    assert min(collections.Counter(it["source"] for it in styles).values()) >= 75
+    assert {it["category"] for it in styles} >= {"fraud", "cyber", "harassment", "self-harm", "privacy", "weapons"}
+    cats = collections.Counter(it["category"] for it in risky)
+    assert len(cats) == 12 and min(cats.values()) >= 25 and {it["source"] for it in risky} == {"pyguard-benign-risky"}
+    for items, prefix in ((styles, "styles"), (risky, "benign-risky")):
+        assert [it["id"] for it in items] == [f"{prefix}-{i:04d}" for i in range(1, len(items) + 1)]
+    everything = D.benign() + risky + styles
+    norm = collections.Counter(D._norm(it["text"]) for it in everything)
+    assert max(norm.values()) == 1  # no text twice, within or across the sets
+    from pyguard.calibrate.casa import prompt_sets
+
+    fitting = {(it["id"], it["label"]) for it in prompt_sets()}  # CASA's default fitting set holds both
+    assert {(it["id"], it["label"]) for it in styles + risky} <= fitting
+
+
 # ---------------------------------------------------------------------------------------------- split
 
 
@@ -249,7 +270,7 @@ def test_harmbench_and_donotanswer():
 
 def test_eval_sets_never_hold_fitting_prompts(advbench):
     data_file("jailbreaks"), data_file("harmbench"), data_file("donotanswer")
-    fit = D.harmful() + D.benign()
+    fit = D.harmful() + D.benign() + D.benign_risky()
     train, val, test = D.split(fit, D.FIT_FRACTIONS, D.FIT_SEED)
     seen = {D._norm(it["text"]) for it in train + val}
     seen_groups = {it.get("group") or it["id"] for it in train + val}
@@ -259,7 +280,7 @@ def test_eval_sets_never_hold_fitting_prompts(advbench):
     assert not {it["group"] for it in ev} & seen_groups  # unseen goals
     assert not {it["template"] for it in ev} & used_templates  # unseen templates
     assert len({it["template"] for it in ev}) == len(ev) and ev[0]["id"] == "jailbreak-eval-0001"
-    for name in ("advbench", "harmbench", "donotanswer", "benign"):
+    for name in ("advbench", "harmbench", "donotanswer", "benign", "styles", "risky"):
         items = D.BUILTIN[name][1](None)
         assert items and not {D._norm(it["text"]) for it in items} & seen, name
     assert D.jailbreak_eval() == ev  # deterministic

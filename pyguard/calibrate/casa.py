@@ -293,16 +293,17 @@ def save_report(report: dict, folder, title: str = "CASA") -> tuple[Path, Path]:
 
 # ----------------------------------------------------------------------------- end to end
 def prompt_sets(harmful=None, benign=None, jailbreaks: int = FIT_JAILBREAKS) -> list[dict]:
-    """Labelled items: JSONL files (``{"text": ...}`` per line) or, by default,
-    ``datasets.harmful(jailbreaks)`` and the shipped benign set."""
+    """Labelled items: JSONL files (``{"text": ...}`` per line; a path or a list of paths) or, by
+    default, ``datasets.harmful(jailbreaks)`` and the shipped benign sets (benign, benign_risky)."""
     from .. import datasets
 
     items = []
-    for path, label, default in ((harmful, "harmful", None), (benign, "benign", None)):
-        if path is None:
-            rows = datasets.harmful(jailbreaks) if label == "harmful" else datasets.benign()
+    for paths, label in ((harmful, "harmful"), (benign, "benign")):
+        if paths is None:
+            rows = datasets.harmful(jailbreaks) if label == "harmful" else datasets.benign() + datasets.benign_risky()
         else:
             rows = [dict(r, id=r.get("id") or f"{Path(path).stem}-{i + 1}")
+                    for path in ([paths] if isinstance(paths, (str, Path)) else paths)
                     for i, r in enumerate(datasets.read_jsonl(path))]
         items += [dict(r, label=label) for r in rows]
     return items
