@@ -87,10 +87,13 @@ def test_mixed_guards_side_by_side_equal_their_lone_runs():
     assert stats["casa_calls"] - calls["casa_calls"] < len(TOPICS)
 
 
-def test_cmrm_image_requests_share_steps_with_text_requests(tmp_path):
-    """Dataset-level CMRM shifts only the rows of image requests: an image request and text
-    requests in one batch each answer as alone; text beside it answers as without CMRM; the
-    image request's answer is the shifted one."""
+@pytest.mark.parametrize("cascade", [False, True], ids=["cmrm", "cmrm+cascade"])
+def test_cmrm_image_requests_share_steps_with_text_requests(tmp_path, cascade):
+    """Dataset-level CMRM shifts only the rows of image requests: image requests and text
+    requests in one batch each answer as alone; text beside them answers as without CMRM; the
+    image requests' answers are the shifted ones. Under the cascade too: CASA reads the shifted
+    prompt states, CoCA's safe sequence is shifted with its base, and the branches, CASA scores
+    and answers equal the lone runs'."""
     from tiny_mmproj import write_test_image, write_tiny_mmproj
 
     from pyguard.methods import CMRM
@@ -102,9 +105,16 @@ def test_cmrm_image_requests_share_steps_with_text_requests(tmp_path):
     calls = [[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(p)}},
                                            {"type": "text", "text": "What is this?"}]}] for p in images]
     calls += [ask(t) for t in TOPICS[:4]]
-    with GuardedLlama(MODEL, mmproj_path=mmproj, n_ctx=256) as plain:
+    guard = {}
+    if cascade:
+        casa = casa_random(576, 10, seed=3)
+        with GuardedLlama(MODEL, mmproj_path=mmproj, n_ctx=256, casa=casa, cmrm=CMRM(v, alpha=1.0)) as probe:
+            scores = [probe.create_chat_completion(m, max_tokens=1)["pyguard"]["casa"]["score"] for m in calls]
+        low, high = np.sort(scores)[[1, -2]]  # both branches and a refusal among six requests
+        guard = {"cascade": Cascade(casa, CoCA(alpha=1.5), low=float(low), high=float(high))}
+    with GuardedLlama(MODEL, mmproj_path=mmproj, n_ctx=256, **guard) as plain:
         unshifted = [answer(plain.create_chat_completion(m, max_tokens=10)) for m in calls]
-    with GuardedLlama(MODEL, mmproj_path=mmproj, n_ctx=256, cmrm=CMRM(v, alpha=1.0), parallel=6) as g:
+    with GuardedLlama(MODEL, mmproj_path=mmproj, n_ctx=256, cmrm=CMRM(v, alpha=1.0), parallel=6, **guard) as g:
         alone = [g.create_chat_completion(m, max_tokens=10) for m in calls]
         steps = g.scheduler.stats["steps"]
         together = concurrently(lambda m: g.create_chat_completion(m, max_tokens=10), calls)
@@ -112,6 +122,11 @@ def test_cmrm_image_requests_share_steps_with_text_requests(tmp_path):
         shifts = g._capture.shifts
     assert [answer(r) for r in together] == [answer(r) for r in alone]
     assert [r["pyguard"]["cmrm"]["on"] for r in together] == [True, True, False, False, False, False]
+    if cascade:
+        assert [r["pyguard"]["cascade"] for r in together] == [r["pyguard"]["cascade"] for r in alone]
+        assert {r["pyguard"]["cascade"]["branch"] for r in alone} == {"none", "coca", "refuse"}
+        for a, b in zip(alone, together):
+            assert b["pyguard"]["casa"]["score"] == pytest.approx(a["pyguard"]["casa"]["score"], abs=1e-6)
     assert [answer(r) for r in together[2:]] == unshifted[2:]  # text beside images: not shifted
     assert answer(together[0]) != unshifted[0] or answer(together[1]) != unshifted[1]  # images: shifted
     assert shifts > 0 and batched < steps / 2  # side by side in shared steps
