@@ -676,9 +676,13 @@ def coca_report(coca: CoCA, shared: int) -> dict:
     return {"alpha": coca.alpha, "shared_prefix_tokens": shared, "dual_steps": 0, "gated": False, "kl_max": 0.0}
 
 
-def unpack_cascade(cascade: Optional[Cascade], coca, casa) -> tuple:
-    """(coca, casa) a guarded model runs: the cascade's own, or those given. ValueError when a
-    cascade comes with coca= or casa= too."""
+def unpack_cascade(cascade: Optional[Cascade], coca, casa, cmrm=None) -> tuple:
+    """(coca, casa) a guarded model runs: the cascade's own, or those given. TypeError naming the
+    argument when one is not its method's object (e.g. ``coca="yes"``); ValueError when a cascade
+    comes with coca= or casa= too."""
+    for name, obj, cls in (("coca", coca, CoCA), ("casa", casa, CASA), ("cmrm", cmrm, CMRM), ("cascade", cascade, Cascade)):
+        if obj is not None and not isinstance(obj, cls):
+            raise TypeError(f"{name}= takes a pyguard.methods.{cls.__name__} (or None), got {type(obj).__name__} {obj!r:.60}")
     if cascade is None:
         return coca, casa
     if coca is not None or casa is not None:

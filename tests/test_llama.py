@@ -187,6 +187,32 @@ def test_bad_model_files(tmp_path):
         GuardedLlama(bad)
 
 
+@pytest.mark.parametrize("kw,err,msg", [
+    ({"n_batch": -1, "coca": CoCA()}, ValueError, "n_batch must be an integer >= 1, got -1"),  # was heap corruption
+    ({"n_batch": 0}, ValueError, "n_batch must be an integer >= 1"),
+    ({"n_threads": 0}, ValueError, "n_threads must be an integer >= 1"),
+    ({"n_ctx": 64.5}, ValueError, "n_ctx must be an integer >= 8"),
+    ({"n_ctx": 10**9}, ValueError, "exceeds the model's trained context of 8192 tokens"),  # was a memory runaway
+    ({"n_ctx": 8192, "parallel": 16}, ValueError, r"needs 2\.8 GiB of KV cache; 1\.0 GiB of memory is available"),
+    ({"coca": "yes"}, TypeError, "coca= takes a pyguard.methods.CoCA"),
+    ({"cmrm": 3}, TypeError, "cmrm= takes a pyguard.methods.CMRM"),
+], ids=["n_batch-1", "n_batch0", "threads0", "n_ctx-float", "n_ctx-huge", "kv-memory", "coca-str", "cmrm-int"])
+def test_bad_constructor_arguments_are_clear_errors(kw, err, msg, monkeypatch):
+    from pyguard.llama import engine
+
+    monkeypatch.setattr(engine, "_available_memory", lambda: 2**30)  # the same verdict on any machine
+    with pytest.raises(err, match=msg):
+        GuardedLlama(MODEL, **kw)
+
+
+def test_context_is_what_was_asked():
+    """llama.cpp pads a small context (64 -> 256 cells); requests are bounded by the 64 asked for."""
+    with GuardedLlama(MODEL, n_ctx=64) as g:
+        assert g.engine.n_ctx == 64
+        with pytest.raises(ValueError, match="exceeds the context of 64 tokens"):
+            g.create_chat_completion(MSGS, max_tokens=60)
+
+
 def test_closed_model_says_so():
     g = GuardedLlama(MODEL, n_ctx=256)
     g.close()

@@ -191,6 +191,22 @@ def test_kept_kv_is_reused_only_for_its_tokens_its_control_vector_and_captured_r
     assert k.tokens == [1] and k.n_rows == 1 and np.concatenate(k.rows).shape == (1, 4)
 
 
+def test_a_half_read_stream_blocks_nothing():
+    """A stream read twice and kept: another request from another thread still runs, and
+    close() returns (nothing holds a lock across a yield to the caller)."""
+    g = GuardedLlama(MODEL, n_ctx=256, parallel=2)
+    it = g.create_chat_completion(ask("cats"), stream=True, max_tokens=200)
+    next(it), next(it)
+    out = concurrently(lambda t: g.create_chat_completion(ask(t), max_tokens=4), ["rain"])
+    assert answer(out[0])
+    closer = threading.Thread(target=g.close)
+    closer.start()
+    closer.join(30)
+    assert not closer.is_alive()
+    with pytest.raises(Cancelled):  # the abandoned stream ends with the model's close
+        list(it)
+
+
 def test_cancelled_stream_frees_its_slot_and_the_next_request_runs():
     with GuardedLlama(MODEL, n_ctx=256, parallel=1, coca=CoCA()) as g:
         stream = g.create_chat_completion(ask("cats"), max_tokens=150, stream=True)

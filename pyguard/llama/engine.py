@@ -31,14 +31,21 @@ class Engine:
         path = Path(model_path)
         if not path.is_file():
             raise FileNotFoundError(f"model file not found: {path}")
-        if n_ctx < 8:
-            raise ValueError(f"n_ctx = {n_ctx} is too small")
+        for name, v, lo in (("n_ctx", n_ctx, 8), ("n_seq", n_seq, 1), ("n_batch", n_batch, 1),
+                            ("n_threads", 1 if n_threads is None else n_threads, 1)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
         _logger.set_verbose(verbose)
         try:
             self.model = _internals.LlamaModel(path_model=str(path), params=L.llama_model_default_params(),
                                                verbose=verbose)
         except ValueError:
             raise ValueError(f"cannot load model {path}: not a GGUF model llama.cpp can read") from None
+        try:
+            self._check_memory(n_ctx, n_seq)
+        except BaseException:
+            self.model.close()
+            raise
         cp = L.llama_context_default_params()
         cp.n_ctx = n_ctx * n_seq  # llama.cpp splits n_ctx evenly between the streams
         cp.n_batch = cp.n_ubatch = n_batch
@@ -55,7 +62,7 @@ class Engine:
             self.model.close()
             raise RuntimeError(f"llama.cpp could not create a context (n_ctx={n_ctx} x {n_seq} sequences)")
         self.mem = L.llama_get_memory(self.ctx)
-        self.n_ctx = L.llama_n_ctx_seq(self.ctx)
+        self.n_ctx = min(n_ctx, L.llama_n_ctx_seq(self.ctx))  # what was asked (llama.cpp may pad it)
         self.n_batch = n_batch
         self.n_seq = n_seq
         self.n_vocab = self.model.n_vocab()
@@ -68,6 +75,21 @@ class Engine:
         self.arch = self.metadata.get("general.architecture", "")
         # a KV cache of attention layers: llama.cpp's batch split is then the one ubatches() predicts
         self.kv_only = not (L.llama_model_is_recurrent(self.model.model) or L.llama_model_is_hybrid(self.model.model))
+
+    def _check_memory(self, n_ctx: int, n_seq: int) -> None:
+        """ValueError when ``n_ctx`` exceeds the model's trained context, or when the KV cache of
+        ``n_seq`` sequences of it (f16 keys and values) would not fit in the available memory."""
+        m = self.model.model
+        trained = L.llama_model_n_ctx_train(m)
+        if trained > 0 and n_ctx > trained:
+            raise ValueError(f"n_ctx = {n_ctx} exceeds the model's trained context of {trained} tokens")
+        n_head = max(1, L.llama_model_n_head(m))
+        kv = 2 * 2 * L.llama_model_n_layer(m) * L.llama_model_n_head_kv(m) * (L.llama_model_n_embd(m) // n_head)
+        need = kv * n_ctx * n_seq
+        free = _available_memory()
+        if need > free:
+            raise ValueError(f"n_ctx = {n_ctx} x {n_seq} sequences needs {need / 2**30:.1f} GiB of KV cache; "
+                             f"{free / 2**30:.1f} GiB of memory is available")
 
     # -- tokens ----------------------------------------------------------------------------
     def tokenize(self, text: str, add_bos: bool = False) -> list[int]:
@@ -237,6 +259,18 @@ def model_shape(model_path) -> tuple[int, int]:
     """(n_layer, n_embd) of a GGUF model (loaded with a minimal context, then freed)."""
     with Engine(model_path, n_ctx=64, n_seq=1) as e:
         return e.n_layer, e.n_embd
+
+
+def _available_memory() -> int:
+    """Bytes of memory available to a new allocation (Linux's MemAvailable; else free pages)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def ubatches(seqs, n_ubatch: int, n_stream: int) -> list[np.ndarray]:

@@ -40,7 +40,7 @@ class GuardedLlama:
                  capture_layer: int | None = None, cascade=None, graft=None, parallel: int = 1,
                  max_queue: int = 0, cache_prompt: bool = True):
         self.model_path = Path(model_path)
-        coca, casa = unpack_cascade(cascade, coca, casa)
+        coca, casa = unpack_cascade(cascade, coca, casa, cmrm)
         self.coca, self.cmrm, self.casa, self.cascade, self.graft = coca, cmrm, casa, cascade, graft
         self._lock = threading.Lock()
         self.vision = self.engine = self._capture = self.scheduler = None

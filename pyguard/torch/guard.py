@@ -54,7 +54,7 @@ class GuardedModel:
     manager or call :meth:`close`."""
 
     def __init__(self, model, processor_or_tokenizer, coca=None, cmrm=None, casa=None, cascade=None, graft=None):
-        coca, casa = unpack_cascade(cascade, coca, casa)
+        coca, casa = unpack_cascade(cascade, coca, casa, cmrm)
         self.cascade = cascade
         self.layers = decoder_layers(model)  # TypeError naming the class when the guard cannot hook it
         if model.get_output_embeddings() is None:
