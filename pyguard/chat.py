@@ -66,7 +66,24 @@ def _parts(content, i: int) -> list[dict]:
             raise ValueError(f"messages[{i}].content[{j}] must be a text, image_url or graft part, got {p!r:.80}")
         if p["type"] == "graft" and not (isinstance(p.get("text"), str) and p["text"].strip()):
             raise ValueError(f"messages[{i}].content[{j}]: a graft part needs a non-empty 'text'")
+        if p["type"] == "text" and not isinstance(p.get("text"), str):
+            raise ValueError(f"messages[{i}].content[{j}]: a text part needs a string 'text', got {p.get('text')!r:.60}")
+        if p["type"] == "image_url":
+            url = p.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            if not isinstance(url, str) or not url:
+                raise ValueError(f"messages[{i}].content[{j}]: an image_url part needs 'image_url': {{'url': ...}} "
+                                 f"(a path, file:// URL or data: URI)")
     return content
+
+
+def _utf8(text: str, i: int) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"messages[{i}] holds a character that is not valid Unicode text ({e.reason}, "
+                         f"position {e.start})") from None
+    return text
 
 
 def flatten(messages, marker: str) -> Prompt:
@@ -82,11 +99,11 @@ def flatten(messages, marker: str) -> Prompt:
         text = []
         for p in _parts(m["content"], i):
             if p["type"] == "text":
-                text.append(str(p.get("text", "")))
+                text.append(_utf8(p["text"], i))
             elif p["type"] == "graft":
                 if m["role"] != "user":
                     raise ValueError(f"messages[{i}]: grafted content is only accepted in user messages")
-                grafts.append(p["text"])
+                grafts.append(_utf8(p["text"], i))
                 text.append(marker)
             else:
                 if m["role"] != "user":

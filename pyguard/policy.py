@@ -8,6 +8,8 @@ work too, through :func:`pyguard.ops.coca_step`.
 """
 from __future__ import annotations
 
+import numbers
+
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
@@ -114,8 +116,12 @@ class Request:
         return len(self.out)
 
 
-def check_sampling(max_tokens, temperature, top_p) -> None:
-    """ValueError naming the first invalid generation option."""
+MIN_TEMPERATURE = 1e-5  # below it sampling is greedy, as in vLLM: logits / T would overflow float32
+
+
+def check_sampling(max_tokens, temperature, top_p, seed=None, stop=None) -> tuple[float, list]:
+    """ValueError naming the first invalid generation option. Returns (the temperature used: 0,
+    greedy, for any below ``MIN_TEMPERATURE``; the stop strings as a list)."""
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
         raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
@@ -123,6 +129,12 @@ def check_sampling(max_tokens, temperature, top_p) -> None:
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
     if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not (0 < top_p <= 1):
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0):
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r:.80}")
+    if stop is not None and not isinstance(stop, str) and not (
+            isinstance(stop, list) and all(isinstance(x, str) for x in stop)):
+        raise ValueError(f"stop must be a string or a list of strings, got {stop!r:.80}")
+    return (0.0 if temperature < MIN_TEMPERATURE else float(temperature)), ([stop] if isinstance(stop, str) else list(stop or []))
 
 
 class Policy:

@@ -158,7 +158,16 @@ def test_prompt_renders_as_llama_cpp_python_does(plain):
     (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]),
      "remote URLs are not fetched"),
     (dict(temperature=-1.0), "temperature must be a finite number >= 0"),
+    (dict(temperature="0.5"), "temperature must be a finite number >= 0, got '0.5'"),
     (dict(top_p=0.0), "top_p must be in (0, 1]"),
+    (dict(seed="abc", temperature=0.5), "seed must be a non-negative integer, got 'abc'"),
+    (dict(stop={"a": 1}), "stop must be a string or a list of strings"),
+    (dict(stop=5), "stop must be a string or a list of strings, got 5"),
+    (dict(messages=[{"role": "user", "content": [{"type": "text", "text": None}]}]),
+     "messages[0].content[0]: a text part needs a string 'text', got None"),
+    (dict(messages=[{"role": "user", "content": [{"type": "text", "text": ["a"]}]}]), "a text part needs a string"),
+    (dict(messages=[{"role": "user", "content": [{"type": "image_url"}]}]), "an image_url part needs 'image_url'"),
+    (dict(messages=[{"role": "user", "content": "hi \ud800"}]), "messages[0] holds a character that is not valid"),
 ])
 def test_bad_requests_are_clear_errors_and_the_model_stays_usable(plain, kw, msg):
     args = dict(messages=MSGS, max_tokens=4)
@@ -166,6 +175,16 @@ def test_bad_requests_are_clear_errors_and_the_model_stays_usable(plain, kw, msg
     with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         plain.create_chat_completion(**args)
     assert text(plain.create_chat_completion(MSGS, max_tokens=4))
+
+
+@pytest.mark.parametrize("coca", [None, CoCA()], ids=["plain", "coca"])
+def test_temperatures_below_the_floor_are_greedy(coca):
+    """1e-40 overflowed numpy's sampler and 5e-324 failed in C++ with CoCA: below
+    MIN_TEMPERATURE a request is greedy."""
+    with GuardedLlama(MODEL, n_ctx=256, coca=coca) as g:
+        greedy = text(g.create_chat_completion(MSGS, max_tokens=6))
+        for t in (1e-40, 5e-324, 9e-6):
+            assert text(g.create_chat_completion(MSGS, max_tokens=6, temperature=t, seed=1)) == greedy
 
 
 def test_coca_context_counts_the_longer_prompt():

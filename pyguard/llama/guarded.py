@@ -195,12 +195,8 @@ class GuardedLlama:
 
     def _prepare(self, messages, max_tokens, temperature, top_p, seed, stop, states=False,
                  guards: dict | None = None) -> "LlamaJob":
-        check_sampling(1 if max_tokens is None else max_tokens, temperature, top_p)
+        temperature, stops = check_sampling(1 if max_tokens is None else max_tokens, temperature, top_p, seed, stop)
         use = self.policy.guards(guards)
-        if stop is not None and not isinstance(stop, str) and not (
-                isinstance(stop, list) and all(isinstance(x, str) for x in stop)):
-            raise ValueError(f"stop must be a string or a list of strings, got {stop!r:.80}")
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
         prompt = chat.flatten(messages, MARKER)
         if prompt.images and self.vision is None:
             raise ValueError("images given, but this model was loaded without an mmproj file")
@@ -228,7 +224,7 @@ class GuardedLlama:
             for segs in (base, safe, text_only):
                 segs is not None and segs.free()
             raise
-        job = LlamaJob(max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p),
+        job = LlamaJob(max_tokens=max_tokens, temperature=temperature, top_p=float(top_p),
                        rng=np.random.default_rng(seed), has_media=prompt.media, guards=use, id=responses.new_id(),
                        base=base, safe=safe, text_only=text_only, n_prompt=n_base, states_only=states,
                        text=TextAssembler(stops), on_token=self._on_token)

@@ -200,7 +200,7 @@ class GuardedModel:
         """OpenAI-style chat completion (a dict with a ``pyguard`` report), or an iterator of
         chunks when ``stream``. temperature 0 is greedy."""
         self._check_open()
-        check_sampling(max_tokens, temperature, top_p)
+        temperature, stops = check_sampling(max_tokens, temperature, top_p, seed, stop)
         prompt, marker = self._flatten(messages)
         soft = self._soft(prompt)
         base, pixel_values = self._encode(prompt, marker, soft)
@@ -212,7 +212,7 @@ class GuardedModel:
         opts = dict(max_new_tokens=max_tokens, do_sample=temperature > 0, temperature=temperature or 1.0,
                     top_p=top_p, rng=np.random.default_rng(seed))
         cid, name = responses.new_id(), type(self.model).__name__
-        pieces = self._texts(req, pixel_values, opts, [stop] if isinstance(stop, str) else list(stop or []))
+        pieces = self._texts(req, pixel_values, opts, stops)
         if stream:
             return self._stream(cid, name, pieces)
         text, finish = "", "length"
