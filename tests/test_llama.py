@@ -1,5 +1,6 @@
 """The llama.cpp runtime on SmolLM2-135M (fast; no safety alignment, so these check the
 machinery: exact equalities against independent runs, not refusals)."""
+import os
 import threading
 
 import numpy as np
@@ -232,6 +233,30 @@ def test_context_is_what_was_asked():
             g.create_chat_completion(MSGS, max_tokens=60)
 
 
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads Linux's /proc")
+def test_a_dropped_model_is_freed():
+    """A GuardedLlama dropped without close() frees its context and stops its thread (it kept
+    ~17 MB each before it had a finaliser)."""
+    import gc
+
+    for _ in range(2):  # allocator warm-up
+        GuardedLlama(MODEL, n_ctx=256).create_chat_completion(MSGS, max_tokens=2)
+    gc.collect()
+    base, threads = _rss(), threading.active_count()
+    for _ in range(8):
+        g = GuardedLlama(MODEL, n_ctx=256)
+        g.create_chat_completion(MSGS, max_tokens=2)
+        del g
+    gc.collect()
+    assert threading.active_count() == threads
+    assert _rss() - base < 40 * 2**20  # 8 leaked models would hold > 130 MB
+
+
 def test_closed_model_says_so():
     g = GuardedLlama(MODEL, n_ctx=256)
     g.close()
@@ -268,6 +293,25 @@ def test_image_requests_end_to_end(image_files):
         d = g.create_chat_completion(image_msgs(images[0]), max_tokens=12)
     assert text(d) == text(a)  # alpha 0 with an image: the unguarded answer
     assert d["pyguard"]["coca"]["shared_prefix_tokens"] > 16  # system prompt and image decoded once
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads Linux's /proc")
+def test_unread_image_streams_leave_nothing_behind(image_files):
+    """A stream with an image, created and dropped unread, many times: memory flat (its image
+    chunks are freed when the request ends)."""
+    import gc
+
+    mmproj, images = image_files
+    with GuardedLlama(MODEL, mmproj_path=mmproj, n_ctx=256, parallel=2) as g:
+        for _ in range(5):
+            g.create_chat_completion(image_msgs(images[0]), max_tokens=2, stream=True)
+        gc.collect()
+        base = _rss()
+        for _ in range(60):
+            g.create_chat_completion(image_msgs(images[0]), max_tokens=2, stream=True)
+        gc.collect()
+        assert text(g.create_chat_completion(image_msgs(images[1]), max_tokens=2))
+        assert _rss() - base < 20 * 2**20  # 60 x 0.9 MB kept would be > 50 MB
 
 
 def test_bad_images_and_mmproj(image_files, tmp_path):

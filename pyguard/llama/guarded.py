@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import codecs
+import functools
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -106,20 +108,18 @@ class GuardedLlama:
         except BaseException:
             self.close()
             raise
+        self._release = weakref.finalize(self, _release, self.scheduler, self.vision, self.engine, self._capture)
         self.name = self.model_path.name
 
     # -- lifecycle -------------------------------------------------------------------------
     def close(self) -> None:
-        """Cancel the requests in flight and free the model."""
-        if self.scheduler is not None:
-            self.scheduler.close()
-        with self._lock:
-            if self.vision is not None:
-                self.vision.close()
-                self.vision = None
-            if self.engine is not None:
-                self.engine.close()  # before the capture object it points to goes
-                self.engine = None
+        """Cancel the requests in flight and free the model (a model dropped without close() is
+        freed when it is garbage collected)."""
+        release = getattr(self, "_release", None) or functools.partial(
+            _release, self.scheduler, self.vision, self.engine, self._capture)
+        with self._lock:  # no request is being prepared (tokenized) meanwhile
+            release()  # the scheduler first: its requests use the engine until it stops
+            self.vision = self.engine = None
 
     def __enter__(self):
         return self
@@ -390,6 +390,18 @@ class GuardedLlama:
         (_, _, _, H), = list(self.events(self._enqueue(job)))
         states = H[self._states_layer] if self._states_layer is not None else H
         return (states, mask) if with_mask else states
+
+
+def _release(scheduler, vision, engine, capture) -> None:
+    """Stop the scheduler (cancelling its requests), then free mtmd and the model and context;
+    ``capture`` stays alive until the context that calls it is gone."""
+    if scheduler is not None:
+        scheduler.close()
+    if vision is not None:
+        vision.close()
+    if engine is not None:
+        engine.close()
+    del capture
 
 
 def cacheable(segments) -> list:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -167,8 +168,8 @@ class Scheduler:
     """Runs jobs on ``engine`` (a context with ``parallel * per_slot`` sequences, a KV stream each).
 
     capture: a LayerCapture / PyCapture installed in the engine's context, or None; its layers
-    ``capture_layers``. vision: the mtmd context, or None. finish(job, exc): called on the
-    scheduler thread when a job ends (free its native memory)."""
+    ``capture_layers``. vision: the mtmd context, or None. finish(job, exc): a bound method
+    (held weakly), called on the scheduler thread when a job ends (free its native memory)."""
 
     def __init__(self, engine, policy: Policy, parallel: int, per_slot: int, capture=None,
                  capture_layers: tuple = (), vision=None, max_queue: int = 0, finish=None,
@@ -178,7 +179,9 @@ class Scheduler:
                              f"and at most n_batch = {engine.n_batch}")
         self.engine, self.policy, self.parallel, self.per_slot = engine, policy, parallel, per_slot
         self.capture, self.capture_layers, self.vision = capture, tuple(capture_layers), vision
-        self.max_queue, self._finish, self.cache_prompt = max_queue, finish, cache_prompt
+        self.max_queue, self.cache_prompt = max_queue, cache_prompt
+        # weakly: the thread must not keep the guarded model that owns this scheduler alive
+        self._finish = weakref.WeakMethod(finish) if finish is not None else None
         self.kept = [Kept() for _ in range(parallel * per_slot)]
         self.waiting: deque = deque()
         self.active: list = []
@@ -517,8 +520,9 @@ class Scheduler:
             self._free_slots.sort()
         if j.plan is not None:
             j.plan.close()
-        if self._finish is not None:
-            self._finish(j, exc)
+        finish = self._finish() if self._finish is not None else None
+        if finish is not None:
+            finish(j, exc)
         if exc is not None:
             j.outbox.append(exc)
         with self._cv:
