@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 
 import numpy as np
 
@@ -22,6 +23,7 @@ from . import reference
 from .reference import is_torch
 
 BACKENDS = ("auto", "ref", "cpp", "triton")
+MIN_TEMPERATURE = 1e-5  # coca_step's floor; requests below it are greedy (vLLM's rule)
 _FLOATS = ("float32", "bfloat16", "float16")
 
 
@@ -80,6 +82,9 @@ def _pick(backend: str, x) -> str:
             raise ValueError(f"backend 'cpp' takes float32 host memory, got {where}")
         native()
     if backend == "triton":
+        if not _on_cuda(x) and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("backend 'triton' takes CUDA tensors (or runs under TRITON_INTERPRET=1), got "
+                             + ("a CPU tensor" if is_torch(x) else "a numpy array"))
         triton_kernels()
     return backend
 
@@ -168,9 +173,10 @@ def _check_coca(base, safe, alpha, temperature, force_token, out):
     alpha = _per_row(alpha, B, "alpha", base)
     temperature = _per_row(temperature, B, "temperature", base)
     tv = _values(temperature)
-    if (tv <= 0).any():
-        i = int(np.flatnonzero(tv <= 0)[0])
-        raise ValueError(f"temperature[{i}] = {tv[i]} must be > 0")
+    if (tv < MIN_TEMPERATURE).any():
+        i = int(np.flatnonzero(tv < MIN_TEMPERATURE)[0])
+        raise ValueError(f"temperature[{i}] = {tv[i]} must be >= {MIN_TEMPERATURE} (logits / T overflow below; "
+                         "a greedy row passes 1)")
     if force_token is not None:
         _array(force_token, "force_token", 1, ("int64", "int32"), (B,))
         fv = _values(force_token)

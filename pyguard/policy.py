@@ -116,7 +116,7 @@ class Request:
         return len(self.out)
 
 
-MIN_TEMPERATURE = 1e-5  # below it sampling is greedy, as in vLLM: logits / T would overflow float32
+MIN_TEMPERATURE = ops.MIN_TEMPERATURE  # below it sampling is greedy, as in vLLM: logits / T would overflow
 
 
 def check_sampling(max_tokens, temperature, top_p, seed=None, stop=None) -> tuple[float, list]:

@@ -105,7 +105,8 @@ def casa_score(H, cu_seqlens, Wk, q, w, b):
         a = a / xp.sum(a, axis=0, keepdims=True)
         z = xp.sum(a.T @ x, axis=0) / qd.shape[0]  # [d]
         logit = float(xp.sum(wd * z)) + float(b)
-        scores.append(1.0 / (1.0 + math.exp(-logit)))
+        e = math.exp(-abs(logit))  # a sigmoid that never overflows
+        scores.append(1.0 / (1.0 + e) if logit >= 0 else e / (1.0 + e))
     if is_torch(H):
         import torch
 

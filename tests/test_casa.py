@@ -69,6 +69,18 @@ def test_sequence_order_and_packing_independent(impl, rng):
     np.testing.assert_allclose(together, alone, rtol=1e-6, atol=1e-7)
 
 
+def test_saturated_scores_agree(impl, rng):
+    """Logits far past the sigmoid's range give exactly 0 or 1 in every backend (the reference
+    raised OverflowError at b = -1000)."""
+    H, cu = packed(rng, [5, 6, 3], 32)
+    Wk, q, w, b = params(rng, 32, 8, 2)
+    assert (ops.casa_score(H, cu, Wk, q, w, -1000.0, backend=impl) == 0).all()
+    assert (ops.casa_score(H, cu, Wk, q, w, 1000.0, backend=impl) == 1).all()
+    big = ops.casa_score(H * np.float32(1e20), cu, Wk, q, w, b, backend=impl)
+    np.testing.assert_array_equal(big, ops.casa_score(H * np.float32(1e20), cu, Wk, q, w, b, backend="ref"))
+    assert set(big.tolist()) <= {0.0, 1.0}
+
+
 def test_non_finite_hidden_states_give_nan(impl, rng):
     H, cu = packed(rng, [5, 6, 7], 64)
     H[2, 10] = np.nan

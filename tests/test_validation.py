@@ -30,8 +30,9 @@ COCA_CASES = [
     (dict(alpha=float("nan")), "alpha[0] = nan is not finite"),
     (dict(alpha=np.array([1.0, np.inf], np.float32)), "alpha[1] = inf is not finite"),
     (dict(alpha=np.ones(3, np.float32)), "alpha must be a scalar or have shape (2,)"),
-    (dict(temperature=0.0), "temperature[0] = 0.0 must be > 0"),
-    (dict(temperature=np.array([1.0, -2.0], np.float32)), "temperature[1] = -2.0 must be > 0"),
+    (dict(temperature=0.0), "temperature[0] = 0.0 must be >= 1e-05"),
+    (dict(temperature=np.array([1.0, -2.0], np.float32)), "temperature[1] = -2.0 must be >= 1e-05"),
+    (dict(temperature=1e-39), "must be >= 1e-05 (logits / T overflow below"),  # ref and C++ disagreed
     (dict(force_token=np.array([0, 10])), "force_token[1] = 10 is outside [-1, 10)"),
     (dict(force_token=np.array([-2, 0])), "force_token[0] = -2 is outside [-1, 10)"),
     (dict(force_token=np.array([0.0, 1.0])), "force_token must have dtype int64 or int32, got float64"),
@@ -46,6 +47,15 @@ def test_coca_errors(backend, kw, msg):
     args.update(kw)
     with pytest.raises(ValueError, match=re.escape(msg)):
         ops.coca_step(**args, backend=backend)
+
+
+def test_triton_says_it_takes_cuda_tensors(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="backend 'triton' takes CUDA tensors .* got a numpy array"):
+        ops.coca_step(f32(2, 10), f32(2, 10), 1.5, backend="triton")
+    H = f32(6, 8)
+    with pytest.raises(ValueError, match="backend 'triton' takes CUDA tensors .* got a numpy array"):
+        ops.casa_score(H, np.array([0, 6]), f32(8, 4), f32(2, 4), f32(8), 0.0, backend="triton")
 
 
 def test_read_only_out():
