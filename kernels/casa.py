@@ -50,7 +50,8 @@ def _casa_score_kernel(H_ptr, cu_ptr, Wk_ptr, q_ptr, w_ptr, s_ptr, b, d, r, head
         m = new_m
     z = tl.where(hmask, acc / tl.where(hmask, l, 1.0), 0.0)
     logit = tl.sum(z) / heads + b
-    tl.store(s_ptr + seq, 1.0 / (1.0 + tl.exp(-logit)) + bad)
+    e = tl.exp(-tl.abs(logit))  # a sigmoid that never overflows, as the reference's
+    tl.store(s_ptr + seq, tl.where(logit >= 0, 1.0 / (1.0 + e), e / (1.0 + e)) + bad)
 
 
 def casa_score(H, cu_seqlens, Wk, q, w, b):
