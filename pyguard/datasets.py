@@ -208,16 +208,13 @@ def write_jsonl(path, rows: Iterable[dict]) -> Path:
     return path
 
 
-def append_jsonl(path, row: dict) -> Path:
-    """Append one row and fsync it, for resumable runs (rows written before a crash survive).
-
-    If the file does not end with a newline, its last line was cut by a crash: it is dropped when
-    it is not valid JSON (a warning goes to stderr), or completed with a newline when it is.
-    """
+def repair_jsonl(path) -> Path:
+    """Mend a JSONL file a crash cut: if it does not end with a newline, its last line is dropped
+    when it is not valid JSON (a warning goes to stderr), or completed with a newline when it is."""
     path = Path(path)
-    data = _line(row).encode("utf-8")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as f:
+    if not path.exists():
+        return path
+    with open(path, "r+b") as f:
         size = f.seek(0, os.SEEK_END)
         if size:
             f.seek(size - 1)
@@ -240,6 +237,17 @@ def append_jsonl(path, row: dict) -> Path:
                     print(f"[pyguard] {path}: dropping a truncated last line ({len(tail)} bytes)",
                           file=sys.stderr)
                     f.truncate(start)
+    return path
+
+
+def append_jsonl(path, row: dict) -> Path:
+    """Append one row and fsync it, for resumable runs (rows written before a crash survive); a
+    last line a crash cut is mended first (:func:`repair_jsonl`)."""
+    path = Path(path)
+    data = _line(row).encode("utf-8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    repair_jsonl(path)
+    with open(path, "ab") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())

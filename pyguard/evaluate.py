@@ -3,8 +3,11 @@ refusals on benign items and latency per method, as JSONL, Markdown, CSV and PNG
 
 Output folder::
 
-    run.json                 the run's settings; resuming with other settings is refused
-    responses.jsonl          one row per (item, method), appended and fsynced as it is made
+    run.json                 the last run's settings
+    responses.jsonl          one row per (item, method), appended and fsynced as it is made, with the
+                             key of what decided it (``answer_key``): a run reuses only answers
+                             whose key it would give, so a changed setting or item is answered
+                             anew, never read back
     judgments-model.jsonl    the model judge's verdicts (resumable too)
     summary-<judge>.md/.csv  the table; every number names the judge that produced it
     asr_vs_refusal-<judge>.png, latency.png
@@ -17,15 +20,20 @@ decoded tokens over decode time, summed over items that decoded at least two tok
 from __future__ import annotations
 
 import csv
+import dataclasses
+import hashlib
 import json
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from . import datasets, judges
 from .methods import CASA, CMRM, Cascade, CoCA
-from .runtime import Runtime
+from .policy import check_sampling
+from .runtime import Runtime, model_key
 
 PARTS = ("coca", "cmrm", "casa", "cascade")
 ALIASES = {"none": (), "all": ("coca", "cmrm", "casa")}
@@ -138,20 +146,35 @@ def load_items(dataset, folder) -> list[dict]:
     return rows
 
 
-def _settings_check(out: Path, settings: dict) -> None:
-    f = out / "run.json"
-    if f.exists():
-        old = json.loads(f.read_text())
-        diff = [k for k in settings if k in old and old[k] != settings[k]]
-        if diff:
-            raise ValueError(f"{out} holds results of another run ({', '.join(f'{k}: {old[k]!r} != {settings[k]!r}' for k in diff)}); "
-                             "use another --out folder or delete it")
-    f.write_text(json.dumps(settings, indent=1))
+def fingerprint(x):
+    """A JSON-able canonical form of ``x``: method objects field by field (not where they were
+    loaded from), arrays by their sha256, for answer keys."""
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return {type(x).__name__: {f.name: fingerprint(getattr(x, f.name)) for f in dataclasses.fields(x) if f.compare}}
+    if isinstance(x, np.ndarray):
+        a = np.ascontiguousarray(x)
+        return f"{a.dtype}{list(a.shape)}:{hashlib.sha256(a.tobytes()).hexdigest()}"
+    if isinstance(x, dict):
+        return {str(k): fingerprint(v) for k, v in sorted(x.items())}
+    if isinstance(x, (list, tuple)):
+        return [fingerprint(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return repr(x)
+    return x
+
+
+def answer_key(item: dict, method: str, settings: dict) -> str:
+    """What decides an answer, hashed: the item's content (text, grafted content, image bytes),
+    the method and ``settings`` (model, projectors, generation options, the method's objects)."""
+    image = item.get("image")
+    content = [item["text"], item.get("graft"), image and hashlib.sha256(Path(image).read_bytes()).hexdigest()]
+    blob = json.dumps([content, method, settings], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
 def done_rows(out: Path) -> list[dict]:
-    f = out / "responses.jsonl"
-    return datasets.read_jsonl(f, required=("id", "method")) if f.exists() else []
+    f = datasets.repair_jsonl(out / "responses.jsonl")  # a run killed mid-write left half a line
+    return datasets.read_jsonl(f, required=("id", "method"), optional=("key",)) if f.exists() else []
 
 
 def run(model, dataset, methods="none,coca,casa,coca+casa", out="results", defences: Defences | None = None,
@@ -168,17 +191,24 @@ def run(model, dataset, methods="none,coca,casa,coca+casa", out="results", defen
         defences.for_method(m)  # fail before any work
     if judge not in judges.JUDGES:
         raise ValueError(f"judge must be one of {judges.JUDGES}, got {judge!r}")
+    check_sampling(max_tokens, 0.0, 1.0)
     items = load_items(dataset, out)
     if limit is not None:
         items = items[:limit]
+    if not items:
+        raise ValueError(f"{dataset}: the data set holds no items")
     if any(it.get("graft") for it in items) and graft is None:
         raise ValueError(f"{dataset}: items have grafted content but no --graft projector was given")
     rt = Runtime(model, mmproj, n_ctx, graft)
     if any(it.get("image") for it in items) and mmproj is None and rt.kind == "gguf":
         raise ValueError(f"{dataset}: items have images but the model has no --mmproj")
-    _settings_check(out, {"model": str(model), "mmproj": str(mmproj) if mmproj else None, "max_tokens": max_tokens,
-                          "dataset": str(dataset), **({"graft": rt.graft.fingerprint()} if graft is not None else {})})
-    done = {(r["id"], r["method"]) for r in done_rows(out)}
+    settings = {"model": rt.key, "mmproj": model_key("gguf", Path(mmproj)) if mmproj else None,
+                "graft": rt.graft.fingerprint() if graft is not None else None, "max_tokens": max_tokens,
+                "temperature": 0.0}
+    keys = {(it["id"], m): answer_key(it, m, {**settings, "methods": fingerprint(defences.for_method(m))})
+            for it in items for m in names}
+    (out / "run.json").write_text(json.dumps({**settings, "dataset": str(dataset), "methods": names}, indent=1))
+    done = {(r["id"], r["method"]) for r in done_rows(out) if keys.get((r["id"], r["method"])) == r.get("key")}
     todo = {m: [it for it in items if (it["id"], m) not in done] for m in names}
     bar = tqdm(total=sum(map(len, todo.values())), desc="eval", unit="item", disable=not progress)
     for m in names:
@@ -189,13 +219,13 @@ def run(model, dataset, methods="none,coca,casa,coca+casa", out="results", defen
             for it in todo[m]:
                 bar.set_postfix_str(m)
                 r = g.create_chat_completion(messages(it), max_tokens=max_tokens, temperature=0.0)
-                datasets.append_jsonl(out / "responses.jsonl", response_row(it, m, r))
+                datasets.append_jsonl(out / "responses.jsonl", {**response_row(it, m, r), "key": keys[it["id"], m]})
                 bar.update()
         finally:
             g.close()
     bar.close()
-    wanted = {(it["id"], m) for it in items for m in names}
-    rows = [r for r in done_rows(out) if (r["id"], r["method"]) in wanted]
+    rows = list({(r["id"], r["method"]): r for r in done_rows(out)  # this run's answers, one each
+                 if keys.get((r["id"], r["method"])) == r.get("key")}.values())
     verdicts = judge_rows(rows, judge, out, judge_model, progress)
     label = judge if judge == "refusal" else f"model: {Path(str(judge_model)).name}"  # who gave the verdicts
     table = summarize(rows, verdicts, names, label)

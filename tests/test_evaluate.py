@@ -87,10 +87,30 @@ def test_run_resume_and_summary(tmp_path):
     assert [(r["id"], r["method"]) for r in lines(out / "responses.jsonl")] == [(r["id"], r["method"]) for r in rows]
     verdicts = [(s["asr"], s["benign_refusal"]) for s in res["summary"]]
     assert [(s["asr"], s["benign_refusal"]) for s in again["summary"]] == verdicts
-    # other settings in the same folder are refused, nothing is overwritten
-    with pytest.raises(ValueError, match="holds results of another run.*max_tokens: 4 != 5"):
-        evaluate.run(MODEL, data, "none", out, d, max_tokens=5, n_ctx=512, progress=False)
-    assert len(lines(out / "responses.jsonl")) == 6
+    # a run killed mid-write: its half line is dropped and the answer made again
+    with open(out / "responses.jsonl", "a") as f:
+        f.write('{"id": "x", "meth')
+    evaluate.run(MODEL, data, "none,casa", out, d, max_tokens=4, n_ctx=512, progress=False)
+    assert [(r["id"], r["method"]) for r in lines(out / "responses.jsonl")] == [(r["id"], r["method"]) for r in rows]
+    # another setting, an edited item, the same data set by another path: new answers only where they differ
+    five = evaluate.run(MODEL, data, "none", out, d, max_tokens=5, n_ctx=512, progress=False)
+    assert len(lines(out / "responses.jsonl")) == 9 and all(r["completion_tokens"] <= 5 for r in five["rows"])
+    assert len(five["rows"]) == 3 and {r["key"] for r in five["rows"]}.isdisjoint(r["key"] for r in rows)
+    zero = evaluate.Defences(coca=CoCA(alpha=0.0), casa=d.casa)
+    evaluate.run(MODEL, data, "coca", out, zero, max_tokens=4, n_ctx=512, progress=False)
+    evaluate.run(MODEL, data, "coca", out, d, max_tokens=4, n_ctx=512, progress=False)
+    assert len(lines(out / "responses.jsonl")) == 15  # alpha 0 and 1.5: answers of their own
+    edited = [dict(ITEMS[0], text=ITEMS[0]["text"] + " Please."), *ITEMS[1:]]
+    moved = datasets.write_jsonl(tmp_path / "elsewhere" / "d.jsonl", edited)
+    res = evaluate.run(MODEL, moved, "none,casa", out, d, max_tokens=4, n_ctx=512, progress=False)
+    assert len(lines(out / "responses.jsonl")) == 17  # only the edited item, for both methods
+    assert {r["id"] for r in res["rows"]} == {i["id"] for i in ITEMS} and len(res["rows"]) == 6
+    with pytest.raises(ValueError, match="max_tokens must be a positive integer"):
+        evaluate.run(MODEL, data, "none", tmp_path / "bad", d, max_tokens=0, n_ctx=512, progress=False)
+    assert not (tmp_path / "bad" / "run.json").exists()  # nothing written before the settings are valid
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match="holds no items"):
+        evaluate.run(MODEL, tmp_path / "empty.jsonl", "none", tmp_path / "e", d, max_tokens=4, n_ctx=512, progress=False)
 
 
 @needs_model
