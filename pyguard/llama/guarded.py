@@ -268,11 +268,11 @@ class GuardedLlama:
 
     # -- on the scheduler's thread ---------------------------------------------------------
     def _plan(self, j: "LlamaJob"):
-        """The request's prompt evaluation (a generator of scheduler ops). What base and safe
-        share (system prompt, images, the common start of the last text) goes once into the base
-        sequence and is copied to the safe one; then the two tails, in one batch unless CASA reads
-        the base prompt's hidden states first (then base, CASA's decision, safe). Returns the first
-        logit rows and the next positions, or None when the request ends here."""
+        """The request's prompt evaluation (a generator of scheduler ops). The base prompt goes
+        into the base sequence (its text in one piece); CASA reads its hidden states and decides;
+        then what base and safe share (system prompt, images, the common start of the last text)
+        is copied to the safe sequence and the safe tail evaluated. Returns the first logit rows
+        and the next positions, or None when the request ends here."""
         e, s0 = self.engine, j.seqs[0]
         if j.text_only is not None:  # sample-level CMRM: this request's vectors (it runs alone)
             last = []
@@ -294,19 +294,10 @@ class GuardedLlama:
         ts = safe[k] if safe is not None else None
         if any(isinstance(x, (Image, Soft)) for x in [*base[k:], *(safe or [])[k:]]):
             raise AssertionError("base and safe prompts differ before an image")  # with_principle prevents it
-        P = common_prefix(tb, ts) if ts is not None else 0
-        shared = pos + P
-        if max(hb, pos) < shared:
-            yield [Tokens(s0, tb[max(hb - pos, 0):P], max(hb, pos), capture=cap)]
-        if ts is not None and hs < shared:
-            yield Copy(s0, j.seqs[1], shared)  # the shared prefix, before the base tail goes in
-            hs = shared
-        b0 = max(hb, shared)  # where each tail starts
-        if ts is not None and not cap:
-            rb, rs = yield [Tokens(s0, tb[b0 - pos:], b0, last=True), Tokens(j.seqs[1], ts[hs - pos:], hs, last=True)]
-            self.policy.start_dual(j, shared)
-            return (rb, rs), [pos + len(tb), pos + len(ts)]
-        (rb,) = yield [Tokens(s0, tb[b0 - pos:], b0, last=True, capture=cap)]
+        shared = pos + (common_prefix(tb, ts) if ts is not None else 0)
+        # the base text in one piece, as the unguarded model evaluates it: a prompt cut in two
+        # runs in other ubatches, which round otherwise and can change the answer
+        (rb,) = yield [Tokens(s0, tb[max(hb - pos, 0):], max(hb, pos), last=True, capture=cap)]
         if cap:
             H = self._collect(j, pos + len(tb))
             yield Check(H[self.casa.layer])
@@ -316,6 +307,9 @@ class GuardedLlama:
             if ts is not None:
                 yield Drop(j.seqs[1])
             return (rb,), [pos + len(tb)]
+        if hs < shared:
+            yield Copy(s0, j.seqs[1], shared)  # llama.cpp copies the stream; the safe one keeps the shared prefix
+            hs = shared
         (rs,) = yield [Tokens(j.seqs[1], ts[hs - pos:], hs, last=True)]
         self.policy.start_dual(j, shared)
         return (rb, rs), [pos + len(tb), pos + len(ts)]
