@@ -226,6 +226,8 @@ def cmrm_shift_(h, v, alpha, layer=None, row_mask=None, backend="auto"):
     N, d = h.shape
     if not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
         raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+    if layer is not None and (isinstance(layer, bool) or not isinstance(layer, numbers.Integral)):
+        raise ValueError(f"layer must be an integer row of the vector table, got {layer!r}")
     if getattr(v, "ndim", None) == 2:
         _array(v, "v", 2, shape=(None, d))
         if layer is None or not (0 <= layer < v.shape[0]):

@@ -49,6 +49,14 @@ def test_coca_errors(backend, kw, msg):
         ops.coca_step(**args, backend=backend)
 
 
+@pytest.mark.parametrize("layer", [1.5, True, "1"])
+def test_cmrm_layer_must_be_an_integer(backend, layer):
+    if backend == "triton":
+        pytest.skip("checked before any backend runs")
+    with pytest.raises(ValueError, match=re.escape(f"layer must be an integer row of the vector table, got {layer!r}")):
+        ops.cmrm_shift_(f32(3, 4), f32(2, 4), 1.0, layer=layer, backend=backend)
+
+
 def test_triton_says_it_takes_cuda_tensors(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="backend 'triton' takes CUDA tensors .* got a numpy array"):
