@@ -225,6 +225,16 @@ def test_bad_constructor_arguments_are_clear_errors(kw, err, msg, monkeypatch):
         GuardedLlama(MODEL, **kw)
 
 
+def test_n_ctx_limit_overrides_the_trained_context(monkeypatch):
+    from pyguard.llama import engine
+
+    monkeypatch.setattr(engine, "_available_memory", lambda: 2**40)
+    with GuardedLlama(MODEL, n_ctx=9000, n_ctx_limit=9000) as g:  # trained: 8192
+        assert g.engine.n_ctx == 9000
+    with pytest.raises(ValueError, match="n_ctx = 9000 exceeds n_ctx_limit = 8500"):
+        GuardedLlama(MODEL, n_ctx=9000, n_ctx_limit=8500)
+
+
 def test_context_is_what_was_asked():
     """llama.cpp pads a small context (64 -> 256 cells); requests are bounded by the 64 asked for."""
     with GuardedLlama(MODEL, n_ctx=64) as g:

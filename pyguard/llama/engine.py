@@ -27,7 +27,8 @@ class Engine:
     attention sums. llama.cpp regroups a batch of several sequences by sequence (split_equal)."""
 
     def __init__(self, model_path: str | Path, n_ctx: int = 2048, n_seq: int = 2, n_threads: int | None = None,
-                 n_batch: int = 512, verbose: bool = False, cb_eval=None, cb_eval_user_data=None):
+                 n_batch: int = 512, verbose: bool = False, cb_eval=None, cb_eval_user_data=None,
+                 n_ctx_limit: int | None = None):
         path = Path(model_path)
         if not path.is_file():
             raise FileNotFoundError(f"model file not found: {path}")
@@ -42,7 +43,7 @@ class Engine:
         except ValueError:
             raise ValueError(f"cannot load model {path}: not a GGUF model llama.cpp can read") from None
         try:
-            self._check_memory(n_ctx, n_seq)
+            self._check_memory(n_ctx, n_seq, n_ctx_limit)
         except BaseException:
             self.model.close()
             raise
@@ -76,13 +77,17 @@ class Engine:
         # a KV cache of attention layers: llama.cpp's batch split is then the one ubatches() predicts
         self.kv_only = not (L.llama_model_is_recurrent(self.model.model) or L.llama_model_is_hybrid(self.model.model))
 
-    def _check_memory(self, n_ctx: int, n_seq: int) -> None:
-        """ValueError when ``n_ctx`` exceeds the model's trained context, or when the KV cache of
-        ``n_seq`` sequences of it (f16 keys and values) would not fit in the available memory."""
+    def _check_memory(self, n_ctx: int, n_seq: int, limit: int | None) -> None:
+        """ValueError when ``n_ctx`` exceeds ``limit`` (default: the model's trained context), or
+        when the KV cache of ``n_seq`` sequences of it (f16 keys and values) would not fit in the
+        available memory."""
         m = self.model.model
         trained = L.llama_model_n_ctx_train(m)
-        if trained > 0 and n_ctx > trained:
-            raise ValueError(f"n_ctx = {n_ctx} exceeds the model's trained context of {trained} tokens")
+        if limit is None and trained > 0 and n_ctx > trained:
+            raise ValueError(f"n_ctx = {n_ctx} exceeds the model's trained context of {trained} tokens "
+                             "(n_ctx_limit= overrides it)")
+        if limit is not None and n_ctx > limit:
+            raise ValueError(f"n_ctx = {n_ctx} exceeds n_ctx_limit = {limit}")
         n_head = max(1, L.llama_model_n_head(m))
         kv = 2 * 2 * L.llama_model_n_layer(m) * L.llama_model_n_head_kv(m) * (L.llama_model_n_embd(m) // n_head)
         need = kv * n_ctx * n_seq

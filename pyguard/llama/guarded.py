@@ -33,14 +33,15 @@ class GuardedLlama:
     (CASA's layer when CASA is on), or a list of layers (calibration). ``parallel``: requests
     decoded side by side, batched (more wait in a queue of ``max_queue``, 0: unbounded).
     cache_prompt: a request reuses the KV (and CASA's rows) of the longest token prefix it shares
-    with the last request of a free slot, as llama-server does. Use as a context manager or call
-    ``close()``.
+    with the last request of a free slot, as llama-server does. ``n_ctx`` may not exceed the
+    model's trained context unless ``n_ctx_limit`` says how far (e.g. a model run with rope
+    scaling). Use as a context manager or call ``close()``.
     """
 
     def __init__(self, model_path, mmproj_path=None, n_ctx: int = 2048, n_threads: int | None = None,
                  coca=None, cmrm=None, casa=None, n_batch: int = 512, verbose: bool = False,
                  capture_layer: int | None = None, cascade=None, graft=None, parallel: int = 1,
-                 max_queue: int = 0, cache_prompt: bool = True):
+                 max_queue: int = 0, cache_prompt: bool = True, n_ctx_limit: int | None = None):
         self.model_path = Path(model_path)
         coca, casa = unpack_cascade(cascade, coca, casa, cmrm)
         self.coca, self.cmrm, self.casa, self.cascade, self.graft = coca, cmrm, casa, cascade, graft
@@ -77,7 +78,8 @@ class GuardedLlama:
             cb = capture.eval_callback(self._capture)
         per_slot = 2 if coca else 1
         self.engine = Engine(model_path, n_ctx=n_ctx, n_seq=parallel * per_slot, n_threads=n_threads,
-                             n_batch=n_batch, verbose=verbose, cb_eval=cb[0], cb_eval_user_data=cb[1])
+                             n_batch=n_batch, verbose=verbose, cb_eval=cb[0], cb_eval_user_data=cb[1],
+                             n_ctx_limit=n_ctx_limit)
         e = self.engine
         try:
             self.model_hint = describe_model(e.arch, e.n_layer, e.n_embd, e.n_vocab)
