@@ -11,10 +11,11 @@ once on a thread of its own. Per-request choices (tokens, CASA's decision, CoCA'
 Sequences: slot i owns sequence ``i`` (base) and ``parallel + i`` (CoCA's safe one), each in a KV
 stream of its own (``Engine``): the base sequences of busy slots are consecutive ids, and the safe
 ones follow, so a step's batch is one run of ids, which llama.cpp computes as one ubatch (a gap
-starts another: 8 base sequences of a CoCA-sized context, ids 0, 2, .., 14, ran as 8). llama.cpp regroups a batch of several sequences into
-ubatches (``engine.ubatches``), which says which captured row (CASA's prompt states) belongs to
-which request and which rows CMRM's row shift reaches (``Job.shift``): requests with and without
-it share a step. Only a request with a control vector of its own (sample-level CMRM) runs alone.
+starts another: 8 base sequences of a CoCA-sized context, ids 0, 2, .., 14, ran as 8).
+``engine.ubatches`` predicts that split, which says which captured row (CASA's prompt states)
+belongs to which request and which rows CMRM's row shift reaches (``Job.shift``): requests with
+and without it share a step. Only a request with a control vector of its own (sample-level CMRM)
+runs alone.
 
 Prompt cache (as llama-server's ``cache_prompt``): a finished request's KV stays in its slot's
 sequences, with the tokens it holds (and CASA's rows of them). A new request goes to the free slot
@@ -269,7 +270,8 @@ class Scheduler:
         return head.cancelled or not self.active or not (head.alone or any(j.alone for j in self.active))
 
     def _admit(self) -> None:
-        """Start waiting jobs, in order, while slots are free and their control vector matches."""
+        """Start waiting jobs, in order, while slots are free and no job that runs alone is
+        active or waiting at the head."""
         while self._admissible():
             j = self.waiting.popleft()
             if j.cancelled:
