@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import datasets, judges
+from . import datasets, judges, models
 from .methods import CASA, CMRM, Cascade, CoCA
 from .policy import check_sampling
 from .runtime import Runtime, model_key
@@ -73,8 +73,6 @@ class Defences:
         """The defences for ``model``: ``casa`` and ``cascade`` files (default: the CASA file shipped
         for a default model, whose cascade thresholds, when it has them, make the cascade);
         ``cmrm`` a vectors file or "sample"."""
-        from . import models
-
         casa = CASA.load(casa) if casa else (CASA.load(f) if (f := models.shipped_casa(model)) else None)
         if cascade is not None:
             cascade = Cascade.load(cascade, coca)
@@ -167,7 +165,7 @@ def answer_key(item: dict, method: str, settings: dict) -> str:
     """What decides an answer, hashed: the item's content (text, grafted content, image bytes),
     the method and ``settings`` (model, projectors, generation options, the method's objects)."""
     image = item.get("image")
-    content = [item["text"], item.get("graft"), image and hashlib.sha256(Path(image).read_bytes()).hexdigest()]
+    content = [item["text"], item.get("graft"), image and models.sha256_file(Path(image))]
     blob = json.dumps([content, method, settings], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 

@@ -67,14 +67,14 @@ def collected(fit_on, graft=None, mmproj=None) -> list[str]:
 def prompt_key(item, tag: str = "") -> str:
     """A prompt's cache key: its text; for grafted content or an image, the content or the image
     bytes' sha256 and ``tag`` (the projector or mmproj that reads it) too."""
-    import hashlib
+    from .. import models
 
     if isinstance(item, str):
         return item
     if item.get("graft"):
         return f"graft\x00{tag}\x00{item['graft']}\x00{item['text']}"
     if item.get("image"):
-        return f"image\x00{tag}\x00{hashlib.sha256(Path(item['image']).read_bytes()).hexdigest()}\x00{item['text']}"
+        return f"image\x00{tag}\x00{models.sha256_file(Path(item['image']))}\x00{item['text']}"
     return item["text"]
 
 
