@@ -134,3 +134,42 @@ def test_threshold_keeps_the_target_and_takes_the_middle_of_the_gap():
     overlap = np.concatenate([np.linspace(0.01, 0.7, 20), np.linspace(0.3, 0.9, 10)]).astype(np.float32)
     t = fitcasa.choose_threshold(overlap, labels, 0.05)
     assert np.mean(overlap[labels == 0] > t) <= 0.05  # the false-refusal target holds on validation
+
+
+def test_a_mean_pooled_probe_is_casa_with_zero_keys():
+    """pooled.Probe.to_casa: the fused casa_score path gives the probe's own scores."""
+    pytest.importorskip("sklearn")
+    from pyguard.calibrate import pooled
+
+    rng = np.random.default_rng(3)
+    data = [(rng.standard_normal((int(rng.integers(1, 9)), 6)).astype(np.float32) + 0.8 * y, y)
+            for y in [0, 1] * 40]
+    probe, report = pooled.fit(data[:40], data[40:60], data[60:], layer=2, pooling="mean", C=1.0)
+    assert report["auroc"] > 0.9
+    casa = probe.to_casa(2)
+    states = [h for h, _ in data]
+    np.testing.assert_allclose(casa.score(states), probe.score(states), rtol=1e-4, atol=1e-6)
+    assert casa.threshold == probe.threshold and casa.params["Wk"].any() == False  # noqa: E712
+    last, _ = pooled.fit(data[:40], data[40:60], data[60:], layer=2, pooling="last")
+    with pytest.raises(ValueError, match="only a mean-pooled probe"):
+        last.to_casa(2)
+    with pytest.raises(ValueError, match="unknown pooling"):
+        pooled.pool(states[0], "max")
+
+
+def test_collect_fills_every_layer_in_one_pass(tmp_path):
+    calls = []
+
+    def states(messages):
+        calls.append(messages[0]["content"])
+        n = len(messages[0]["content"])
+        return {3: np.full((n, 2), 3.0, np.float32), 5: np.full((n, 2), 5.0, np.float32)}
+
+    caches = {il: fitcasa.StateCache(tmp_path, "m", il) for il in (3, 5)}
+    a = fitcasa.collect(states, ["ab", "cde"], caches, progress=False)
+    assert [x[0, 0] for x in a] == [3.0, 3.0] and calls == ["ab", "cde"]
+    b = fitcasa.collect(states, ["cde"], {5: caches[5], 3: caches[3]}, progress=False)
+    assert b[0].shape == (3, 2) and b[0][0, 0] == 5.0 and calls == ["ab", "cde"]  # read back, no model call
+    caches[3].path("ab").unlink()
+    fitcasa.collect(states, ["ab"], caches, progress=False)
+    assert calls[-1] == "ab"  # a layer's missing file runs the model again

@@ -86,3 +86,13 @@ def test_only_runs_the_named_folds_and_the_test_split_is_refused():
     items[0]["split"] = "test"
     with pytest.raises(ValueError, match="drop the test split"):
         loso.run(items, layer=3, progress=False, **FIT)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last", "mean+last"])
+def test_pooled_probes_run_the_same_folds(pooling):
+    """A pooled probe sees what the attention module sees here: s3 left out is missed, s1 found."""
+    pytest.importorskip("sklearn")
+    res = loso.run(synthetic(), layer=3, progress=False, pooling=pooling, C=1.0)
+    rows = {r["fold"]: r for r in res["folds"]}
+    assert rows["s3"]["auroc"] < 0.75 < 0.9 < rows["s1"]["auroc"]
+    assert res["in_distribution"]["harmful/s3"]["auroc"] > rows["s3"]["auroc"] + 0.1 and res["pooling"] == pooling

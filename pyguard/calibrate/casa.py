@@ -78,26 +78,29 @@ def prompt_key(item, tag: str = "") -> str:
     return item["text"]
 
 
-def collect(states_fn, items: list, cache: StateCache | None = None, progress: bool = True,
-            desc: str = "hidden states", tag: str = "") -> list[np.ndarray]:
-    """``states_fn(messages) -> [T, d]`` for each item (a text, or a dict as ``evaluate.messages``
-    takes: text, grafted content or an image) as a one-message user chat, through the cache
-    (``prompt_key(item, tag)``)."""
+def collect(states_fn, items: list, cache, progress: bool = True, desc: str = "hidden states",
+            tag: str = "") -> list[np.ndarray]:
+    """``states_fn(messages) -> [T, d]`` (or ``{layer: [T, d]}``) for each item (a text, or a dict
+    as ``evaluate.messages`` takes: text, grafted content or an image) as a one-message user chat,
+    through the cache (``prompt_key(item, tag)``): a StateCache, None, or ``{layer: StateCache}``
+    (the first layer's states are returned; the model runs when any layer's file is missing)."""
     from tqdm.auto import tqdm
 
     from ..evaluate import messages
 
+    stores = cache if isinstance(cache, dict) else {None: cache}
+    first = next(iter(stores))
     out = []
     for item in tqdm(items, desc=desc, disable=not progress, unit="prompt"):
         key = prompt_key(item, tag)
-        H = cache.get(key) if cache is not None else None
-        if H is None:
-            H = np.asarray(states_fn(messages({"text": item} if isinstance(item, str) else item)), dtype=np.float32)
-            if hasattr(H, "cpu"):
-                H = H.cpu().numpy()
-            if cache is not None:
-                cache.put(key, H)
-        out.append(H)
+        got = {il: c.get(key) if c is not None else None for il, c in stores.items()}
+        if any(H is None for H in got.values()):
+            H = states_fn(messages({"text": item} if isinstance(item, str) else item))
+            got = {il: np.asarray(H if il is None else H[il], dtype=np.float32) for il in stores}
+            for il, c in stores.items():
+                if c is not None:
+                    c.put(key, got[il])
+        out.append(got[first])
     return out
 
 
@@ -309,20 +312,21 @@ def prompt_sets(harmful=None, benign=None, jailbreaks: int = FIT_JAILBREAKS) -> 
     return items
 
 
-def states_function(model: str, layer: int, n_ctx: int = 4096, graft=None, mmproj=None):
-    """(``messages -> [T, d]``, cache key, model_hint, closer) for a default model name or GGUF path (llama.cpp)
+def states_function(model: str, layers: list[int], n_ctx: int = 4096, graft=None, mmproj=None):
+    """(``messages -> {layer: [T, d]}``, cache key, model_hint, closer) for a default model name or GGUF path (llama.cpp)
     or a Hugging Face folder (PyTorch); ``graft`` (a ``pyguard.graft.Graft``) reads grafted
     content, ``mmproj`` (GGUF only) images."""
     rt = Runtime(model, mmproj, n_ctx, graft)
-    fn, hint, close = rt.states([layer])
-    return (lambda m: fn(m)[0][layer]), rt.key, hint, close
+    fn, hint, close = rt.states(layers)
+    return (lambda m: fn(m)[0]), rt.key, hint, close
 
 
 def hidden_states(model: str, layer: int, items: list, cache=None, progress: bool = True,
-                  desc: str = "hidden states", fitted: CASA | None = None, graft=None, mmproj=None):
+                  desc: str = "hidden states", fitted: CASA | None = None, graft=None, mmproj=None, also=()):
     """Each item's (a text, or a dict with grafted content or an image) prompt hidden states
     [T, d] at ``layer`` (cached per prompt under ``cache``, default ``$PYGUARD_CACHE/states``),
-    with the model's cache key and ``model_hint``. ``fitted``: a CASA module that must fit this
+    with the model's cache key and ``model_hint``. ``also``: more layers read in the same pass
+    and only cached (one model pass fills the cache for a comparison of layers). ``fitted``: a CASA module that must fit this
     model, checked before any work; ``graft``: a projector file or Graft; ``mmproj``: for images."""
     from .. import models
 
@@ -332,12 +336,13 @@ def hidden_states(model: str, layer: int, items: list, cache=None, progress: boo
         graft = Graft.of(graft)
     tag = "" if graft is None and mmproj is None else \
         f"{graft.fingerprint() if graft is not None else ''}|{'' if mmproj is None else model_key('gguf', Path(mmproj))}"
-    fn, key, hint, close = states_function(model, layer, graft=graft, mmproj=mmproj)
+    layers = list(dict.fromkeys([int(layer), *map(int, also)]))
+    fn, key, hint, close = states_function(model, layers, graft=graft, mmproj=mmproj)
     try:
         if fitted is not None:
             check_fits(fitted, hint)
-        store = StateCache(Path(cache) if cache else models.cache_dir() / "states", key, layer)
-        return collect(fn, items, store, progress, desc, tag), key, hint
+        folder = Path(cache) if cache else models.cache_dir() / "states"
+        return collect(fn, items, {il: StateCache(folder, key, il) for il in layers}, progress, desc, tag), key, hint
     finally:
         close()
 

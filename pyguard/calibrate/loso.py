@@ -31,17 +31,17 @@ def _fold(it: dict) -> tuple[str, str]:
 
 
 def fitting_items(model: str, layer: int, harmful=None, benign=None, cache=None, jailbreaks: int | None = None,
-                  seed: int = 0, progress: bool = True) -> tuple[list[dict], str]:
+                  seed: int = 0, progress: bool = True, also=()) -> tuple[list[dict], str]:
     """The train and validation items of CASA's fitting split (``casa.prompt_sets``, split as
     ``casa.run`` splits them), each with its ``split`` and its hidden ``states`` at ``layer``; and
-    the model's cache key."""
+    the model's cache key. ``also``: more layers cached in the same pass (``casa.hidden_states``)."""
     from .. import datasets
     from .casa import hidden_states, prompt_sets
 
     items = prompt_sets(harmful, benign, datasets.FIT_JAILBREAKS if jailbreaks is None else jailbreaks)
     train, val, _ = datasets.split(items, datasets.FIT_FRACTIONS, seed)
     items = [dict(it, split="train") for it in train] + [dict(it, split="val") for it in val]
-    H, key, _ = hidden_states(model, layer, items, cache, progress)
+    H, key, _ = hidden_states(model, layer, items, cache, progress, also=also)
     for it, h in zip(items, H):
         it["states"] = h
     return items, key
@@ -63,17 +63,23 @@ def _pairs(items):
 
 
 def run(items: list[dict], layer: int, target_frr: float = 0.05, seed: int = 0, progress: bool = True,
-        only=None, work=None, model_key: str = "", **fit_kw) -> dict:
+        only=None, work=None, model_key: str = "", pooling: str = "attention", **fit_kw) -> dict:
     """Leave-one-out folds over ``items``: dicts with ``id``, ``states`` [T, d], ``label``,
     ``source``, ``category`` and ``split`` ("train" or "val"; "test" items are refused). ``only``:
     the fold names to run (default all). ``work``: a folder keeping each finished fold, so a
     stopped run resumes (kept under a hash of the items, ``model_key`` (whose states they are) and
-    the settings). Returns {"folds": [row per
-    fold], "in_distribution": {fold: row}}; a row holds n, auroc, detection (harmful folds) or
-    flagged (benign folds) at the fold's threshold, and the threshold."""
+    the settings). ``pooling``: "attention" fits CASA's module (``casa.fit``, keywords
+    ``fit_kw``), "mean", "last" or "mean+last" a pooled probe (``pooled.fit``). Returns
+    {"folds": [row per fold], "in_distribution": {fold: row}}; a row holds n, auroc, detection
+    (harmful folds) or flagged (benign folds) at the fold's threshold, and the threshold."""
     from tqdm.auto import tqdm
 
+    from . import pooled
     from .casa import evaluate, fit
+
+    if pooling != "attention":
+        fit_kw = dict(fit_kw, pooling=pooling)
+        fit = pooled.fit
 
     if any(it["split"] not in ("train", "val") for it in items):
         raise ValueError("leave-one-source-out reads the train and validation splits only; drop the test split")
@@ -105,7 +111,8 @@ def run(items: list[dict], layer: int, target_frr: float = 0.05, seed: int = 0, 
             ref = row
         else:
             rows.append(row)
-    return {"folds": rows, "in_distribution": ref, "target_frr": target_frr, "layer": layer}
+    return {"folds": rows, "in_distribution": ref, "target_frr": target_frr, "layer": layer, "pooling": pooling,
+            "settings": fit_kw}
 
 
 class _Done:

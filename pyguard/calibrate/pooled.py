@@ -1,0 +1,79 @@
+"""Pooled probes: the alternatives CASA's attention module is compared with (``pyguard fit casa
+--loso --pooling ...``). A prompt's hidden states [T, d] are pooled to one vector (the mean over
+the prompt, the last token, or both side by side) and scored by logistic regression on the
+standardized vectors (scikit-learn; ``C`` the inverse regularization strength), with the
+threshold chosen on validation benign prompts as ``casa.fit`` chooses it.
+
+A mean-pooled probe is CASA's formula with ``Wk = 0`` (every softmax weight equal), so it
+exports to a :class:`pyguard.methods.CASA` file that the fused ``casa_score`` path runs as is.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+POOLINGS = ("mean", "last", "mean+last")
+
+
+def pool(H: np.ndarray, how: str) -> np.ndarray:
+    """[T, d] -> [d] (mean, last) or [2d] (mean+last)."""
+    if how == "mean":
+        return H.mean(0)
+    if how == "last":
+        return H[-1]
+    if how == "mean+last":
+        return np.concatenate([H.mean(0), H[-1]])
+    raise ValueError(f"unknown pooling {how!r}; known: {', '.join(POOLINGS)}")
+
+
+@dataclass
+class Probe:
+    """Logistic regression on pooled, standardized states: score = sigmoid(((pool(H) - mu) / sigma) . coef + intercept)."""
+
+    pooling: str
+    mu: np.ndarray
+    sigma: np.ndarray
+    coef: np.ndarray
+    intercept: float
+    threshold: float = 0.5
+
+    def score(self, states: list[np.ndarray]) -> np.ndarray:
+        """Scores [B] for B prompts' states [T_i, d]."""
+        X = (np.stack([pool(h, self.pooling) for h in states]) - self.mu) / self.sigma
+        return 1.0 / (1.0 + np.exp(-np.clip(X @ self.coef + self.intercept, -60, 60)))
+
+    def to_casa(self, layer: int, **casa_kw):
+        """The same score as a CASA file (mean pooling only): Wk = 0, standardization folded into w and b."""
+        from ..methods import CASA
+
+        if self.pooling != "mean":
+            raise ValueError(f"only a mean-pooled probe is CASA's formula; this one pools {self.pooling!r}")
+        d = len(self.coef)
+        w = (self.coef / self.sigma).astype(np.float32)
+        b = float(self.intercept - np.sum(self.coef * self.mu / self.sigma))
+        return CASA({"Wk": np.zeros((d, 1), np.float32), "q": np.ones((1, 1), np.float32), "w": w, "b": b},
+                    layer=layer, threshold=self.threshold, **casa_kw)
+
+
+def fit(train, val, test, layer: int, pooling: str = "mean", C: float = 0.1, target_frr: float = 0.05,
+        seed: int = 0, progress: bool = False, **_):
+    """``casa.fit``'s contract for a pooled probe: (states [T, d], label) lists in; the probe
+    (class-balanced logistic regression on ``train``, threshold from ``val``) and its report on
+    ``test`` out."""
+    from sklearn.linear_model import LogisticRegression
+
+    from .casa import choose_threshold, evaluate
+
+    if not C > 0:
+        raise ValueError(f"C must be > 0, got {C}")
+    X = np.stack([pool(h, pooling) for h, _ in train]).astype(np.float64)
+    y = np.array([label for _, label in train])
+    mu, sigma = X.mean(0), X.std(0) + 1e-3
+    lr = LogisticRegression(C=C, class_weight="balanced", max_iter=2000, random_state=seed).fit((X - mu) / sigma, y)
+    probe = Probe(pooling, mu, sigma, lr.coef_[0], float(lr.intercept_[0]))
+    probe.threshold = choose_threshold(probe.score([h for h, _ in val]), np.array([label for _, label in val]),
+                                       target_frr)
+    report = evaluate(np.array([label for _, label in test]), probe.score([h for h, _ in test]), probe.threshold)
+    report.update(layer=layer, threshold=probe.threshold, target_frr=target_frr, pooling=pooling, C=C)
+    return probe, report
