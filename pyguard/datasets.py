@@ -42,10 +42,12 @@ Builders (deterministic: no global random state; orders come from sha256 of (see
   donotanswer() + ``jailbreak_wrapped(260)`` + harmful_styles().
 - ``benign()``: the hand-written set shipped in ``pyguard/data/benign.jsonl`` (about 300 prompts,
   categories ``everyday``, ``coding``, ``risky-looking``: harmless requests that only look risky).
-- ``benign_risky()``: 378 more hand-written harmless prompts that look risky
-  (``pyguard/data/benign-risky.jsonl``), in 12 categories: homonyms, figurative, pests-chores,
+- ``benign_risky()``: 508 more hand-written harmless prompts that look risky
+  (``pyguard/data/benign-risky.jsonl``), in 13 categories: homonyms, figurative, pests-chores,
   games-fiction, definitions-history, public-facts, security, medicine, law, chemistry-education,
-  everyday-edgy, self-protection. Fitting uses benign() + benign_risky().
+  everyday-edgy, self-protection, personal-context (informal first-person messages with anger, an
+  ex, a landlord, hunting, legal cannabis: the style of the conversational harmful requests).
+  Fitting uses benign() + benign_risky().
 - ``split(items, fractions, seed)``: assigns each item by a hash of its ``group`` (default: its
   ``id``), so adding items never moves the others; items whose texts are equal (case and
   whitespace ignored) all go where the one with the smallest id goes.
