@@ -6,7 +6,8 @@ mean, last token, mean + last) and regularization. The held-out (test) split is 
         last:0.1 mean+last:0.1 --out benchmarks/casa_variants
 
 A variant is ``pooling:C`` (pooled probes, ``pyguard.calibrate.pooled``; C the inverse L2
-strength) or ``attention:WD`` (CASA's module, weight decay WD). ``--skip-prefix`` also runs every
+strength) or ``attention`` / ``attention:WD`` (CASA's module as ``pyguard fit casa`` fits it, or
+with weight decay WD). ``--skip-prefix`` also runs every
 variant on the positions after the chat template's constant prefix (the rows every prompt
 shares). Hidden states come from the per-prompt cache (``pyguard fit casa --loso``'s); a layer
 not yet cached is computed. Writes variants.json, variants.md (one row per variant: AUROC per
@@ -36,13 +37,12 @@ def states_for(model: str, layers: list[int], skip: int):
 
 
 def common_prefix(items) -> int:
-    """Rows every prompt shares bit for bit (the chat template before the user's text)."""
-    ref = min((it["states"] for it in items), key=len)
-    n = len(ref)
-    for it in items:
-        same = np.all(it["states"][:n] == ref[:n], axis=1)
-        n = int(np.argmin(same)) if not same.all() else n
-    return n
+    """Rows most prompts share bit for bit (the chat template before the user's text; a few prompts
+    differ there in the last bits, computed in other batch shapes)."""
+    n = min(len(it["states"]) for it in items)
+    ref = items[0]["states"][:n]
+    same = np.median([np.all(it["states"][:n] == ref, axis=1) for it in items], axis=0) == 1
+    return int(np.argmin(same)) if not same.all() else n
 
 
 def main():
@@ -65,11 +65,13 @@ def main():
                 name = f"L{spec} {v}" + (f" skip{skip}" if skip else "")
                 if name in done:
                     continue
-                pooling, value = v.split(":")
-                kw = {"weight_decay": float(value)} if pooling == "attention" else {"C": float(value)}
+                pooling, _, value = v.partition(":")
+                kw = {} if not value else {"weight_decay" if pooling == "attention" else "C": float(value)}
                 run = [dict(it, states=it["states"][skip:]) for it in items]
+                # one layer, every row: the folds `pyguard fit casa --loso` keeps (a rerun reads them back)
                 res = loso.run(run, layers[0], pooling=pooling, work=models.cache_dir() / "loso",
-                               model_key=f"{key}|L{spec}|skip{skip}", **kw)
+                               model_key=key if spec == str(layers[0]) and not skip else f"{key}|L{spec}|skip{skip}",
+                               **kw)
                 done[name] = {"folds": res["folds"], "prefix": prefix}
                 js.write_text(json.dumps(done, indent=1))
                 print(name, summary(res["folds"]), flush=True)

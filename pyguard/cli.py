@@ -137,10 +137,17 @@ def _loso(a) -> int:
     from . import models
 
     res = loso.run(items, a.layer, 0.05 if a.target_frr is None else a.target_frr, a.seed,
-                   work=(a.cache or models.cache_dir()) / "loso", model_key=key)  # a rerun resumes
+                   work=(a.cache or models.cache_dir()) / "loso", model_key=key,  # a rerun resumes
+                   pooling=a.pooling, **_pooled_kw(a))
     print(loso.table(res))
     print("wrote " + ", ".join(map(str, loso.save(res, a.out))))
     return 0
+
+
+def _pooled_kw(a) -> dict:
+    if a.C is not None and a.pooling == "attention":
+        raise UsageError("--C regularizes a pooled probe: give --pooling mean (or last, mean+last with --loso)")
+    return {} if a.pooling == "attention" else {"C": 0.1 if a.C is None else a.C}
 
 
 def _fit(a) -> int:
@@ -153,9 +160,12 @@ def _fit(a) -> int:
     if a.loso:
         return _loso(a)
     fit_on = _fit_on(a)
+    if a.pooling not in ("attention", "mean"):
+        raise UsageError(f"--pooling {a.pooling} is for --loso comparisons; a CASA file pools by attention or mean")
     _, rep = casa.run(a.model, a.layer, a.out, a.harmful, a.benign, a.report, a.cache,
                       0.05 if a.target_frr is None else a.target_frr, a.jailbreaks, a.seed,
-                      graft=_graft(a) if a.graft else None, mmproj=a.mmproj, fit_on=fit_on)
+                      graft=_graft(a) if a.graft else None, mmproj=a.mmproj, fit_on=fit_on,
+                      pooling=a.pooling, **_pooled_kw(a))
     print(f"held-out ({', '.join(fit_on)}): AUROC {rep['auroc']:.3f}, accuracy {rep['accuracy']:.3f}, false refusals "
           f"{rep['false_refusal_rate']:.1%}, detected {rep['detection_rate']:.1%}, threshold {rep['threshold']:.4f}")
     for src, r in rep["test_by_source"].items():
@@ -331,6 +341,10 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--benign", type=Path, nargs="+", help="JSONL files of benign prompts (default: the shipped benign set)")
     f.add_argument("--loso", action="store_true", help="casa: leave-one-source-out validation instead of a fit; "
                    "--out is the report folder (loso.json, loso.md, loso.png)")
+    f.add_argument("--pooling", choices=["attention", "mean", "last", "mean+last"], default="attention",
+                   help="casa: CASA's attention module, or a probe on the mean over the prompt (saved as CASA with "
+                        "Wk = 0); last and mean+last with --loso only")
+    f.add_argument("--C", type=float, help="casa, pooled: inverse L2 strength of the logistic regression (0.1)")
     f.add_argument("--jailbreaks", type=int, default=FIT_JAILBREAKS, help="jailbreak-wrapped goals in the default harmful set")
     f.add_argument("--target-frr", type=float, default=None,
                    help="false-refusal rate allowed on validation benign prompts (casa: 0.05; cascade: 0.02, "

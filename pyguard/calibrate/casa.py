@@ -349,7 +349,7 @@ def hidden_states(model: str, layer: int, items: list, cache=None, progress: boo
 
 def run(model: str, layer: int, out, harmful=None, benign=None, report_dir=None, cache=None,
         target_frr: float = 0.05, jailbreaks: int = FIT_JAILBREAKS, seed: int = 0, progress: bool = True,
-        graft=None, mmproj=None, fit_on=("text",), **fit_kw):
+        graft=None, mmproj=None, fit_on=("text",), pooling: str = "attention", **fit_kw):
     """Collect hidden states (cached), split by goal (``datasets.FIT_FRACTIONS``), fit, save the CASA file and the
     report (report.json, roc.png). Returns (CASA, report).
 
@@ -357,9 +357,13 @@ def run(model: str, layer: int, out, harmful=None, benign=None, report_dir=None,
     with ``mmproj`` as a typographic image (``copies``); a request's copies stay in its split.
     The module is fitted (and its threshold chosen) on the modalities in ``fit_on``; the report
     gives the held-out figures on those, and per modality (``test_by_modality``) on each one
-    that was collected, so a fit on one modality is measured on the others too (transfer)."""
+    that was collected, so a fit on one modality is measured on the others too (transfer).
+    ``pooling``: "attention" trains CASA's module (``fit``), "mean" a mean-pooled probe
+    (``pooled.fit``, saved as the same formula with Wk = 0)."""
     from .. import datasets, models
 
+    if pooling not in ("attention", "mean"):
+        raise ValueError(f"a CASA file pools by attention or mean, got pooling={pooling!r}")
     modalities = collected(fit_on, graft, mmproj)
     items = prompt_sets(harmful, benign, jailbreaks)
     folder = Path(cache) if cache else models.cache_dir() / "states"
@@ -370,8 +374,14 @@ def run(model: str, layer: int, out, harmful=None, benign=None, report_dir=None,
         it["states"] = h
     train, val, test = ([(it["states"], int(it["label"] == "harmful")) for it in p if it["modality"] in fit_on]
                         for p in parts)
-    casa, report = fit(train, val, test, layer, target_frr=target_frr, seed=seed, progress=progress,
-                       model_hint=hint, **fit_kw)
+    if pooling == "attention":
+        casa, report = fit(train, val, test, layer, target_frr=target_frr, seed=seed, progress=progress,
+                           model_hint=hint, **fit_kw)
+    else:  # "mean"
+        from . import pooled
+
+        probe, report = pooled.fit(train, val, test, layer, "mean", target_frr=target_frr, seed=seed, **fit_kw)
+        casa = probe.to_casa(layer, model_hint=hint)
     report["fit_on"] = list(fit_on)
     report["test_by_source"], report["test_by_modality"] = {}, {}
     held = [it for it in parts[2] if it["modality"] in fit_on]
