@@ -482,3 +482,30 @@ def test_decode_embd_equals_the_token_route():
                 e.decode_embd(bad, 0)
         with pytest.raises(ValueError, match=r"seq must be in \[0, 2\)"):
             e.decode_embd(W[toks], 0, seq=2)
+
+
+def test_engine_uses_only_llama_cpp_public_modules():
+    """The engine imports llama_cpp's public low-level module, none of its private ones (an upgrade
+    of llama-cpp-python is then not a port)."""
+    import ast
+    import inspect
+
+    from pyguard.llama import engine as E
+
+    names = []
+    for node in ast.walk(ast.parse(inspect.getsource(E))):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("llama_cpp"):
+            names += [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names += [a.name for a in node.names if a.name.startswith("llama_cpp")]
+    assert names and not [n for n in names if any(part.startswith("_") for part in n.split("."))], names
+
+
+def test_a_file_that_is_not_gguf_is_one_clear_error(tmp_path, capfd):
+    from pyguard.llama.engine import Engine
+
+    bad = tmp_path / "m.gguf"
+    bad.write_bytes(b"GGUF but not really" * 10)
+    with pytest.raises(ValueError, match="not a GGUF model llama.cpp can read"):
+        Engine(bad, n_ctx=64, n_seq=1)
+    assert "error" not in capfd.readouterr().err.lower()  # the loader's own lines are not printed

@@ -6,16 +6,34 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import logging
 import os
 from pathlib import Path
 
 import numpy as np
 
 try:
-    from llama_cpp import _internals, _logger
     from llama_cpp import llama_cpp as L
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError(f"pyguard.llama needs llama-cpp-python: pip install 'pyguard[llama]' ({e})") from e
+
+
+_LOG = logging.getLogger("llama-cpp-python")  # the logger llama-cpp-python prints llama.cpp's log through
+
+
+def _metadata(model) -> dict[str, str]:
+    """The GGUF metadata of a loaded model, every value as a string (llama.cpp's rendering)."""
+    def text(fn, i):
+        size = 256
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = fn(model, i, buf, size)
+            if n < size:
+                return buf.value.decode("utf-8", "replace") if n >= 0 else ""
+            size = n + 1
+
+    return {text(L.llama_model_meta_key_by_index, i): text(L.llama_model_meta_val_str_by_index, i)
+            for i in range(L.llama_model_meta_count(model))}
 
 
 class Engine:
@@ -36,16 +54,21 @@ class Engine:
                             ("n_threads", 1 if n_threads is None else n_threads, 1)):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
-        _logger.set_verbose(verbose)
+        # llama-cpp-python prints llama.cpp's log through this logger: errors only, unless verbose; a
+        # failed load is reported by the ValueError below, not by the loader's own lines
+        _LOG.setLevel(logging.CRITICAL if not verbose else logging.DEBUG)
         try:
-            self.model = _internals.LlamaModel(path_model=str(path), params=L.llama_model_default_params(),
-                                               verbose=verbose)
-        except ValueError:
-            raise ValueError(f"cannot load model {path}: not a GGUF model llama.cpp can read") from None
+            self.model = L.llama_model_load_from_file(str(path).encode(), L.llama_model_default_params())
+        finally:
+            _LOG.setLevel(logging.ERROR if not verbose else logging.DEBUG)
+        if not self.model:
+            self.model = None
+            raise ValueError(f"cannot load model {path}: not a GGUF model llama.cpp can read")
+        self.vocab = L.llama_model_get_vocab(self.model)
         try:
             self._check_memory(n_ctx, n_seq, n_ctx_limit)
         except BaseException:
-            self.model.close()
+            self.close()
             raise
         cp = L.llama_context_default_params()
         cp.n_ctx = n_ctx * n_seq  # llama.cpp splits n_ctx evenly between the streams
@@ -58,30 +81,31 @@ class Engine:
             cp.cb_eval = cb_eval
             cp.cb_eval_user_data = cb_eval_user_data
         self._cparams = cp  # keeps the callback alive
-        self.ctx = L.llama_init_from_model(self.model.model, cp)
+        self.ctx = L.llama_init_from_model(self.model, cp)
         if not self.ctx:
-            self.model.close()
+            self.ctx = None
+            self.close()
             raise RuntimeError(f"llama.cpp could not create a context (n_ctx={n_ctx} x {n_seq} sequences)")
         self.mem = L.llama_get_memory(self.ctx)
         self.n_ctx = min(n_ctx, L.llama_n_ctx_seq(self.ctx))  # what was asked (llama.cpp may pad it)
         self.n_batch = n_batch
         self.n_seq = n_seq
-        self.n_vocab = self.model.n_vocab()
-        self.n_embd = self.model.n_embd()
-        self.n_layer = L.llama_model_n_layer(self.model.model)
+        self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
+        self.n_embd = L.llama_model_n_embd(self.model)
+        self.n_layer = L.llama_model_n_layer(self.model)
         self.batch = L.llama_batch_init(n_batch, 0, n_seq)
         self.shifter = None  # a LayerCapture with a shift table (CMRM's rows, decode(shift=))
         self._ebatch = None  # an embeddings batch, made on first use (decode_embd)
-        self.metadata = self.model.metadata()
+        self.metadata = _metadata(self.model)
         self.arch = self.metadata.get("general.architecture", "")
         # a KV cache of attention layers: llama.cpp's batch split is then the one ubatches() predicts
-        self.kv_only = not (L.llama_model_is_recurrent(self.model.model) or L.llama_model_is_hybrid(self.model.model))
+        self.kv_only = not (L.llama_model_is_recurrent(self.model) or L.llama_model_is_hybrid(self.model))
 
     def _check_memory(self, n_ctx: int, n_seq: int, limit: int | None) -> None:
         """ValueError when ``n_ctx`` exceeds ``limit`` (default: the model's trained context), or
         when the KV cache of ``n_seq`` sequences of it (f16 keys and values) would not fit in the
         available memory."""
-        m = self.model.model
+        m = self.model
         trained = L.llama_model_n_ctx_train(m)
         if limit is None and trained > 0 and n_ctx > trained:
             raise ValueError(f"n_ctx = {n_ctx} exceeds the model's trained context of {trained} tokens "
@@ -98,26 +122,45 @@ class Engine:
 
     # -- tokens ----------------------------------------------------------------------------
     def tokenize(self, text: str, add_bos: bool = False) -> list[int]:
-        return self.model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+        raw = text.encode("utf-8")
+        n = len(raw) + 2
+        while True:  # a token is at least one byte, so len + 2 (BOS) is enough; retried if not
+            buf = (L.llama_token * n)()
+            got = L.llama_tokenize(self.vocab, raw, len(raw), buf, n, add_bos, True)
+            if got >= 0:
+                return list(buf[:got])
+            if -got <= n:
+                raise RuntimeError(f"llama.cpp could not tokenize {len(raw)} bytes of text")
+            n = -got
 
     def piece(self, token: int) -> bytes:
         buf = ctypes.create_string_buffer(64)
-        n = L.llama_token_to_piece(self.model.vocab, token, buf, len(buf), 0, False)
+        n = L.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
         if n < 0:
             buf = ctypes.create_string_buffer(-n)
-            n = L.llama_token_to_piece(self.model.vocab, token, buf, len(buf), 0, False)
+            n = L.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
         return buf.raw[:n]
 
     def is_eog(self, token: int) -> bool:
-        return bool(L.llama_vocab_is_eog(self.model.vocab, token))
+        return bool(L.llama_vocab_is_eog(self.vocab, token))
 
     @functools.cached_property
     def eog_tokens(self) -> tuple:
         """Every end-of-generation token id of the vocabulary."""
-        return tuple(t for t in range(self.n_vocab) if L.llama_vocab_is_eog(self.model.vocab, t))
+        return tuple(t for t in range(self.n_vocab) if L.llama_vocab_is_eog(self.vocab, t))
 
     def token_text(self, token: int) -> str:
-        return self.model.token_get_text(token) if token >= 0 else ""
+        return L.llama_vocab_get_text(self.vocab, token).decode("utf-8", "replace") if token >= 0 else ""
+
+    @property
+    def bos(self) -> int:
+        """The vocabulary's beginning-of-sequence token (-1: none)."""
+        return L.llama_vocab_bos(self.vocab)
+
+    @property
+    def eos(self) -> int:
+        """The vocabulary's end-of-sequence token (-1: none)."""
+        return L.llama_vocab_eos(self.vocab)
 
     # -- evaluation ------------------------------------------------------------------------
     def decode(self, items, shift=None) -> np.ndarray:
@@ -255,8 +298,8 @@ class Engine:
         if getattr(self, "ctx", None):
             L.llama_free(self.ctx)
             self.ctx = None
-        if getattr(self, "model", None) is not None:
-            self.model.close()
+        if getattr(self, "model", None):
+            L.llama_model_free(self.model)
             self.model = None
 
 

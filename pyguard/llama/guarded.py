@@ -93,8 +93,8 @@ class GuardedLlama:
                 raise ValueError(f"capture layers {self.capture_layer} must be in [0, {e.n_layer})")
             if mmproj_path is not None:
                 self.vision = Vision(mmproj_path, e, n_threads or e.n_threads)
-            eos = e.model.token_eos()
-            self.template = ChatTemplate(e.metadata, e.token_text(eos), e.token_text(e.model.token_bos()), eos)
+            eos = e.eos
+            self.template = ChatTemplate(e.metadata, e.token_text(eos), e.token_text(e.bos), eos)
             if (rows or self._capture is not None) and not e.kv_only:
                 raise ValueError(f"CASA, CMRM and hidden-state capture map rows to requests by llama.cpp's batch "
                                  f"split for attention KV caches; {e.arch} is a recurrent or hybrid model")

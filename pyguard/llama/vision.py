@@ -50,7 +50,7 @@ class Vision:
         p.use_gpu = False
         p.n_threads = n_threads
         p.print_timings = False
-        self.ctx = M.mtmd_init_from_file(str(path).encode(), engine.model.model, p)
+        self.ctx = M.mtmd_init_from_file(str(path).encode(), engine.model, p)
         if not self.ctx:
             raise ValueError(f"cannot load mmproj {path}: not a projector llama.cpp reads, or its "
                              f"output size does not match the model's n_embd = {engine.n_embd}")
