@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import models
+from . import extras, models
 from .runtime import Runtime, locate
 from .llama.engine import Engine, model_shape
 from .llama.reference import naive_coca
@@ -140,7 +140,7 @@ def bare_batch_ratio(path, tokens: int, rounds: int) -> float:
 
 
 def run(model: str, tokens: int, rounds: int, n_ctx: int, gate_kl: float, progress: bool = True, rss: bool = True):
-    from tqdm.auto import tqdm
+    tqdm = extras.tqdm("eval")
 
     path = gguf_path(model)
     n_layer, n_embd = model_shape(path)
@@ -188,10 +188,7 @@ def table(res, bare: float) -> str:
 
 def plot(rows: dict, path: Path, title: str, base: str = "unguarded"):
     """rows: row label (None: none) -> {configuration: {"ttft": [s, ...], "tpot": [s, ...]}}, ``base`` first."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = extras.pyplot("eval")
 
     fig, axes = plt.subplots(len(rows), 2, figsize=(11, 4 * len(rows)), squeeze=False)
     for (label, res), row in zip(rows.items(), axes):

@@ -70,7 +70,7 @@ import sys
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from . import models
+from . import extras, models
 
 LABELS = ("harmful", "benign")
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -364,7 +364,7 @@ STYLES = {"typo": TYPO_INSTRUCTION, "figstep": FIGSTEP_INSTRUCTION}
 def render_text(text: str, path, size: int = 512, font_size: int = 30, margin: int = 24) -> Path:
     """Draw ``text`` in black on a white ``size`` x ``size`` PNG (Pillow's bundled font, words
     wrapped to the width, lines that do not fit dropped after an ellipsis)."""
-    from PIL import Image, ImageDraw, ImageFont
+    Image, ImageDraw, ImageFont = (extras.need(f"PIL.{m}", "images") for m in ("Image", "ImageDraw", "ImageFont"))
 
     font = ImageFont.load_default(size=font_size)
     img = Image.new("RGB", (size, size), "white")

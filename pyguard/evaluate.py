@@ -24,13 +24,12 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from . import datasets, judges, models
+from . import datasets, extras, judges, models
 from .methods import CASA, CMRM, Cascade, CoCA
 from .policy import check_sampling
 from .runtime import Runtime, model_key
@@ -179,7 +178,7 @@ def run(model, dataset, methods="none,coca,casa,coca+casa", out="results", defen
         mmproj=None, max_tokens: int = 64, n_ctx: int = 4096, judge: str = "refusal", judge_model=None,
         limit: int | None = None, progress: bool = True, graft=None) -> dict:
     """Run, resume, judge and summarize; returns {"rows": [...], "summary": [...], "files": [...]}."""
-    from tqdm.auto import tqdm
+    tqdm = extras.tqdm("eval")
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -238,7 +237,7 @@ def judge_rows(rows: list[dict], judge: str, out: Path, judge_model=None, progre
     given to several items or by several methods is judged once."""
     if judge == "refusal":
         return [judges.is_refusal(r["response"]) for r in rows]
-    from tqdm.auto import tqdm
+    tqdm = extras.tqdm("eval")
 
     if judge_model is None:
         raise ValueError("--judge model needs --judge-model M.gguf")
@@ -314,8 +313,7 @@ def write_summary(table: list[dict], out: Path, judge: str) -> list[Path]:
 
 def plots(table: list[dict], out: Path, judge: str) -> list[Path]:
     """ASR against benign refusals per method, and TTFT / tokens/s per method."""
-    os.environ.setdefault("MPLBACKEND", "Agg")
-    import matplotlib.pyplot as plt
+    plt = extras.pyplot("eval")
 
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     for row in table:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import datasets
+from . import datasets, extras
 from .datasets import ANSWER, text_prompt
 
 MARKER = "<content>"
@@ -301,7 +301,7 @@ def train(model, tokenizer, encoder, projector: Projector, examples: list[Exampl
     import time
     from pathlib import Path
 
-    from tqdm.auto import tqdm
+    tqdm = extras.tqdm("graft")
 
     from .tga import layer_weights, tga_loss
     from .torch.layers import capture
@@ -406,7 +406,7 @@ def distill_answers(model, requests: list[str], out, max_tokens: int = 64, progr
     are kept (resumable). Returns every row, in ``requests`` order."""
     from pathlib import Path
 
-    from tqdm.auto import tqdm
+    tqdm = extras.tqdm("graft")
 
     from .runtime import Runtime
 

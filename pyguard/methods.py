@@ -8,7 +8,6 @@ the field and the value; reading a missing file raises ``FileNotFoundError``, an
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import math
 import numbers
@@ -19,7 +18,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from . import ops
+from . import extras, ops
 from .reference import is_torch
 
 __all__ = ["CoCA", "CMRM", "CASA", "Cascade", "DEFAULT_PRINCIPLE", "DEFAULT_REFUSAL"]
@@ -97,13 +96,6 @@ class _ValueEq:
     __hash__ = None
 
 
-def _require(module: str, package: str):
-    """Import a module that only file I/O needs, or say how to install it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise ImportError(f"reading and writing this file needs {package}: pip install {package}") from e
-
 
 def _extension(path, kinds: tuple, what: str) -> str:
     ext = os.path.splitext(os.fspath(path))[1].lower()
@@ -178,13 +170,13 @@ def _from(obj) -> str:
 
 def _read_safetensors(path: str):
     """-> (tensors {name: array}, metadata {str: str})."""
-    safetensors = _require("safetensors", "safetensors")
+    safetensors = extras.need("safetensors", "llama")
     with safetensors.safe_open(path, framework="np") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
 
 
 def _write_safetensors(path, tensors: dict, meta: dict):
-    _require("safetensors.numpy", "safetensors").save_file(tensors, os.fspath(path), metadata=meta)
+    extras.need("safetensors.numpy", "llama").save_file(tensors, os.fspath(path), metadata=meta)
 
 
 def _tensor(tensors: dict, name: str, ndim: int) -> np.ndarray:
@@ -385,7 +377,7 @@ class CMRM(_ValueEq):
         if self.n_layer < 2:
             raise ValueError(f"a control vector needs n_layer >= 2 (layer 0 is never stored), got {self.n_layer}")
         self._range()
-        gguf = _require("gguf", "gguf")
+        gguf = extras.need("gguf", "llama")
         w = gguf.GGUFWriter(os.fspath(path), arch=_CVEC_ARCH)  # writes general.architecture
         w.add_string(f"{_CVEC_ARCH}.model_hint", self.model_hint)
         w.add_int32(f"{_CVEC_ARCH}.layer_count", self.n_layer - 1)
@@ -404,7 +396,7 @@ class CMRM(_ValueEq):
 
     @classmethod
     def _parse_gguf(cls, path: str) -> "CMRM":
-        gguf = _require("gguf", "gguf")
+        gguf = extras.need("gguf", "llama")
         reader = gguf.GGUFReader(path)
 
         def value(key):

@@ -20,6 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import extras
 from .torch.layers import capture, decoder_layers
 
 SCHEDULES = ("linear", "exp", "const")
@@ -233,7 +234,7 @@ def train_projector(model, processor, data, corpus=None, layers=(9, 17), steps: 
     after) and its language model is frozen, so ``h_C`` and ``h_R`` are computed once.
     ``tga_weight=0`` is plain LM training (no retrieval). Returns one dict per step: step, loss, lm,
     tga, pair, hinge, cos (mean cos(h_I, h_C) of the batch)."""
-    from tqdm.auto import tqdm
+    tqdm = extras.tqdm("graft")
 
     proj = projector(model)
     data = list(data)

@@ -408,7 +408,7 @@ def test_numpy_only(tmp_path):
 
     paths = [str(tmp_path / f) for f in ("c.npz", "v.gguf", "c.safetensors")]
     out = subprocess.run([sys.executable, "-c", NUMPY_ONLY, *paths], capture_output=True, text=True, check=True).stdout
-    assert "pip install gguf" in out and "pip install safetensors" in out
+    assert "needs gguf: pip install 'pyguard[llama]'" in out and "needs safetensors: pip install 'pyguard[llama]'" in out
 
 
 def test_wrong_kind_of_file(rng, tmp_path):

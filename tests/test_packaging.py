@@ -95,3 +95,60 @@ def test_default_models_fetched_and_verified(name):
     assert models.sha256_file(path) == models.MODELS[name].sha256
     with open(path, "rb") as f:
         assert f.read(4) == b"GGUF"
+
+
+def test_a_missing_extra_fails_at_first_use_with_its_pip_command(tmp_path):
+    """Each optional import names the package and the extra that installs it, at the feature that
+    needs it (here with the packages made unimportable)."""
+    code = f"""
+import sys
+for m in ('sklearn', 'PIL', 'tqdm', 'matplotlib', 'safetensors'):
+    sys.modules[m] = None
+import numpy as np
+from pyguard import datasets, methods, models
+from pyguard.calibrate import casa, pooled
+uses = {{
+    "scikit-learn: pip install 'pyguard[calibrate]'": lambda: pooled.fit([], [], [], 1),
+    "Pillow: pip install 'pyguard[images]'": lambda: datasets.render_text("hi", r"{tmp_path}/x.png"),
+    "tqdm: pip install 'pyguard[calibrate]'": lambda: casa.collect(lambda m: np.zeros((1, 2)), ["a"], None),
+    "matplotlib: pip install 'pyguard[calibrate]'": lambda: casa.save_report({{}}, r"{tmp_path}"),
+    "safetensors: pip install 'pyguard[llama]'": lambda: methods.CASA.load(models.shipped_casa("qwen2.5-coder-0.5b")),
+}}
+for says, use in uses.items():
+    try:
+        use()
+    except ImportError as e:
+        assert says in str(e), (says, str(e))
+    else:
+        raise AssertionError("no ImportError: " + says)
+print("ok")
+"""
+    r = run_py(code)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_every_third_party_import_is_declared_in_an_extra():
+    """The modules pyguard imports (top level or on first use) are each in an extra of pyproject.toml."""
+    import ast
+    import pathlib
+    import tomllib
+
+    root = pathlib.Path(__file__).parent.parent
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    declared = {d.split("[")[0].split("=")[0].split(">")[0].split("<")[0].strip().lower().replace("-", "_")
+                for deps in extras.values() for d in deps}
+    pip_name = {"sklearn": "scikit_learn", "PIL": "pillow", "llama_cpp": "llama_cpp_python", "yaml": "pyyaml",
+                "sse_starlette": "sse_starlette", "prometheus_client": "prometheus_client"}
+    stdlib = set(sys.stdlib_module_names) | {"pyguard", "numpy", "__future__"}
+    used = set()
+    for f in (root / "pyguard").rglob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                used |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                used.add(node.module.split(".")[0])
+            elif isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "need" and node.args \
+                    and isinstance(node.args[0], ast.Constant):
+                used.add(node.args[0].value.split(".")[0])
+    missing = {m for m in used - stdlib if pip_name.get(m, m).lower() not in declared}
+    assert not missing, f"imported but in no extra: {sorted(missing)}"

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import extras
 from ..datasets import FIT_JAILBREAKS
 from ..methods import CASA, check_fits
 from ..runtime import Runtime, model_key
@@ -84,7 +85,7 @@ def collect(states_fn, items: list, cache, progress: bool = True, desc: str = "h
     as ``evaluate.messages`` takes: text, grafted content or an image) as a one-message user chat,
     through the cache (``prompt_key(item, tag)``): a StateCache, None, or ``{layer: StateCache}``
     (the first layer's states are returned; the model runs when any layer's file is missing)."""
-    from tqdm.auto import tqdm
+    tqdm = extras.tqdm("calibrate")
 
     from ..evaluate import messages
 
@@ -164,7 +165,7 @@ def fit(train, val, test, layer: int, r: int = 32, heads: int = 4, lr: float = 3
     ``target_frr`` of the validation benign prompts score above it, and reports on ``test``.
     Returns (CASA, report dict)."""
     import torch
-    from tqdm.auto import trange
+    trange = extras.need("tqdm.auto", "calibrate").trange
 
     for name, part in (("train", train), ("val", val), ("test", test)):
         labels = {y for _, y in part}
@@ -250,11 +251,11 @@ def _export(model, mu, sigma, layer: int, threshold: float, **casa_kw) -> CASA:
 def evaluate(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
     """AUROC, accuracy, false-refusal rate (benign above the threshold), detection rate (harmful
     above it) and the ROC curve points."""
-    from sklearn.metrics import roc_auc_score, roc_curve
+    metrics = extras.need("sklearn.metrics", "calibrate")
 
     unsafe = scores > threshold
-    fpr, tpr, _ = roc_curve(labels, scores)
-    return {"auroc": float(roc_auc_score(labels, scores)), "accuracy": float(np.mean(unsafe == (labels == 1))),
+    fpr, tpr, _ = metrics.roc_curve(labels, scores)
+    return {"auroc": float(metrics.roc_auc_score(labels, scores)), "accuracy": float(np.mean(unsafe == (labels == 1))),
             "false_refusal_rate": float(np.mean(unsafe[labels == 0])),
             "detection_rate": float(np.mean(unsafe[labels == 1])),
             "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()}}
@@ -262,10 +263,7 @@ def evaluate(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
 
 def save_report(report: dict, folder, title: str = "CASA") -> tuple[Path, Path]:
     """report.json and roc.png in ``folder``; returns their paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = extras.pyplot("calibrate")
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import extras
 from ..methods import CMRM
 from ..runtime import Runtime
 from . import NpyCache
@@ -48,7 +49,7 @@ def _data_uri(img) -> str:
 
 def messages(anchor: dict, counterpart: str = "remove", seed: int = 0) -> tuple[list, list]:
     """(multimodal messages, text-only counterpart messages) of one anchor."""
-    from PIL import Image
+    Image = extras.need("PIL.Image", "images")
 
     if counterpart not in COUNTERPARTS:
         raise ValueError(f"counterpart must be one of {COUNTERPARTS}, got {counterpart!r}")
@@ -123,7 +124,7 @@ def extract(states_fn, anchors: list[dict], n_layer: int, model_id: str, cache=N
             position: str = "last", progress: bool = True) -> np.ndarray:
     """Per-anchor differences [N, n_layer, d] (multimodal minus counterpart) through the cache.
     ``states_fn(messages) -> ({layer: [T, d]}, text mask [T])``."""
-    from tqdm.auto import tqdm
+    tqdm = extras.tqdm("calibrate")
 
     store = NpyCache(cache) if cache is not None else None
     out = []

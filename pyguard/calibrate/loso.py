@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import extras
+
 FOLD_FIELDS = {"harmful": "source", "benign": "category"}
 REFERENCE = ("*", "in-distribution")
 
@@ -72,14 +74,15 @@ def run(items: list[dict], layer: int, target_frr: float = 0.05, seed: int = 0, 
     ``fit_kw``), "mean", "last" or "mean+last" a pooled probe (``pooled.fit``). Returns
     {"folds": [row per fold], "in_distribution": {fold: row}}; a row holds n, auroc, detection
     (harmful folds) or flagged (benign folds) at the fold's threshold, and the threshold."""
-    from tqdm.auto import tqdm
+    tqdm = extras.tqdm("calibrate")
 
     from . import pooled
-    from .casa import evaluate, fit
+    from .casa import evaluate
+    from .casa import fit as casa_fit
 
+    fit = casa_fit if pooling == "attention" else pooled.fit
     if pooling != "attention":
         fit_kw = dict(fit_kw, pooling=pooling)
-        fit = pooled.fit
 
     if any(it["split"] not in ("train", "val") for it in items):
         raise ValueError("leave-one-source-out reads the train and validation splits only; drop the test split")
@@ -171,10 +174,7 @@ def table(result: dict) -> str:
 
 def save(result: dict, folder) -> tuple[Path, Path, Path]:
     """loso.json, loso.md and loso.png (AUROC per fold, left out beside in-distribution) in ``folder``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = extras.pyplot("calibrate")
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

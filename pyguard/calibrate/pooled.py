@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import extras
+
 POOLINGS = ("mean", "last", "mean+last")
 
 
@@ -61,7 +63,7 @@ def fit(train, val, test, layer: int, pooling: str = "mean", C: float = 0.1, tar
     """``casa.fit``'s contract for a pooled probe: (states [T, d], label) lists in; the probe
     (class-balanced logistic regression on ``train``, threshold from ``val``) and its report on
     ``test`` out."""
-    from sklearn.linear_model import LogisticRegression
+    LogisticRegression = extras.need("sklearn.linear_model", "calibrate").LogisticRegression
 
     from .casa import choose_threshold, evaluate
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .. import chat, responses
+from .. import chat, extras, responses
 from ..methods import describe_model, unpack_cascade
 from ..policy import Policy, Report, Request, check_sampling
 from ..text import TextAssembler, common_prefix
@@ -287,7 +287,7 @@ class GuardedModel:
             return self.tokenizer(text, add_special_tokens=False).input_ids, None
         import io
 
-        from PIL import Image
+        Image = extras.need("PIL.Image", "images")
 
         images = [Image.open(io.BytesIO(b)).convert("RGB") for b in prompt.images]
         enc = self.processor(text=[text], images=images, return_tensors="pt", add_special_tokens=False)
