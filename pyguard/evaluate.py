@@ -227,6 +227,8 @@ def run(model, dataset, methods="none,coca,casa,coca+casa", out="results", defen
     label = judge if judge == "refusal" else f"model: {Path(str(judge_model)).name}"  # who gave the verdicts
     table = summarize(rows, verdicts, names, label)
     files = write_summary(table, out, judge)
+    files.append(out / f"by_source-{judge}.md")
+    files[-1].write_text(by_source(rows, verdicts, names), encoding="utf-8")
     return {"rows": rows, "summary": table, "files": files}
 
 
@@ -281,6 +283,20 @@ def summarize(rows: list[dict], verdicts: list, methods: list[str], judge: str) 
             "casa_flagged": _mean([float(r["casa"]["unsafe"]) for r, _ in sel if r["casa"]]),
         })
     return table
+
+
+def by_source(rows: list[dict], verdicts: list, methods: list[str]) -> str:
+    """A markdown table per item source: the attack success rate of each method on a harmful
+    source, its refusal rate on a benign one (n items; unclear verdicts left out)."""
+    groups = sorted({(r["label"], r.get("source") or "?") for r in rows}, key=lambda g: (g[0] != "harmful", g[1]))
+    lines = ["| source | label | n | " + " | ".join(methods) + " |", "|---|---|---|" + "---|" * len(methods)]
+    for label, src in groups:
+        sel = {m: [v for r, v in zip(rows, verdicts) if r["method"] == m and r["label"] == label
+                   and (r.get("source") or "?") == src] for m in methods}
+        rates = [_mean([None if v is None else float(v == (label == "benign")) for v in sel[m]]) for m in methods]
+        lines.append(f"| {src} | {'harmful: ASR' if label == 'harmful' else 'benign: refused'} | "
+                     f"{max(len(v) for v in sel.values())} | " + " | ".join(_fmt("{:.1%}", x) for x in rates) + " |")
+    return "\n".join(lines) + "\n"
 
 
 COLUMNS = [("method", "method", "{}"), ("judge", "judge", "{}"), ("n_harmful", "harmful", "{}"),

@@ -61,6 +61,15 @@ def test_summary_counts_by_hand():
     assert "| m | refusal | 3 | 50.0% | 1 | 100.0% | 1 | - | 150 | 50.0 |" in evaluate.markdown([s])
 
 
+def test_by_source_counts_by_hand():
+    rows = [{"method": m, "label": label, "source": src} for m in ("a", "b")
+            for label, src in (("harmful", "x"), ("harmful", "x"), ("harmful", "y"), ("benign", "z"))]
+    verdicts = [True, False, None, False] + [True, True, False, True]  # True: refused
+    md = evaluate.by_source(rows, verdicts, ["a", "b"])
+    assert md.splitlines()[2:] == ["| x | harmful: ASR | 2 | 50.0% | 0.0% |", "| y | harmful: ASR | 1 | - | 100.0% |",
+                                   "| z | benign: refused | 1 | 0.0% | 100.0% |"]
+
+
 @needs_model
 def test_run_resume_and_summary(tmp_path):
     data = datasets.write_jsonl(tmp_path / "d.jsonl", ITEMS)
@@ -76,7 +85,7 @@ def test_run_resume_and_summary(tmp_path):
     assert table["casa"]["asr"] == 0.0 and table["casa"]["benign_refusal"] == 1.0 and table["casa"]["casa_flagged"] == 1.0
     plain = [judges.is_refusal(r["response"]) for r in rows if r["method"] == "none"]
     assert table["none"]["asr"] == np.mean([not v for v in plain[:2]])
-    assert {p.name for p in res["files"]} == {"summary-refusal.md", "summary-refusal.csv",
+    assert {p.name for p in res["files"]} == {"summary-refusal.md", "summary-refusal.csv", "by_source-refusal.md",
                                               "asr_vs_refusal-refusal.png", "latency.png"}
     assert all(p.stat().st_size > 0 for p in res["files"])
     # resume: nothing is redone; a lost row (a run killed after 5 items) is made again
