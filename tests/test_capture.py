@@ -403,7 +403,7 @@ def run(e, items, shift=None):
     e.clear()
     e.cap.clear()
     e.cap.enabled = True
-    order = e.decode(items, shift=shift)
+    order = e.decode(items, shift=shift, order=True)
     e.cap.enabled = False
     H = e.cap.take()
     rows = np.empty_like(H)

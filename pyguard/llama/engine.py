@@ -163,17 +163,20 @@ class Engine:
         return L.llama_vocab_eos(self.vocab)
 
     # -- evaluation ------------------------------------------------------------------------
-    def decode(self, items, shift=None) -> np.ndarray:
+    def decode(self, items, shift=None, order: bool = False) -> np.ndarray | None:
         """Decode (token, pos, seq, want_logits) items, in chunks of n_batch. Logit rows of the
         final chunk are then read with ``logits(i)``, i = index within that chunk. ``shift``: per
-        item, True for the rows ``shifter`` shifts (CMRM). Returns the item indices in the order
-        llama.cpp computes their rows (:func:`ubatches`, concatenated): the order an eval callback
-        sees them in."""
-        order = []
+        item, True for the rows ``shifter`` shifts (CMRM). With ``order``, returns the item indices
+        in the order llama.cpp computes their rows (:func:`ubatches`, concatenated): the order an
+        eval callback sees them in (predicted only when asked or shifting)."""
+        rows = []
         for start in range(0, len(items), self.n_batch):
             part = items[start : start + self.n_batch]
-            ubs = ubatches([it[2] for it in part], self.n_batch, self.n_seq)
-            order += [u + start for u in ubs]
+            mask = None if shift is None else np.asarray(shift[start : start + len(part)], bool)
+            planned = mask is not None and bool(mask.any())
+            if order or planned:
+                ubs = ubatches([it[2] for it in part], self.n_batch, self.n_seq)
+                rows += [u + start for u in ubs]
             b = self.batch
             b.n_tokens = len(part)
             for i, (tok, pos, seq, want) in enumerate(part):
@@ -182,14 +185,15 @@ class Engine:
                 b.n_seq_id[i] = 1
                 b.seq_id[i][0] = seq
                 b.logits[i] = want
-            mask = None if shift is None else np.asarray(shift[start : start + len(part)], bool)
-            if mask is not None and mask.any():
+            if planned:
                 want = np.array([it[3] for it in part], bool)
                 self._shifter().plan_shift([(mask[u], want[u]) for u in ubs])
                 self._run(b, planned=True)
             else:
                 self._run(b)
-        return np.concatenate(order) if order else np.zeros(0, np.int64)
+        if not order:
+            return None
+        return np.concatenate(rows) if rows else np.zeros(0, np.int64)
 
     def _run(self, batch, planned: bool = False) -> None:
         """llama_decode; with ``planned`` the shifter's plan ends (and is checked) after it."""

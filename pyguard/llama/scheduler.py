@@ -373,7 +373,7 @@ class Scheduler:
             items, owners = [items[i] for i in order], [owners[i] for i in order]
             cap = self._capturing(any(op is not None and op.capture for _, op in owners))
             shift = [j.shift for j, _ in owners]
-            computed = e.decode(items, shift=shift if any(shift) else None)
+            computed = e.decode(items, shift=shift if any(shift) else None, order=cap)
             for (tok, pos, seq, _), (j, _) in zip(items, owners):
                 self._track(seq, pos, [tok], j.key)
             if cap:
