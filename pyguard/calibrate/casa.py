@@ -324,8 +324,9 @@ def hidden_states(model: str, layer: int, items: list, cache=None, progress: boo
     """Each item's (a text, or a dict with grafted content or an image) prompt hidden states
     [T, d] at ``layer`` (cached per prompt under ``cache``, default ``$PYGUARD_CACHE/states``),
     with the model's cache key and ``model_hint``. ``also``: more layers read in the same pass
-    and only cached (one model pass fills the cache for a comparison of layers). ``fitted``: a CASA module that must fit this
-    model, checked before any work; ``graft``: a projector file or Graft; ``mmproj``: for images."""
+    and only cached (one model pass fills the cache for a comparison of layers). ``fitted``: a
+    CASA module that must fit this model, checked before any work; ``graft``: a projector file
+    or Graft; ``mmproj``: for images."""
     from .. import models
 
     if graft is not None:
