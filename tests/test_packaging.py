@@ -152,3 +152,29 @@ def test_every_third_party_import_is_declared_in_an_extra():
                 used.add(node.args[0].value.split(".")[0])
     missing = {m for m in used - stdlib if pip_name.get(m, m).lower() not in declared}
     assert not missing, f"imported but in no extra: {sorted(missing)}"
+
+
+def test_the_wheel_ships_the_package_its_data_and_no_results(tmp_path):
+    """The built wheel holds the modules, the extension and the fitted / prompt files a user loads,
+    and declares the feature extras; no benchmark results, tests or caches."""
+    import pathlib
+    import zipfile
+
+    root = pathlib.Path(__file__).parent.parent
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "--no-build-isolation", "-q",
+                        "-w", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    [whl] = tmp_path.glob("pyguard-*.whl")
+    names = zipfile.ZipFile(whl).namelist()
+    data = {f"pyguard/data/{p.relative_to(root / 'pyguard' / 'data').as_posix()}"
+            for p in (root / "pyguard" / "data").rglob("*") if p.is_file()}
+    modules = {f"pyguard/{p.relative_to(root / 'pyguard').as_posix()}" for p in (root / "pyguard").rglob("*.py")} \
+        | {f"pyguard/kernels/{p.name}" for p in (root / "kernels").glob("*.py")}  # setup.py's package_dir
+    shipped = {n for n in names if n.startswith("pyguard/") and "/_C." not in n}
+    assert shipped == data | modules, (sorted(shipped - data - modules), sorted((data | modules) - shipped))
+    assert any(n.startswith("pyguard/_C.") for n in names)
+    dist_info = "-".join(whl.name.split("-")[:2]) + ".dist-info"
+    assert {n.split("/")[0] for n in names} == {"pyguard", dist_info}  # no benchmarks, tests or results
+    meta = zipfile.ZipFile(whl).read(next(n for n in names if n.endswith("METADATA"))).decode()
+    extras = {line.split(":", 1)[1].strip() for line in meta.splitlines() if line.startswith("Provides-Extra:")}
+    assert extras >= {"llama", "server", "torch", "hf", "triton", "images", "calibrate", "eval", "graft", "all"}
