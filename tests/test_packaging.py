@@ -178,3 +178,40 @@ def test_the_wheel_ships_the_package_its_data_and_no_results(tmp_path):
     meta = zipfile.ZipFile(whl).read(next(n for n in names if n.endswith("METADATA"))).decode()
     extras = {line.split(":", 1)[1].strip() for line in meta.splitlines() if line.startswith("Provides-Extra:")}
     assert extras >= {"llama", "server", "torch", "hf", "triton", "images", "calibrate", "eval", "graft", "all"}
+
+
+def test_the_llama_extra_alone_runs_a_guarded_chat_without_torch(tmp_path):
+    """pip install pyguard[llama] into a fresh venv (the cached llama-cpp-python wheel, no torch),
+    then a guarded chat completion on SmolLM2 with CoCA and the shipped CASA's formula."""
+    import pathlib
+
+    root = pathlib.Path(__file__).parent.parent
+    llama_wheels = sorted((models.cache_dir() / "wheels").glob("llama-cpp-python-*/llama_cpp_python-*.whl"))
+    model = models.model_path("smollm2-135m")
+    if not llama_wheels or not model.exists():
+        pytest.skip("needs scripts/setup.sh's llama-cpp-python wheel and SmolLM2")
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "--no-build-isolation", "-q",
+                        "-w", str(tmp_path / "w")], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    [whl] = (tmp_path / "w").glob("pyguard-*.whl")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    py = str(venv / "bin" / "python")
+    r = subprocess.run([py, "-m", "pip", "install", "-q", "--disable-pip-version-check", f"{whl}[llama]",
+                        str(llama_wheels[-1])], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    code = f"""
+import importlib.util, numpy as np
+assert importlib.util.find_spec("torch") is None, "torch got installed"
+from pyguard.llama import GuardedLlama
+from pyguard.methods import CASA, CoCA
+rng = np.random.default_rng(0)
+casa = CASA({{"Wk": np.zeros((576, 1), np.float32), "q": np.ones((1, 1), np.float32),
+             "w": rng.standard_normal(576).astype(np.float32) * 1e-3, "b": 0.0}}, layer=10, threshold=0.99)
+with GuardedLlama(r"{model}", n_ctx=512, coca=CoCA(alpha=1.0), casa=casa) as llm:
+    r = llm.create_chat_completion([{{"role": "user", "content": "Say hello."}}], max_tokens=8)
+print(r["choices"][0]["finish_reason"] in ("stop", "length"), r["pyguard"]["casa"]["unsafe"] is False,
+      len(r["choices"][0]["message"]["content"]) > 0)
+"""
+    r = subprocess.run([py, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.split() == ["True", "True", "True"], (r.stdout, r.stderr[-3000:])
