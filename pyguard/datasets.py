@@ -214,42 +214,47 @@ def repair_jsonl(path) -> Path:
     """Mend a JSONL file a crash cut: if it does not end with a newline, its last line is dropped
     when it is not valid JSON (a warning goes to stderr), or completed with a newline when it is."""
     path = Path(path)
-    if not path.exists():
-        return path
-    with open(path, "r+b") as f:
-        size = f.seek(0, os.SEEK_END)
-        if size:
-            f.seek(size - 1)
-            if f.read(1) != b"\n":
-                start = size
-                while start > 0:  # find the start of the last line
-                    step = min(1 << 16, start)
-                    f.seek(start - step)
-                    nl = f.read(step).rfind(b"\n")
-                    if nl >= 0:
-                        start = start - step + nl + 1
-                        break
-                    start -= step
-                f.seek(start)
-                tail = f.read()
-                try:
-                    json.loads(tail)
-                    f.write(b"\n")
-                except ValueError:
-                    print(f"[pyguard] {path}: dropping a truncated last line ({len(tail)} bytes)",
-                          file=sys.stderr)
-                    f.truncate(start)
+    if path.exists():
+        with open(path, "r+b") as f:
+            _mend_tail(f, path)
     return path
+
+
+def _mend_tail(f, path: Path) -> None:
+    """``repair_jsonl`` on the open binary file ``f`` (read and write)."""
+    size = f.seek(0, os.SEEK_END)
+    if not size:
+        return
+    f.seek(size - 1)
+    if f.read(1) == b"\n":
+        return
+    start = size
+    while start > 0:  # find the start of the last line
+        step = min(1 << 16, start)
+        f.seek(start - step)
+        nl = f.read(step).rfind(b"\n")
+        if nl >= 0:
+            start = start - step + nl + 1
+            break
+        start -= step
+    f.seek(start)
+    tail = f.read()
+    try:
+        json.loads(tail)
+        f.write(b"\n")
+    except ValueError:
+        print(f"[pyguard] {path}: dropping a truncated last line ({len(tail)} bytes)", file=sys.stderr)
+        f.truncate(start)
 
 
 def append_jsonl(path, row: dict) -> Path:
     """Append one row and fsync it, for resumable runs (rows written before a crash survive); a
-    last line a crash cut is mended first (:func:`repair_jsonl`)."""
+    last line a crash cut is mended first (:func:`repair_jsonl`), in the same open."""
     path = Path(path)
     data = _line(row).encode("utf-8")
     path.parent.mkdir(parents=True, exist_ok=True)
-    repair_jsonl(path)
-    with open(path, "ab") as f:
+    with open(path, "a+b") as f:
+        _mend_tail(f, path)
         f.write(data)
         f.flush()
         os.fsync(f.fileno())

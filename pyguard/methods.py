@@ -96,7 +96,6 @@ class _ValueEq:
     __hash__ = None
 
 
-
 def _extension(path, kinds: tuple, what: str) -> str:
     ext = os.path.splitext(os.fspath(path))[1].lower()
     if ext not in kinds:
