@@ -28,8 +28,8 @@ from pyguard.calibrate import loso
 def states_for(model: str, layers: list[int], skip: int):
     """Fitting items with ``states`` the layers' hidden states side by side [T - skip, len(layers) * d]."""
     per = {}
-    for il in layers:
-        per[il], key = loso.fitting_items(model, il, progress=True, also=[x for x in layers if x != il])
+    for k, il in enumerate(layers):  # the first call fills every layer's cache in one model pass
+        per[il], key = loso.fitting_items(model, il, progress=True, also=layers[1:] if k == 0 else ())
     items = per[layers[0]]
     for j, it in enumerate(items):
         it["states"] = np.concatenate([per[il][j]["states"] for il in layers], axis=1)[skip:]

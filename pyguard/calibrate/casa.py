@@ -94,14 +94,16 @@ def collect(states_fn, items: list, cache, progress: bool = True, desc: str = "h
     out = []
     for item in tqdm(items, desc=desc, disable=not progress, unit="prompt"):
         key = prompt_key(item, tag)
-        got = {il: c.get(key) if c is not None else None for il, c in stores.items()}
-        if any(H is None for H in got.values()):
-            H = states_fn(messages({"text": item} if isinstance(item, str) else item))
-            got = {il: np.asarray(H if il is None else H[il], dtype=np.float32) for il in stores}
+        H = stores[first].get(key) if stores[first] is not None else None
+        if H is None or not all(c is not None and c.path(key).exists() for c in stores.values()):
+            got = states_fn(messages({"text": item} if isinstance(item, str) else item))
             for il, c in stores.items():
+                h = np.asarray(got if il is None else got[il], dtype=np.float32)
                 if c is not None:
-                    c.put(key, got[il])
-        out.append(got[first])
+                    c.put(key, h)
+                if il == first:
+                    H = h
+        out.append(H)
     return out
 
 

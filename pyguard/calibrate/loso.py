@@ -80,9 +80,10 @@ def run(items: list[dict], layer: int, target_frr: float = 0.05, seed: int = 0, 
     from .casa import evaluate
     from .casa import fit as casa_fit
 
-    fit = casa_fit if pooling == "attention" else pooled.fit
-    if pooling != "attention":
-        fit_kw = dict(fit_kw, pooling=pooling)
+    if pooling == "attention":
+        fit = casa_fit
+    else:
+        fit, fit_kw = pooled.fit, dict(fit_kw, pooling=pooling)
 
     if any(it["split"] not in ("train", "val") for it in items):
         raise ValueError("leave-one-source-out reads the train and validation splits only; drop the test split")
