@@ -3,6 +3,7 @@ hints, run-time ISA choice, and the default models from their PyPI packages."""
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +11,8 @@ import pytest
 from pyguard import models
 
 from fetched import fetched
+
+ROOT = Path(__file__).parent.parent
 
 
 def run_py(code, **env):
@@ -130,18 +133,16 @@ print("ok")
 def test_every_third_party_import_is_declared_in_an_extra():
     """The modules pyguard imports (top level or on first use) are each in an extra of pyproject.toml."""
     import ast
-    import pathlib
     import tomllib
 
-    root = pathlib.Path(__file__).parent.parent
-    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     declared = {d.split("[")[0].split("=")[0].split(">")[0].split("<")[0].strip().lower().replace("-", "_")
                 for deps in extras.values() for d in deps}
     pip_name = {"sklearn": "scikit_learn", "PIL": "pillow", "llama_cpp": "llama_cpp_python", "yaml": "pyyaml",
                 "sse_starlette": "sse_starlette", "prometheus_client": "prometheus_client"}
     stdlib = set(sys.stdlib_module_names) | {"pyguard", "numpy", "__future__"}
     used = set()
-    for f in (root / "pyguard").rglob("*.py"):
+    for f in (ROOT / "pyguard").rglob("*.py"):
         for node in ast.walk(ast.parse(f.read_text())):
             if isinstance(node, ast.Import):
                 used |= {a.name.split(".")[0] for a in node.names}
@@ -154,50 +155,48 @@ def test_every_third_party_import_is_declared_in_an_extra():
     assert not missing, f"imported but in no extra: {sorted(missing)}"
 
 
-def test_the_wheel_ships_the_package_its_data_and_no_results(tmp_path):
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    """pyguard's wheel, built once for this module's tests."""
+    out = tmp_path_factory.mktemp("wheel")
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q",
+                        "-w", str(out)], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    [whl] = out.glob("pyguard-*.whl")
+    return whl
+
+
+def test_the_wheel_ships_the_package_its_data_and_no_results(wheel):
     """The built wheel holds the modules, the extension and the fitted / prompt files a user loads,
     and declares the feature extras; no benchmark results, tests or caches."""
-    import pathlib
     import zipfile
 
-    root = pathlib.Path(__file__).parent.parent
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "--no-build-isolation", "-q",
-                        "-w", str(tmp_path)], capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-2000:]
-    [whl] = tmp_path.glob("pyguard-*.whl")
-    names = zipfile.ZipFile(whl).namelist()
-    data = {f"pyguard/data/{p.relative_to(root / 'pyguard' / 'data').as_posix()}"
-            for p in (root / "pyguard" / "data").rglob("*") if p.is_file()}
-    modules = {f"pyguard/{p.relative_to(root / 'pyguard').as_posix()}" for p in (root / "pyguard").rglob("*.py")} \
-        | {f"pyguard/kernels/{p.name}" for p in (root / "kernels").glob("*.py")}  # setup.py's package_dir
+    names = zipfile.ZipFile(wheel).namelist()
+    data = {f"pyguard/data/{p.relative_to(ROOT / 'pyguard' / 'data').as_posix()}"
+            for p in (ROOT / "pyguard" / "data").rglob("*") if p.is_file()}
+    modules = {f"pyguard/{p.relative_to(ROOT / 'pyguard').as_posix()}" for p in (ROOT / "pyguard").rglob("*.py")} \
+        | {f"pyguard/kernels/{p.name}" for p in (ROOT / "kernels").glob("*.py")}  # setup.py's package_dir
     shipped = {n for n in names if n.startswith("pyguard/") and "/_C." not in n}
     assert shipped == data | modules, (sorted(shipped - data - modules), sorted((data | modules) - shipped))
     assert any(n.startswith("pyguard/_C.") for n in names)
-    dist_info = "-".join(whl.name.split("-")[:2]) + ".dist-info"
+    dist_info = "-".join(wheel.name.split("-")[:2]) + ".dist-info"
     assert {n.split("/")[0] for n in names} == {"pyguard", dist_info}  # no benchmarks, tests or results
-    meta = zipfile.ZipFile(whl).read(next(n for n in names if n.endswith("METADATA"))).decode()
+    meta = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()
     extras = {line.split(":", 1)[1].strip() for line in meta.splitlines() if line.startswith("Provides-Extra:")}
     assert extras >= {"llama", "server", "torch", "hf", "triton", "images", "calibrate", "eval", "graft", "all"}
 
 
-def test_the_llama_extra_alone_runs_a_guarded_chat_without_torch(tmp_path):
+def test_the_llama_extra_alone_runs_a_guarded_chat_without_torch(tmp_path, wheel):
     """pip install pyguard[llama] into a fresh venv (the cached llama-cpp-python wheel, no torch),
     then a guarded chat completion on SmolLM2 with CoCA and the shipped CASA's formula."""
-    import pathlib
-
-    root = pathlib.Path(__file__).parent.parent
     llama_wheels = sorted((models.cache_dir() / "wheels").glob("llama-cpp-python-*/llama_cpp_python-*.whl"))
     model = models.model_path("smollm2-135m")
     if not llama_wheels or not model.exists():
         pytest.skip("needs scripts/setup.sh's llama-cpp-python wheel and SmolLM2")
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "--no-build-isolation", "-q",
-                        "-w", str(tmp_path / "w")], capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-2000:]
-    [whl] = (tmp_path / "w").glob("pyguard-*.whl")
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     py = str(venv / "bin" / "python")
-    r = subprocess.run([py, "-m", "pip", "install", "-q", "--disable-pip-version-check", f"{whl}[llama]",
+    r = subprocess.run([py, "-m", "pip", "install", "-q", "--disable-pip-version-check", f"{wheel}[llama]",
                         str(llama_wheels[-1])], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     code = f"""
