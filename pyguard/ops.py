@@ -4,7 +4,9 @@
 (numpy arrays or CPU tensors) and the reference otherwise; ``"ref"``, ``"cpp"`` or ``"triton"``
 force one. Inputs are numpy arrays or torch tensors; outputs come back in the same kind, on the
 same device. Every argument is validated here first; bad input raises ``ValueError`` naming the
-argument and the numbers.
+argument and the numbers. The runtimes' decode loops call ``_coca_step`` and ``_cmrm_shift_``:
+the same dispatch with no validation, so no host reads (their configuration was checked once,
+when the method, the guard and the request were built).
 
 Non-finite inputs, identically in every backend: calibrated logits follow IEEE arithmetic of
 ``(1 - alpha) * base + alpha * safe``; a NaN in a calibrated row makes its token the first NaN's
@@ -202,6 +204,13 @@ def coca_step(base, safe, alpha, temperature=1.0, force_token=None, out=None, ba
     calibrated row; kl = KL(softmax(safe) || softmax(base)).
     """
     alpha, temperature, force_token = _check_coca(base, safe, alpha, temperature, force_token, out)
+    return _coca_step(base, safe, alpha, temperature, force_token, out, backend)
+
+
+def _coca_step(base, safe, alpha, temperature, force_token, out, backend="auto"):
+    """coca_step without validation and without host reads, for the runtimes' decode loops:
+    alpha, temperature float32 [B] and force_token int64 [B] (or None) of base's kind and device,
+    each already checked (when the method, the request and the guard were built)."""
     which = _pick(backend, base)
     if which == "cpp":
         f = None if force_token is None else _host(force_token)
@@ -244,15 +253,20 @@ def cmrm_shift_(h, v, alpha, layer=None, row_mask=None, backend="auto"):
     if row_mask is not None:
         _array(row_mask, "row_mask", 1, ("bool", "uint8"), (N,))
         _same_place(row_mask, h, "row_mask", "h")
+    return _cmrm_shift_(h, vrow, alpha, row_mask, backend)
+
+
+def _cmrm_shift_(h, v, alpha: float, row_mask=None, backend="auto"):
+    """cmrm_shift_ without validation and without host reads, for the runtimes' per-layer hooks:
+    v [d] of h's kind, device and dtype, finite (checked when the CMRM was built); row_mask bool
+    [N] or None."""
     which = _pick(backend, h)
     if which == "cpp":
-        native().cmrm_shift_(_host(h), _host(vrow), float(alpha), -1,
-                             None if row_mask is None else _host(row_mask))
+        native().cmrm_shift_(_host(h), _host(v), float(alpha), -1, None if row_mask is None else _host(row_mask))
     elif which == "triton":
-        triton_kernels().cmrm_shift_(_torch(h), _torch(vrow), float(alpha), _torch(row_mask))
+        triton_kernels().cmrm_shift_(_torch(h), _torch(v), float(alpha), _torch(row_mask))
     else:
-        mask = None if row_mask is None else (row_mask != 0)
-        reference.cmrm_shift_(h, vrow, alpha, mask)
+        reference.cmrm_shift_(h, v, alpha, None if row_mask is None else (row_mask != 0))
     return h
 
 

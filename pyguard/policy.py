@@ -18,6 +18,7 @@ import numpy as np
 
 from . import ops
 from .methods import CASA, CMRM, Cascade, CoCA, casa_report, coca_report
+from .reference import is_torch
 from .sampling import sample
 
 
@@ -148,6 +149,7 @@ class Policy:
         self.coca, self.cmrm, self.casa, self.cascade = coca, cmrm, casa, cascade
         self.refusal = list(refusal or [])
         self.trace: list | None = None  # tests: a list collecting the calibrated rows [n_dual, V] per step
+        self._held: dict = {}  # name -> ((values, device), the vector there): see _vector
 
     # -- before the first token ------------------------------------------------------------
     def guards(self, choice: Optional[dict]) -> Guards:
@@ -229,28 +231,46 @@ class Policy:
     def choose(self, reqs: list, rows: list) -> list:
         """The next token of each request. rows[i]: the request's logit rows, (base [1, V],) or,
         while ``dual``, (base [1, V], safe [1, V]): numpy, or torch on any device (it stays
-        there; the tokens are read back once). None for a request whose next token is forced.
-        One ``coca_step`` serves every dual request. Requests whose safe sequence the gate drops
-        have ``dual`` False afterwards."""
+        there: one read back per step, of the greedy tokens and CoCA's KL, plus one per sampled
+        row). None for a request whose next token is forced. One ``coca_step`` serves every dual
+        request. Requests whose safe sequence the gate drops have ``dual`` False afterwards."""
         toks: list = [None] * len(reqs)
         dual = [i for i, r in enumerate(reqs) if r.dual]
+        plain, argmax = [], []  # the greedy rows' requests and their argmax (unread)
+        read = []
         if dual:
             rs = [reqs[i] for i in dual]
             base, safe = _cat([rows[i][0] for i in dual]), _cat([rows[i][1] for i in dual])
             for j, r in enumerate(rs):
                 if r.suppress:
                     base[j, list(r.suppress)] = safe[j, list(r.suppress)] = NEVER
-            like = lambda values, dtype: _array(values, dtype, base)  # noqa: E731
-            alpha = like([r.report.coca.alpha for r in rs], "float32")
-            temp = like([r.temperature if r.temperature > 0 else 1.0 for r in rs], "float32")
+            alpha = self._vector("alpha", [r.report.coca.alpha for r in rs], "float32", base)
+            temp = self._vector("temperature", [r.temperature if r.temperature > 0 else 1.0 for r in rs], "float32", base)
             forced = [r.forced[r.step] if r.step < len(r.forced) else -1 for r in rs]
+            force = self._vector("forced", forced, "int64", base) if max(forced) >= 0 else None
             cal = base.copy() if isinstance(base, np.ndarray) else base.clone()
-            tok, kl = ops.coca_step(base, safe, alpha, temp, like(forced, "int64") if max(forced) >= 0 else None, cal)
+            read = list(ops._coca_step(base, safe, alpha, temp, force, cal))  # checked when built: no host reads
             if self.trace is not None:
                 self.trace.append(cal)
-            tok, kl = tok.tolist(), kl.tolist()
+        for i, r in enumerate(reqs):
+            if r.dual or r.step < len(r.forced):
+                continue
+            row = rows[i][0][0]
+            if r.suppress:
+                row = row.copy() if isinstance(row, np.ndarray) else row.clone()
+                row[list(r.suppress)] = NEVER
+            if r.temperature > 0:
+                toks[i] = sample(row / r.temperature, r.top_p, r.rng)
+            else:
+                plain.append(i)
+                argmax.append(row.argmax())
+        if argmax:
+            read.append(_stack(argmax))
+        got = _to_host(read)
+        if dual:
+            tok, kl = got[0], got[1]
             for j, (i, r) in enumerate(zip(dual, rs)):
-                toks[i] = tok[j] if r.temperature <= 0 or forced[j] >= 0 else sample(cal[j], r.top_p, r.rng)
+                toks[i] = int(tok[j]) if r.temperature <= 0 or forced[j] >= 0 else sample(cal[j], r.top_p, r.rng)
                 rep = r.report.coca
                 rep.dual_steps += 1
                 rep.kl_max = max(rep.kl_max, kl[j])
@@ -258,21 +278,28 @@ class Policy:
                 if (c.gate_kl is not None and r.step + 1 == c.gate_tokens and rep.kl_max < c.gate_kl
                         and r.step + 1 >= len(r.forced)):
                     r.dual, rep.gated = False, True
+        for i, t in zip(plain, got[-1] if plain else ()):
+            toks[i] = int(t)
         for i, r in enumerate(reqs):
-            if toks[i] is not None:
-                continue
-            if r.step < len(r.forced):
+            if toks[i] is None:
                 toks[i] = r.forced[r.step]
-                continue
-            row = rows[i][0][0]
-            if r.suppress:
-                row = row.copy() if isinstance(row, np.ndarray) else row.clone()
-                row[list(r.suppress)] = NEVER
-            toks[i] = int(row.argmax()) if r.temperature <= 0 else sample(row / r.temperature, r.top_p, r.rng)
         for r, t in zip(reqs, toks):
             r.out.append(t)
             r.report.timings.decode_ms_per_token = (time.perf_counter() - r.t_first) * 1e3 / len(r.out)
         return toks
+
+    def _vector(self, name: str, values: list, dtype: str, like):
+        """The per-row vector ``name`` of the kind (and device) of ``like``; a torch one is
+        copied to its device only when its values change."""
+        if isinstance(like, np.ndarray):
+            return np.array(values, dtype)
+        import torch
+
+        key, held = self._held.get(name, (None, None))
+        if key != (values, like.device):
+            held = torch.tensor(values, dtype=getattr(torch, dtype), device=like.device)
+            self._held[name] = ((list(values), like.device), held)
+        return held
 
 
 NEVER = -1e30  # a suppressed token's logit: finite, so CoCA's difference of two rows stays 0
@@ -287,10 +314,25 @@ def _cat(rows: list):
     return torch.cat(rows)
 
 
-def _array(values: list, dtype: str, like):
-    """A small per-row vector of the kind (and device) of ``like``."""
-    if isinstance(like, np.ndarray):
-        return np.array(values, dtype)
+def _stack(xs: list):
+    """0-d arrays (numpy scalars or torch tensors) stacked to [n]."""
+    if is_torch(xs[0]):
+        import torch
+
+        return torch.stack(xs)
+    return np.array(xs)
+
+
+def _to_host(parts: list) -> list:
+    """Each 1-D array of ``parts`` as a list of Python numbers; torch tensors (one device) are
+    read back together, in one copy."""
+    if not parts or not is_torch(parts[0]):
+        return [np.asarray(p).tolist() for p in parts]
     import torch
 
-    return torch.tensor(values, dtype=getattr(torch, dtype), device=like.device)
+    flat = torch.cat([p.reshape(-1).double() for p in parts]).tolist()  # float64: exact for ids and KL
+    out, k = [], 0
+    for p in parts:
+        out.append(flat[k:k + p.numel()])
+        k += p.numel()
+    return out

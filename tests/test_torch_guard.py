@@ -1,5 +1,8 @@
 """The guarded PyTorch / Hugging Face runtime on tiny models built offline."""
 import dataclasses
+import os
+import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -305,6 +308,58 @@ def test_cuda_matches_cpu():
     with guard(model, tok, coca=CoCA(alpha=1.5)) as g:
         got = g.generate(**{k: v.cuda() for k, v in enc.items()}, max_new_tokens=6)
     torch.testing.assert_close(got.cpu(), want, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- no host reads in the decode loop
+HOST_READS = ("cpu", "item", "tolist", "__bool__", "__int__", "__float__", "__index__")  # a device's data to the host
+CUDA = [pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))]
+
+
+def pyguard_reads(monkeypatch) -> list:
+    """From now on, every host read of a tensor made by pyguard's own code, as (method, module, line)."""
+    calls = []
+    for name in HOST_READS:
+        def counted(self, *a, _orig=getattr(torch.Tensor, name), _name=name, **k):
+            caller = sys._getframe(1)
+            if caller.f_globals.get("__name__", "").startswith("pyguard"):
+                calls.append((_name, caller.f_globals["__name__"], caller.f_lineno))
+            return _orig(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return calls
+
+
+def pyguard_syncs(run) -> int:
+    """CUDA synchronizations made by pyguard's files while run() runs (torch's sync debug mode)."""
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) and f"{os.sep}pyguard{os.sep}" in w.filename for w in caught)
+
+
+@pytest.mark.parametrize("device", ["cpu", *CUDA])
+def test_the_decode_loop_reads_the_host_once_per_step(rng, monkeypatch, device):
+    """CoCA, CMRM on every layer and CASA: each decode step reads back only its tokens (with
+    CoCA's KL), in one copy, however many layers CMRM shifts; on CUDA it synchronizes at most
+    twice (the new tokens up, the choice down)."""
+    model, tok = tiny_llama(layers=4).to(device), tiny_tokenizer()
+    enc = {k: v.to(device) for k, v in chat_batch(tok).items()}
+    v = rng.standard_normal((4, 64)).astype(np.float32) * 0.01
+    run = lambda g, n: g.generate(**enc, max_new_tokens=n, eos_token_id=[])  # noqa: E731  (no early end)
+    for cmrm in (None, CMRM(v, when="always")):
+        with guard(model, tok, coca=CoCA(alpha=1.5), cmrm=cmrm, casa=casa_for(rng, threshold=1.0)) as g:
+            run(g, 2)  # warm up
+            calls = pyguard_reads(monkeypatch)
+            assert run(g, 3).shape[1] == enc["input_ids"].shape[1] + 3
+            short = len(calls)
+            assert run(g, 9).shape[1] == enc["input_ids"].shape[1] + 9
+            assert len(calls) - 2 * short == 6, calls[2 * short:]  # one read in each of the 6 extra steps
+            monkeypatch.undo()
+            if device == "cuda":
+                assert pyguard_syncs(lambda: run(g, 9)) - pyguard_syncs(lambda: run(g, 3)) <= 2 * 6
 
 
 # ----------------------------------------------------------------------------- lifecycle and bad input

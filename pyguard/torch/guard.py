@@ -170,8 +170,8 @@ class GuardedModel:
     def _inputs(self, ids: torch.Tensor, soft: list) -> dict:
         """The forward's input for token ids [R, T]: ``input_ids``, or ``inputs_embeds`` [R, T, d]
         with row r's soft tokens ``soft[r]`` [n_r, d] in order at its GRAFT_ID positions."""
-        at = ids == GRAFT_ID
-        if not at.any():
+        at = None if all(s is None for s in soft) else ids == GRAFT_ID
+        if at is None or not at.any():
             return {"input_ids": ids}
         x = self.model.get_input_embeddings()(ids.masked_fill(at, 0))
         rows = [s for s, a in zip(soft, at) if a.any()]
@@ -375,9 +375,10 @@ class GuardedModel:
                 logits = state.step(toks)
 
     def _sample_vectors(self, reqs, pixel_values) -> torch.Tensor:
-        """Sample-level CMRM: [n_requests, n_layer, d], for each request with an image (or grafted
-        content) its prompt's last-token layer outputs minus those of the prompt with the image
-        (grafted) tokens removed (zeros for the others). Two extra forwards per such request."""
+        """Sample-level CMRM: [n_requests, n_layer, d] on the model's device and dtype, for each
+        request with an image (or grafted content) its prompt's last-token layer outputs minus
+        those of the prompt with the image (grafted) tokens removed (zeros for the others). Two
+        extra forwards per such request."""
         layers = list(range(self.n_layer))
         dev = self._device()
         media = GRAFT_ID if pixel_values is None else self.image_token_id
@@ -401,7 +402,7 @@ class GuardedModel:
             vec = self.cmrm.for_request(*last).vectors
             out[i] = torch.tensor(vec)
             r.report.cmrm.norm = float((vec ** 2).sum() ** 0.5)
-        return out
+        return out.to(dev, self.model.dtype)
 
     def _casa_check(self, reqs, states: list, eos: list) -> None:
         """Score each prompt's layer-L hidden states; the policy decides; refused requests end
@@ -423,16 +424,19 @@ class _Batch:
         self.g, self.reqs, self.select, self.dev = guard, reqs, select, device
         self.per_request = per_request  # sample-level CMRM vectors [n_requests, n_layer, d] or None
         self.rows: list[tuple[int, int]] = []  # (request index, 0 base | 1 safe)
+        self.selected: list | None = None  # the rows CMRM's row selection was last set for
         self.cache = self.mask = self.pos = None
 
-    def _forward(self, ids, mask, pos, **kw):
-        if self.select is not None:
-            self.select.rows = torch.tensor([self.reqs[i].report.cmrm.on for i, _ in self.rows], device=self.dev)
+    def _forward(self, ids, mask, pos, grafts: bool = True, **kw):
+        """Logits [rows, V] at the last position; ``grafts`` False: ids holds no grafted content."""
+        if self.select is not None and self.selected != self.rows:  # to the device only when the rows change
+            self.selected = list(self.rows)
+            self.select.set([self.reqs[i].report.cmrm.on for i, _ in self.rows], self.dev)
             if self.per_request is not None:
                 self.select.per_row = self.per_request[[i for i, _ in self.rows]]
         few_rows = self.dev.type == "cpu" and 2 <= ids.numel() <= MAX_ROWS
         with transposed(self.g._linears) if few_rows else contextlib.nullcontext():
-            inputs = self.g._inputs(ids, [self.reqs[i].soft for i, _ in self.rows])
+            inputs = self.g._inputs(ids, [self.reqs[i].soft if grafts else None for i, _ in self.rows])
             out = self.g.model(attention_mask=mask, position_ids=pos, past_key_values=self.cache,
                                use_cache=True, logits_to_keep=1, **inputs, **kw)
         self.cache = out.past_key_values
@@ -550,4 +554,4 @@ class _Batch:
         ids = torch.tensor([[toks[i]] for i, _ in self.rows], device=self.dev)
         self.mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=self.mask.dtype, device=self.dev)], 1)
         self.pos = self.pos + 1
-        return self._forward(ids, self.mask, self.pos[:, None])
+        return self._forward(ids, self.mask, self.pos[:, None], grafts=False)
