@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import baselines as bl  # noqa: E402
 
 from pyguard import _C  # noqa: E402
-from pyguard.timing import interleaved  # noqa: E402
+from pyguard.timing import cpu_model, interleaved  # noqa: E402
 
 try:
     import torch
@@ -134,7 +133,7 @@ def plot(rows, path: Path):
         ax.set_title(op)
     axes[0].set_ylabel("effective GB/s (higher is better)")
     axes[-1].legend(fontsize=8)
-    fig.suptitle(f"pyguard ops on {platform.machine()}, {os.cpu_count()} cores, ISA {_C.isa()}")
+    fig.suptitle(f"pyguard ops on {cpu_model()}, {os.cpu_count()} cores, ISA {_C.isa()}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -147,7 +146,7 @@ def main(argv=None):
     p.add_argument("--passes", type=int, default=3, help="passes over all cases (median taken)")
     a = p.parse_args(argv)
     rows = run(a.quick, a.min_time, a.passes)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cores, "
           f"ISA {_C.isa()}, numpy {np.__version__}" + (f", torch {torch.__version__}" if torch else ""))
     print(table(rows))
     plot(rows, a.png)

@@ -6,13 +6,13 @@ the same requests one at a time (``parallel=1``), measured in one run, interleav
 from __future__ import annotations
 
 import argparse
-import platform
 import threading
 import time
 
 from pyguard import models
 from pyguard.llama import GuardedLlama
 from pyguard.methods import CoCA
+from pyguard.timing import cpu_model
 
 TOPICS = ["cats", "the sea", "Paris", "bread", "rain", "chess", "music", "trees", "gold", "snow", "ice", "wind",
           "salt", "glass", "fire", "sand"]
@@ -35,12 +35,6 @@ def run(g, clients: int, tokens: int) -> tuple[float, int]:
     return time.perf_counter() - t0, sum(out)
 
 
-def cpu() -> str:
-    try:
-        return next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor()
-
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -50,7 +44,7 @@ def main():
     p.add_argument("--rounds", type=int, default=2)
     a = p.parse_args()
     path = models.model_path(a.model)
-    print(f"{a.model}, {a.clients} concurrent clients x {a.tokens} tokens, {a.rounds} rounds; CPU: {cpu()}")
+    print(f"{a.model}, {a.clients} concurrent clients x {a.tokens} tokens, {a.rounds} rounds; CPU: {cpu_model()}")
     print("| guard | parallel | tokens/s (aggregate) | ratio to parallel=1 |\n|---|---|---|---|")
     for name, kw in (("none", {}), ("CoCA", {"coca": CoCA(alpha=1.5)})):
         rates = {}

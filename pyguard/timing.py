@@ -7,6 +7,7 @@ sleep, but on a VM a pause also lets the cores cool, which slows multi-threaded 
 The default is no pause."""
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 from typing import Callable
@@ -40,3 +41,12 @@ def interleaved(fns: dict[str, Callable[[], object]], min_time: float = 0.3, blo
             per_call[name].append(dt / n)
         rounds += 1
     return {k: statistics.median(v) for k, v in per_call.items()}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), to print beside every figure."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()

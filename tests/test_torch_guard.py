@@ -298,21 +298,31 @@ def test_half_precision_models(dtype, rng):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_matches_cpu():
+def test_cuda_matches_cpu(rng):
+    """CoCA, CMRM on every layer and CASA: the same tokens, scores and refusals on CUDA (Triton)
+    as on the CPU (C++)."""
     model, tok = tiny_llama(), tiny_tokenizer()
     enc = chat_batch(tok)
-    with guard(model, tok, coca=CoCA(alpha=1.5)) as g:
-        want = g.generate(**enc, max_new_tokens=6)
-    model = model.cuda()
-    with guard(model, tok, coca=CoCA(alpha=1.5)) as g:
-        got = g.generate(**{k: v.cuda() for k, v in enc.items()}, max_new_tokens=6)
-    torch.testing.assert_close(got.cpu(), want, rtol=0, atol=0)
+    methods = dict(coca=CoCA(alpha=1.5), cmrm=CMRM(rng.standard_normal((3, 64)).astype(np.float32) * 0.1,
+                                                   when="always"))
+    for casa in (casa_for(rng, threshold=1.0), casa_for(rng, b=0.5, threshold=0.6)):
+        with guard(model, tok, casa=casa, **methods) as g:
+            want, want_report = g.generate(**enc, max_new_tokens=6), g.last_report
+        with guard(model.cuda(), tok, casa=casa, **methods) as g:
+            got = g.generate(**{k: v.cuda() for k, v in enc.items()}, max_new_tokens=6)
+            for r, w in zip(g.last_report, want_report):
+                assert r["casa"]["unsafe"] == w["casa"]["unsafe"]
+                assert r["casa"]["score"] == pytest.approx(w["casa"]["score"], abs=1e-4)
+        model.cpu()
+        torch.testing.assert_close(got.cpu(), want, rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------- no host reads in the decode loop
 HOST_READS = ("cpu", "item", "tolist", "__bool__", "__int__", "__float__", "__index__")  # a device's data to the host
-CUDA = [pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))]
+CUDA = [pytest.param("cuda", marks=[pytest.mark.cuda,
+                                    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])]
 
 
 def pyguard_reads(monkeypatch) -> list:
