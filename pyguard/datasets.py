@@ -393,7 +393,9 @@ def render_text(text: str, path, size: int = 512, font_size: int = 30, margin: i
         draw.text((margin, margin + i * step), line, fill="black", font=font)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path, format="PNG")
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    img.save(tmp, format="PNG")
+    os.replace(tmp, path)  # atomic: a reader never sees half an image
     return path
 
 

@@ -127,12 +127,18 @@ def response_row(item: dict, method: str, r: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------- run
-def load_items(dataset, folder) -> list[dict]:
-    """A JSONL data set (text, label; image, category optional) or built-in set names
-    (``datasets.BUILTIN``, joined with +), built into ``folder``."""
+def dataset_file(dataset) -> Path:
+    """The JSONL file of a data set: ``dataset`` itself, or built-in set names
+    (``datasets.BUILTIN``, joined with +) built into the per-user cache (images beside), so that
+    result folders hold results only."""
     path = Path(dataset)
-    if not path.suffix == ".jsonl":
-        path = datasets.build(str(dataset), folder)
+    return path if path.suffix == ".jsonl" else datasets.build(str(dataset), models.cache_dir() / "datasets")
+
+
+def load_items(dataset) -> list[dict]:
+    """The items of a JSONL data set (text, label; image, category optional) or of built-in sets
+    (:func:`dataset_file`), each with an id."""
+    path = dataset_file(dataset)
     rows = datasets.read_jsonl(path, required=("text", "label"), optional=("category", "id", "graft"), image_field="image")
     ids = set()
     for i, r in enumerate(rows):
@@ -189,7 +195,8 @@ def run(model, dataset, methods="none,coca,casa,coca+casa", out="results", defen
     if judge not in judges.JUDGES:
         raise ValueError(f"judge must be one of {judges.JUDGES}, got {judge!r}")
     check_sampling(max_tokens, 0.0, 1.0)
-    items = load_items(dataset, out)
+    path = dataset_file(dataset)
+    items = load_items(path)
     if limit is not None:
         items = items[:limit]
     if not items:
@@ -204,7 +211,8 @@ def run(model, dataset, methods="none,coca,casa,coca+casa", out="results", defen
                 "temperature": 0.0}
     keys = {(it["id"], m): answer_key(it, m, {**settings, "methods": fingerprint(defences.for_method(m))})
             for it in items for m in names}
-    (out / "run.json").write_text(json.dumps({**settings, "dataset": str(dataset), "methods": names}, indent=1))
+    (out / "run.json").write_text(json.dumps({**settings, "dataset": str(dataset), "methods": names,
+                                              "dataset_sha256": models.sha256_file(path)}, indent=1))
     done = {(r["id"], r["method"]) for r in done_rows(out) if keys.get((r["id"], r["method"])) == r.get("key")}
     todo = {m: [it for it in items if (it["id"], m) not in done] for m in names}
     bar = tqdm(total=sum(map(len, todo.values())), desc="eval", unit="item", disable=not progress)

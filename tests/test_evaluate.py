@@ -192,12 +192,22 @@ def test_bad_datasets_name_file_and_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "a", "label": "harmful"}\n{"text": "b", "label": "maybe"}\n')
     with pytest.raises(datasets.DatasetError, match=r"bad.jsonl:2: label must be one of"):
-        evaluate.load_items(bad, tmp_path)
+        evaluate.load_items(bad)
     bad.write_text('{"text": "a", "label": "harmful", "image": "missing.png"}\n')
     with pytest.raises(datasets.DatasetError, match=r"bad.jsonl:1: image not found"):
-        evaluate.load_items(bad, tmp_path)
+        evaluate.load_items(bad)
     bad.write_text('{"text": "a", "label": "harmful", "id": "x"}\n{"text": "b", "label": "benign", "id": "x"}\n')
     with pytest.raises(datasets.DatasetError, match="duplicate id 'x'"):
-        evaluate.load_items(bad, tmp_path)
+        evaluate.load_items(bad)
     with pytest.raises(ValueError, match="unknown data set 'nope'"):
-        evaluate.load_items("nope", tmp_path)
+        evaluate.load_items("nope")
+
+
+def test_built_in_sets_are_built_in_the_cache(tmp_path, monkeypatch):
+    """A result folder holds results only: built-in sets go to the per-user cache."""
+    monkeypatch.setenv("PYGUARD_CACHE", str(tmp_path / "cache"))
+    path = evaluate.dataset_file("benign+risky")
+    assert path == tmp_path / "cache" / "datasets" / "benign+risky.jsonl"
+    items = evaluate.load_items("benign+risky")
+    assert len(items) == len(datasets.held_out(datasets.benign())) + len(datasets.held_out(datasets.benign_risky()))
+    assert evaluate.dataset_file(tmp_path / "mine.jsonl") == tmp_path / "mine.jsonl"  # a file is used where it is

@@ -214,3 +214,44 @@ print(r["choices"][0]["finish_reason"] in ("stop", "length"), r["pyguard"]["casa
 """
     r = subprocess.run([py, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.split() == ["True", "True", "True"], (r.stdout, r.stderr[-3000:])
+
+
+def _tensors_digest(path: Path) -> str | None:
+    """sha256 of a .gguf / .safetensors file's tensors (names and data), not of its metadata."""
+    import hashlib
+
+    h = hashlib.sha256()
+    if path.suffix == ".gguf":
+        from gguf import GGUFReader
+
+        for t in GGUFReader(path).tensors:
+            h.update(t.name.encode() + np.ascontiguousarray(t.data).tobytes())
+    elif path.suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        for name, a in sorted(load_file(path).items()):
+            h.update(name.encode() + np.ascontiguousarray(a).tobytes())
+    else:
+        return None
+    return h.hexdigest()
+
+
+def test_benchmark_results_hold_no_duplicates():
+    """Raw results stay small and regenerable: no two tracked data files under benchmarks/ with the
+    same content (above 1 KiB: run.json stubs may agree; plots of equal figures may too), and no
+    two weight files whose tensors are the same (copies that differ only in a metadata field)."""
+    import hashlib
+
+    files = subprocess.run(["git", "ls-files", "benchmarks"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.split()
+    if not files:
+        pytest.skip("not a git checkout")
+    seen: dict = {}
+    for f in files:
+        p = ROOT / f
+        if not p.is_file() or p.stat().st_size <= 1024 or p.suffix == ".png":
+            continue
+        for key in (hashlib.sha256(p.read_bytes()).hexdigest(), _tensors_digest(p)):
+            if key is not None:
+                assert key not in seen, f"{f} duplicates {seen[key]}"
+                seen[key] = f
