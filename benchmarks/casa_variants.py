@@ -9,7 +9,8 @@ A variant is ``pooling:C`` (pooled probes, ``pyguard.calibrate.pooled``; C the i
 strength) or ``attention`` / ``attention:WD`` (CASA's module as ``pyguard fit casa`` fits it, or
 with weight decay WD). ``--skip-prefix`` also runs every
 variant on the positions after the chat template's constant prefix (the rows every prompt
-shares). Hidden states come from the per-prompt cache (``pyguard fit casa --loso``'s); a layer
+shares). ``--group informal=pyguard-conversational,pyguard-story`` leaves sources out together,
+as one (a style is then absent from fitting in every source that has it). Hidden states come from the per-prompt cache (``pyguard fit casa --loso``'s); a layer
 not yet cached is computed. Writes variants.json, variants.md (one row per variant: AUROC per
 harmful source left out, the worst, benign flagged) and variants.png (the same as a heat map).
 """
@@ -51,6 +52,8 @@ def main():
     ap.add_argument("--layers", nargs="+", default=["12"], help="a layer, or layers joined by + (side by side)")
     ap.add_argument("--variants", nargs="+", default=["mean:0.1"])
     ap.add_argument("--skip-prefix", action="store_true")
+    ap.add_argument("--group", action="append", default=[], metavar="NAME=SOURCE,SOURCE",
+                    help="leave these harmful sources out together, as one source NAME (repeatable)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/casa_variants"))
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -59,6 +62,11 @@ def main():
     for spec in a.layers:
         layers = [int(x) for x in spec.split("+")]
         items, key = states_for(a.model, layers, 0)
+        for g in a.group:
+            name, _, members = g.partition("=")
+            for it in items:
+                if it["label"] == "harmful" and it["source"] in members.split(","):
+                    it["source"] = name
         prefix = common_prefix(items)
         for skip in [0] + ([prefix] if a.skip_prefix else []):
             for v in a.variants:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .datasets import FIT_JAILBREAKS
+from .datasets import BUILTIN, FIT_JAILBREAKS
 from .models import DEFAULT_MODEL
 
 EXAMPLES = """examples:
@@ -364,7 +364,7 @@ def parser() -> argparse.ArgumentParser:
     _model_flags(e)
     e.add_argument("--dataset", default="jailbreak+benign",
                    help="JSONL file (text, label, optional image / category / id) or built-in sets joined "
-                        "with +: advbench, jailbreak, harmbench, donotanswer, benign, typo, figstep, benign-typo")
+                        f"with +: {', '.join(BUILTIN)}")
     e.add_argument("--methods", default="none,coca,casa,coca+casa",
                    help="comma-separated: none, coca, cmrm, casa, their +-combinations, all, cascade (cascade+cmrm)")
     e.add_argument("--judge", choices=["refusal", "model"], default="refusal",
