@@ -48,7 +48,7 @@ def test_equals_subtracting_by_hand_on_selected_rows(rng):
     for h in handles:
         h.remove()
     with shift_layers(model, CMRM(v, alpha=0.7, layers=(1, 2))) as select:
-        select.set(rows.tolist(), ids.device)
+        select.set(rows.tolist())
         got = logits(model, ids)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     plain = logits(model, ids)

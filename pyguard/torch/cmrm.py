@@ -13,17 +13,31 @@ from .layers import decoder_layers, layer_output
 
 class RowSelector:
     """Which batch rows are shifted, given with :meth:`set` when the batch's rows change: ``on`` a
-    list of bools (host), ``rows`` the same as a bool [B] tensor on the model's device (None: all
-    rows). ``per_row``: None (the CMRM's vectors for every row) or [B, n_layer, d] on the model's
-    device and dtype, each row's own."""
+    list of bools (None: all rows) and ``per_row``, None (the CMRM's vectors for every row) or
+    [B, n_layer, d], each row's own. The hooks read them through :meth:`rows` and
+    :meth:`vectors`, copied once to each device the layers run on (a model split across devices
+    has several)."""
 
-    on: list | None = None
-    rows: torch.Tensor | None = None
-    per_row: torch.Tensor | None = None
+    def __init__(self):
+        self.set(None)
 
-    def set(self, on: list, device) -> None:
-        """The rows to shift (one copy to the device: call it when they change, not per layer)."""
-        self.on, self.rows = list(on), torch.tensor(on, dtype=torch.bool, device=device)
+    def set(self, on: list | None, per_row: torch.Tensor | None = None) -> None:
+        self.on, self.per_row, self._copies = None if on is None else list(on), per_row, {}
+
+    def _copy(self, what: str, device, dtype=None):
+        key = (what, device, dtype)
+        if key not in self._copies:
+            self._copies[key] = (torch.tensor(self.on, dtype=torch.bool, device=device) if what == "rows"
+                                 else self.per_row.to(device, dtype))
+        return self._copies[key]
+
+    def rows(self, device) -> torch.Tensor | None:
+        """``on`` as a bool [B] on ``device`` (None: all rows)."""
+        return None if self.on is None else self._copy("rows", device)
+
+    def vectors(self, device, dtype) -> torch.Tensor:
+        """``per_row`` on ``device`` in ``dtype``."""
+        return self._copy("vectors", device, dtype)
 
 
 def check_vectors(model: torch.nn.Module, cmrm) -> torch.nn.ModuleList:
@@ -54,11 +68,13 @@ def shift_layers(model: torch.nn.Module, cmrm, select: RowSelector | None = None
                 table[key] = torch.tensor(cmrm.vectors, device=h.device, dtype=h.dtype)
             B, T, _ = h.shape
             if select.per_row is not None:  # sample-level CMRM: each row its own vectors
+                per_row = select.vectors(h.device, h.dtype)
                 for b in range(B):
                     if select.on is None or select.on[b]:
-                        ops._cmrm_shift_(h[b], select.per_row[b, il], alpha)
+                        ops._cmrm_shift_(h[b], per_row[b, il], alpha)
                 return
-            rows = None if select.rows is None else select.rows[:, None].expand(B, T).contiguous().view(B * T)
+            rows = select.rows(h.device)
+            rows = None if rows is None else rows[:, None].expand(B, T).contiguous().view(B * T)
             ops._cmrm_shift_(h.view(B * T, d), table[key][il], alpha, rows)
         return fn
 

@@ -375,10 +375,9 @@ class GuardedModel:
                 logits = state.step(toks)
 
     def _sample_vectors(self, reqs, pixel_values) -> torch.Tensor:
-        """Sample-level CMRM: [n_requests, n_layer, d] on the model's device and dtype, for each
-        request with an image (or grafted content) its prompt's last-token layer outputs minus
-        those of the prompt with the image (grafted) tokens removed (zeros for the others). Two
-        extra forwards per such request."""
+        """Sample-level CMRM: [n_requests, n_layer, d], for each request with an image (or grafted
+        content) its prompt's last-token layer outputs minus those of the prompt with the image
+        (grafted) tokens removed (zeros for the others). Two extra forwards per such request."""
         layers = list(range(self.n_layer))
         dev = self._device()
         media = GRAFT_ID if pixel_values is None else self.image_token_id
@@ -402,7 +401,7 @@ class GuardedModel:
             vec = self.cmrm.for_request(*last).vectors
             out[i] = torch.tensor(vec)
             r.report.cmrm.norm = float((vec ** 2).sum() ** 0.5)
-        return out.to(dev, self.model.dtype)
+        return out
 
     def _casa_check(self, reqs, states: list, eos: list) -> None:
         """Score each prompt's layer-L hidden states; the policy decides; refused requests end
@@ -431,9 +430,8 @@ class _Batch:
         """Logits [rows, V] at the last position; ``grafts`` False: ids holds no grafted content."""
         if self.select is not None and self.selected != self.rows:  # to the device only when the rows change
             self.selected = list(self.rows)
-            self.select.set([self.reqs[i].report.cmrm.on for i, _ in self.rows], self.dev)
-            if self.per_request is not None:
-                self.select.per_row = self.per_request[[i for i, _ in self.rows]]
+            self.select.set([self.reqs[i].report.cmrm.on for i, _ in self.rows],
+                            None if self.per_request is None else self.per_request[[i for i, _ in self.rows]])
         few_rows = self.dev.type == "cpu" and 2 <= ids.numel() <= MAX_ROWS
         with transposed(self.g._linears) if few_rows else contextlib.nullcontext():
             inputs = self.g._inputs(ids, [self.reqs[i].soft if grafts else None for i, _ in self.rows])
