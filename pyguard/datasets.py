@@ -433,6 +433,11 @@ def held_out(items: Sequence[dict], seed: int = FIT_SEED) -> list[dict]:
     return split(items, FIT_FRACTIONS, seed)[2]
 
 
+def validation(items: Sequence[dict], seed: int = FIT_SEED) -> list[dict]:
+    """The validation part of the fitting split: where thresholds and settings are chosen."""
+    return split(items, FIT_FRACTIONS, seed)[1]
+
+
 def jailbreak_eval(seed: int = FIT_SEED) -> list[dict]:
     """Held-out AdvBench goals, each wrapped in a jailbreak template the fitting never used:
     a goal and a template both unseen (ids ``jailbreak-eval-0001``...)."""
@@ -465,9 +470,13 @@ BUILTIN = {
     "harmbench": ("held-out HarmBench behaviours", lambda folder: held_out(harmbench())),
     "donotanswer": ("held-out Do-Not-Answer malicious uses", lambda folder: held_out(donotanswer())),
     "benign": ("held-out hand-written benign prompts", lambda folder: held_out(benign())),
-    "styles": ("held-out hand-written harmful requests in other styles (conversational, indirect, lesser harms, "
-               "terse)", lambda folder: held_out(harmful_styles())),
+    "styles": ("held-out hand-written harmful requests in other styles (conversational, story, casual, indirect, "
+               "lesser harms, terse)", lambda folder: held_out(harmful_styles())),
     "risky": ("held-out hand-written risky-looking benign prompts", lambda folder: held_out(benign_risky())),
+    "styles-val": ("the validation part of the styles' source (for choosing settings, never the held-out part)",
+                   lambda folder: validation(harmful_styles())),
+    "risky-val": ("the validation part of the risky-looking benign prompts", lambda folder: validation(benign_risky())),
+    "benign-val": ("the validation part of the benign prompts", lambda folder: validation(benign())),
     "typo": ("held-out AdvBench goals as typographic images (MM-SafetyBench TYPO)",
              lambda folder: typographic(held_out(advbench()), folder, "typo")),
     "figstep": ("held-out AdvBench goals as FigStep images",

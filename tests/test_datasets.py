@@ -285,6 +285,11 @@ def test_eval_sets_never_hold_fitting_prompts(advbench):
         items = D.BUILTIN[name][1](None)
         assert items and not {D._norm(it["text"]) for it in items} & seen, name
     assert D.jailbreak_eval() == ev  # deterministic
+    test_texts = {D._norm(it["text"]) for it in test}
+    for name in ("styles-val", "risky-val", "benign-val"):  # validation sets: never a held-out prompt
+        items = D.BUILTIN[name][1](None)
+        texts = {D._norm(it["text"]) for it in items}
+        assert items and texts <= {D._norm(it["text"]) for it in val} and not texts & test_texts, name
 
 
 def test_typographic_images(tmp_path):
