@@ -188,12 +188,17 @@ def _line(row: dict) -> str:
     return json.dumps(row, ensure_ascii=False, default=_json_default) + "\n"
 
 
+def _temp_beside(path: Path) -> Path:
+    """A fresh temporary name in ``path``'s folder, for writing there and then ``os.replace``."""
+    return path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+
+
 def write_jsonl(path, rows: Iterable[dict]) -> Path:
     """Write ``rows`` to ``path`` atomically (a temporary file in the same folder, then os.replace).
     The file gets the usual permissions (0666 minus the umask), or those of the file it replaces."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    tmp = _temp_beside(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # not mkstemp: it makes 0600 files
     try:
         if path.exists():
@@ -396,7 +401,7 @@ def render_text(text: str, path, size: int = 512, font_size: int = 30, margin: i
         draw.text((margin, margin + i * step), line, fill="black", font=font)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    tmp = _temp_beside(path)
     img.save(tmp, format="PNG")
     os.replace(tmp, path)  # atomic: a reader never sees half an image
     return path
