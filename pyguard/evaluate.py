@@ -98,15 +98,17 @@ class Defences:
 
 # ----------------------------------------------------------------------------------- models
 def messages(item: dict) -> list[dict]:
-    """The item as one OpenAI-style user message (image or grafted content first, then the text
-    on a new line for grafted content, as the projector was trained)."""
+    """The item as OpenAI-style chat messages: its history's turns if any, then the user message
+    (image or grafted content first, then the text, on a new line for grafted content, as the
+    projector was trained)."""
+    before = [dict(m) for m in item.get("history") or ()]
     if item.get("graft"):
-        return [{"role": "user", "content": [{"type": "graft", "text": item["graft"]},
-                                             {"type": "text", "text": "\n" + item["text"]}]}]
-    if not item.get("image"):
-        return [{"role": "user", "content": item["text"]}]
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": item["image"]}},
-                                         {"type": "text", "text": item["text"]}]}]
+        content = [{"type": "graft", "text": item["graft"]}, {"type": "text", "text": "\n" + item["text"]}]
+    elif item.get("image"):
+        content = [{"type": "image_url", "image_url": {"url": item["image"]}}, {"type": "text", "text": item["text"]}]
+    else:
+        content = item["text"]
+    return [*before, {"role": "user", "content": content}]
 
 
 def response_row(item: dict, method: str, r: dict) -> dict:
@@ -139,7 +141,8 @@ def load_items(dataset) -> list[dict]:
     """The items of a JSONL data set (text, label; image, category optional) or of built-in sets
     (:func:`dataset_file`), each with an id."""
     path = dataset_file(dataset)
-    rows = datasets.read_jsonl(path, required=("text", "label"), optional=("category", "id", "graft"), image_field="image")
+    rows = datasets.read_jsonl(path, required=("text", "label"), optional=("category", "id", "graft", "history"),
+                                image_field="image")
     ids = set()
     for i, r in enumerate(rows):
         r.setdefault("id", f"{path.stem}-{i + 1}")
@@ -171,6 +174,8 @@ def answer_key(item: dict, method: str, settings: dict) -> str:
     the method and ``settings`` (model, projectors, generation options, the method's objects)."""
     image = item.get("image")
     content = [item["text"], item.get("graft"), image and models.sha256_file(Path(image))]
+    if item.get("history"):
+        content.append(item["history"])
     blob = json.dumps([content, method, settings], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 

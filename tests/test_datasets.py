@@ -53,13 +53,39 @@ def test_read_jsonl_reads_objects_and_skips_blank_lines(tmp_path):
     ('{"text": 3}', "field 'text' must be str, got int"),
     ('{"text": "c", "label": "evil"}', "label must be one of"),
     ('{"text": "c", "category": ["x"]}', "field 'category' must be str, got list"),
+    ('{"text": "c", "history": "hi"}', "field 'history' must be list, got str"),
+    ('{"text": "c", "history": [{"role": "user", "content": "x"}]}', "field 'history' must hold user/assistant pairs"),
+    ('{"text": "c", "history": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]}',
+     "field 'history' turn 0: role must be 'user'"),
+    ('{"text": "c", "history": [{"role": "user", "content": "x"}, {"role": "assistant", "content": " "}]}',
+     "field 'history' turn 1: content must be a non-empty string"),
+    ('{"text": "c", "history": [{"role": "user", "content": "x"}, ["assistant", "y"]]}',
+     "field 'history' turn 1: expected an object with exactly 'role' and 'content'"),
 ])
 def test_read_jsonl_errors_name_file_and_line(tmp_path, line3, msg):
     f = write(tmp_path / "file.jsonl", '{"text": "a"}', '{"text": "b"}', line3)
     with pytest.raises(D.DatasetError) as e:
-        D.read_jsonl(f, optional=("label", "category"))
+        D.read_jsonl(f, optional=("label", "category", "history"))
     assert f"file.jsonl:3: {msg}" in str(e.value)
     assert isinstance(e.value, ValueError)
+
+
+def test_multi_turn_items_read_split_and_become_chats(tmp_path):
+    from pyguard import evaluate
+    from pyguard.calibrate.casa import prompt_key
+
+    turns = [{"role": "user", "content": "I'm writing a thriller."}, {"role": "assistant", "content": "Sounds fun!"}]
+    f = write(tmp_path / "chat.jsonl", json.dumps({"text": "Now the real recipe.", "history": turns}))
+    (item,) = D.read_jsonl(f, optional=("history",))
+    assert evaluate.messages(item) == [*turns, {"role": "user", "content": "Now the real recipe."}]
+    lone = {"text": "Now the real recipe."}
+    assert evaluate.messages(lone) == [{"role": "user", "content": "Now the real recipe."}]
+    assert prompt_key(item) != prompt_key(lone) == "Now the real recipe."  # states of the whole chat
+    assert D.conversation_key(item) != D.conversation_key(lone) == D.conversation_key({"text": " now THE real recipe."})
+    # the same conversation follows its smallest id; the same last message after other turns need not
+    items = [{**item, "id": f"c-{i:03d}"} for i in range(40)] + [{**lone, "id": f"l-{i:03d}"} for i in range(40)]
+    parts = D.split(items, (0.5, 0.5))
+    assert [len(p) for p in parts] in ([80, 0], [40, 40], [0, 80])
 
 
 def test_read_jsonl_line_numbers_count_blank_lines(tmp_path):
@@ -191,16 +217,18 @@ def test_hand_written_sets_load_with_their_sources_and_categories(advbench):
     assert len(styles) >= 300 and len(risky) >= 300
     assert collections.Counter(it["source"] for it in styles).keys() == {
         "pyguard-conversational", "pyguard-indirect", "pyguard-lesser-harm", "pyguard-terse", "pyguard-story",
-        "pyguard-casual"}
+        "pyguard-casual", "pyguard-question", "pyguard-multiturn"}
     assert min(collections.Counter(it["source"] for it in styles).values()) >= 60
     assert {it["category"] for it in styles} >= {"fraud", "cyber", "harassment", "self-harm", "privacy", "weapons"}
     cats = collections.Counter(it["category"] for it in risky)
-    assert len(cats) == 14 and min(cats.values()) >= 25 and {it["source"] for it in risky} == {"pyguard-benign-risky"}
+    assert len(cats) == 16 and min(cats.values()) >= 25 and {it["source"] for it in risky} == {"pyguard-benign-risky"}
     for items, prefix in ((styles, "styles"), (risky, "benign-risky")):
         assert [it["id"] for it in items] == [f"{prefix}-{i:04d}" for i in range(1, len(items) + 1)]
     everything = D.benign() + risky + styles
-    norm = collections.Counter(D._norm(it["text"]) for it in everything)
-    assert max(norm.values()) == 1  # no text twice, within or across the sets
+    norm = collections.Counter(D.conversation_key(it) for it in everything)
+    assert max(norm.values()) == 1  # no conversation twice, within or across the sets
+    chats = [it for it in everything if "history" in it]
+    assert len(chats) >= 100 and {it["source"] for it in chats if it["label"] == "harmful"} == {"pyguard-multiturn"}
     from pyguard.calibrate.casa import prompt_sets
 
     fitting = {(it["id"], it["label"]) for it in prompt_sets()}  # CASA's default fitting set holds both

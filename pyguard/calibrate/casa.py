@@ -67,22 +67,24 @@ def collected(fit_on, graft=None, mmproj=None) -> list[str]:
 
 def prompt_key(item, tag: str = "") -> str:
     """A prompt's cache key: its text; for grafted content or an image, the content or the image
-    bytes' sha256 and ``tag`` (the projector or mmproj that reads it) too."""
+    bytes' sha256 and ``tag`` (the projector or mmproj that reads it) too; a history's turns before."""
     from .. import models
 
     if isinstance(item, str):
         return item
     if item.get("graft"):
-        return f"graft\x00{tag}\x00{item['graft']}\x00{item['text']}"
-    if item.get("image"):
-        return f"image\x00{tag}\x00{models.sha256_file(Path(item['image']))}\x00{item['text']}"
-    return item["text"]
+        key = f"graft\x00{tag}\x00{item['graft']}\x00{item['text']}"
+    elif item.get("image"):
+        key = f"image\x00{tag}\x00{models.sha256_file(Path(item['image']))}\x00{item['text']}"
+    else:
+        key = item["text"]
+    return f"chat\x00{json.dumps(item['history'])}\x00{key}" if item.get("history") else key
 
 
 def collect(states_fn, items: list, cache, progress: bool = True, desc: str = "hidden states",
             tag: str = "") -> list[np.ndarray]:
     """``states_fn(messages) -> [T, d]`` (or ``{layer: [T, d]}``) for each item (a text, or a dict
-    as ``evaluate.messages`` takes: text, grafted content or an image) as a one-message user chat,
+    as ``evaluate.messages`` takes: text, grafted content or an image, a history) as a user chat,
     through the cache (``prompt_key(item, tag)``): a StateCache, None, or ``{layer: StateCache}``
     (the first layer's states are returned; the model runs when any layer's file is missing)."""
     tqdm = extras.tqdm("calibrate")

@@ -52,12 +52,12 @@ def fitting_items(model: str, layer: int, harmful=None, benign=None, cache=None,
 def _unlinked(out: list[dict]):
     """A predicate: the item shares nothing with ``out`` (the left-out fold): not in it, not in
     the group of one of its items (a jailbreak-wrapped goal and its plain goal), not its text."""
-    from ..datasets import _norm
+    from ..datasets import conversation_key
 
     groups = {it.get("group") or it["id"] for it in out} | {it["id"] for it in out}
-    texts = {_norm(it["text"]) for it in out}
+    texts = {conversation_key(it) for it in out}
     return lambda it: (it.get("group") or it["id"]) not in groups and it["id"] not in groups \
-        and _norm(it["text"]) not in texts
+        and conversation_key(it) not in texts
 
 
 def _pairs(items):
