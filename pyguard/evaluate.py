@@ -8,6 +8,10 @@ Output folder::
                              key of what decided it (``answer_key``): a run reuses only answers
                              whose key it would give, so a changed setting or item is answered
                              anew, never read back
+    responses-superseded.jsonl  answers of this run's items and methods made under other keys
+                             (other settings, an edited item), moved out of responses.jsonl so that
+                             it holds one answer per item and method; read back when a run's key
+                             matches again
     judgments-model.jsonl    the model judge's verdicts (resumable too)
     summary-<judge>.md/.csv  the table; every number names the judge that produced it
     asr_vs_refusal-<judge>.png, latency.png
@@ -180,9 +184,35 @@ def answer_key(item: dict, method: str, settings: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def done_rows(out: Path) -> list[dict]:
-    f = datasets.repair_jsonl(out / "responses.jsonl")  # a run killed mid-write left half a line
+def done_rows(out: Path, name: str = "responses.jsonl") -> list[dict]:
+    f = datasets.repair_jsonl(out / name)  # a run killed mid-write left half a line
     return datasets.read_jsonl(f, required=("id", "method"), optional=("key",)) if f.exists() else []
+
+
+SUPERSEDED = "responses-superseded.jsonl"
+
+
+def settle(out: Path, keys: dict) -> None:
+    """Leave in responses.jsonl, for each (item id, method) of ``keys``, only the answer with its key
+    (from either file); move the other answers of those items and methods to SUPERSEDED. Rows of
+    other items or methods stay. Each file is rewritten atomically, the archive first: nothing is
+    lost if the run stops between the two."""
+    rows, old = done_rows(out), done_rows(out, SUPERSEDED)
+    chosen: dict[tuple, dict] = {}
+    for r in rows + old:
+        k = (r["id"], r["method"])
+        if k in keys and r.get("key") == keys[k]:
+            chosen.setdefault(k, r)
+    mine = {id(r) for r in chosen.values()}
+    keep = [r for r in rows if (r["id"], r["method"]) not in keys or id(r) in mine]
+    keep += [r for r in old if id(r) in mine]
+    kept = {json.dumps(r, sort_keys=True) for r in keep}
+    aside = {json.dumps(r, sort_keys=True): r for r in rows + old}
+    aside = [r for line, r in aside.items() if line not in kept]
+    if len(keep) == len(rows) and len(aside) == len(old):
+        return
+    datasets.write_jsonl(out / SUPERSEDED, aside)
+    datasets.write_jsonl(out / "responses.jsonl", keep)
 
 
 def run(model, dataset, methods="none,coca,casa,coca+casa", out="results", defences: Defences | None = None,
@@ -218,6 +248,7 @@ def run(model, dataset, methods="none,coca,casa,coca+casa", out="results", defen
             for it in items for m in names}
     (out / "run.json").write_text(json.dumps({**settings, "dataset": str(dataset), "methods": names,
                                               "dataset_sha256": models.sha256_file(path)}, indent=1))
+    settle(out, keys)
     done = {(r["id"], r["method"]) for r in done_rows(out) if keys.get((r["id"], r["method"])) == r.get("key")}
     todo = {m: [it for it in items if (it["id"], m) not in done] for m in names}
     bar = tqdm(total=sum(map(len, todo.values())), desc="eval", unit="item", disable=not progress)
@@ -234,8 +265,8 @@ def run(model, dataset, methods="none,coca,casa,coca+casa", out="results", defen
         finally:
             g.close()
     bar.close()
-    rows = list({(r["id"], r["method"]): r for r in done_rows(out)  # this run's answers, one each
-                 if keys.get((r["id"], r["method"])) == r.get("key")}.values())
+    settle(out, keys)
+    rows = [r for r in done_rows(out) if keys.get((r["id"], r["method"])) == r.get("key")]  # this run's, one each
     verdicts = judge_rows(rows, judge, out, judge_model, progress)
     label = judge if judge == "refusal" else f"model: {Path(str(judge_model)).name}"  # who gave the verdicts
     table = summarize(rows, verdicts, names, label)

@@ -102,17 +102,25 @@ def test_run_resume_and_summary(tmp_path):
     evaluate.run(MODEL, data, "none,casa", out, d, max_tokens=4, n_ctx=512, progress=False)
     assert [(r["id"], r["method"]) for r in lines(out / "responses.jsonl")] == [(r["id"], r["method"]) for r in rows]
     # another setting, an edited item, the same data set by another path: new answers only where they differ
+    # superseded answers move aside (responses.jsonl: one per item and method) and come back when asked for
+    aside = out / evaluate.SUPERSEDED
     five = evaluate.run(MODEL, data, "none", out, d, max_tokens=5, n_ctx=512, progress=False)
-    assert len(lines(out / "responses.jsonl")) == 9 and all(r["completion_tokens"] <= 5 for r in five["rows"])
+    assert all(r["completion_tokens"] <= 5 for r in five["rows"])
     assert len(five["rows"]) == 3 and {r["key"] for r in five["rows"]}.isdisjoint(r["key"] for r in rows)
+    now = lines(out / "responses.jsonl")
+    assert sorted(r["key"] for r in now) == sorted(r["key"] for r in five["rows"] + casa_rows)
+    assert lines(aside) == rows[:3]  # the max_tokens=4 answers, as they were
     zero = evaluate.Defences(coca=CoCA(alpha=0.0), casa=d.casa)
     evaluate.run(MODEL, data, "coca", out, zero, max_tokens=4, n_ctx=512, progress=False)
     evaluate.run(MODEL, data, "coca", out, d, max_tokens=4, n_ctx=512, progress=False)
-    assert len(lines(out / "responses.jsonl")) == 15  # alpha 0 and 1.5: answers of their own
+    assert len(lines(out / "responses.jsonl")) == 9 and len(lines(aside)) == 6  # alpha 0 and 1.5: answers of their own
     edited = [dict(ITEMS[0], text=ITEMS[0]["text"] + " Please."), *ITEMS[1:]]
     moved = datasets.write_jsonl(tmp_path / "elsewhere" / "d.jsonl", edited)
     res = evaluate.run(MODEL, moved, "none,casa", out, d, max_tokens=4, n_ctx=512, progress=False)
-    assert len(lines(out / "responses.jsonl")) == 17  # only the edited item, for both methods
+    kept, old = lines(out / "responses.jsonl"), lines(aside)
+    assert len(kept) + len(old) == 17  # new answers only for the edited item, for both methods
+    assert rows[1] in kept and rows[2] in kept and rows[0] in old  # read back, not made again
+    assert len(kept) == 9 and len({(r["id"], r["method"]) for r in kept}) == 9
     assert {r["id"] for r in res["rows"]} == {i["id"] for i in ITEMS} and len(res["rows"]) == 6
     with pytest.raises(ValueError, match="max_tokens must be a positive integer"):
         evaluate.run(MODEL, data, "none", tmp_path / "bad", d, max_tokens=0, n_ctx=512, progress=False)
