@@ -9,7 +9,8 @@ A variant is ``pooling:C`` (pooled probes, ``pyguard.calibrate.pooled``; C the i
 strength) or ``attention`` / ``attention:WD`` (CASA's module as ``pyguard fit casa`` fits it, or
 with weight decay WD). ``--skip-prefix`` also runs every
 variant on the positions after the chat template's constant prefix (the rows every prompt
-shares). ``--group informal=pyguard-conversational,pyguard-story`` leaves sources out together,
+shares); ``--last-turn`` on the positions of the last user message only (its content onward:
+a chat's earlier turns and the system prompt left out). ``--group informal=pyguard-conversational,pyguard-story`` leaves sources out together,
 as one (a style is then absent from fitting in every source that has it). Hidden states come from the per-prompt cache (``pyguard fit casa --loso``'s); a layer
 not yet cached is computed. Writes variants.json, variants.md (one row per variant: AUROC per
 harmful source left out, the worst, benign flagged) and variants.png (the same as a heat map).
@@ -37,6 +38,24 @@ def states_for(model: str, layers: list[int], skip: int):
     return items, key
 
 
+def last_turn_rows(model: str, items) -> list[int]:
+    """The row where each item's last user message starts in the llama runtime's prompt."""
+    from pyguard import chat
+    from pyguard.evaluate import messages
+    from pyguard.llama.engine import Engine
+    from pyguard.llama.guarded import MARKER
+    from pyguard.llama.template import ChatTemplate
+
+    with Engine(str(models.model_path(model)), n_ctx=64, n_seq=1) as e:
+        t = ChatTemplate(e.metadata, e.token_text(e.eos), e.token_text(e.bos), e.eos)
+        out = []
+        for it in items:
+            m = chat.flatten(messages(it), MARKER).messages
+            text, bos = t.render(m)
+            out.append(len(e.tokenize(text[:chat.last_turn_offset(lambda x: t.render(x)[0], m)], add_bos=bos)))
+    return out
+
+
 def common_prefix(items) -> int:
     """Rows most prompts share bit for bit (the chat template before the user's text; a few prompts
     differ there in the last bits, computed in other batch shapes)."""
@@ -52,6 +71,7 @@ def main():
     ap.add_argument("--layers", nargs="+", default=["12"], help="a layer, or layers joined by + (side by side)")
     ap.add_argument("--variants", nargs="+", default=["mean:0.1"])
     ap.add_argument("--skip-prefix", action="store_true")
+    ap.add_argument("--last-turn", action="store_true", help="also pool the last user message's rows only")
     ap.add_argument("--group", action="append", default=[], metavar="NAME=SOURCE,SOURCE",
                     help="leave these harmful sources out together, as one source NAME (repeatable)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/casa_variants"))
@@ -68,14 +88,17 @@ def main():
                 if it["label"] == "harmful" and it["source"] in members.split(","):
                     it["source"] = name
         prefix = common_prefix(items)
-        for skip in [0] + ([prefix] if a.skip_prefix else []):
+        starts = last_turn_rows(a.model, items) if a.last_turn else None
+        for skip in [0] + ([prefix] if a.skip_prefix else []) + (["last-turn"] if a.last_turn else []):
             for v in a.variants:
-                name = f"L{spec} {v}" + (f" skip{skip}" if skip else "")
+                name = f"L{spec} {v}" + (f" skip{skip}" if skip not in (0, "last-turn") else
+                                         " last-turn" if skip else "")
                 if name in done:
                     continue
                 pooling, _, value = v.partition(":")
                 kw = {} if not value else {"weight_decay" if pooling == "attention" else "C": float(value)}
-                run = [dict(it, states=it["states"][skip:]) for it in items]
+                run = [dict(it, states=it["states"][(starts[j] if skip == "last-turn" else skip):])
+                       for j, it in enumerate(items)]
                 # one layer, every row: the folds `pyguard fit casa --loso` keeps (a rerun reads them back)
                 res = loso.run(run, layers[0], pooling=pooling, work=models.cache_dir() / "loso",
                                model_key=key if spec == str(layers[0]) and not skip else f"{key}|L{spec}|skip{skip}",

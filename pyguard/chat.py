@@ -129,3 +129,14 @@ def with_principle(prompt: Prompt, principle: str, position: str, marker: str) -
     messages = [dict(m) for m in prompt.messages]
     messages[last]["content"] = head + sep + body
     return Prompt(messages, prompt.images, prompt.grafts)
+
+
+def last_turn_offset(render, messages: list[dict]) -> int | None:
+    """Where the last message's content starts in ``render(messages)`` (a character offset), for
+    flattened messages whose last one is the user's; None otherwise. Found template-agnostically:
+    the last content is replaced by two different stand-ins and the renders' common prefix taken."""
+    if not messages or messages[-1]["role"] != "user":
+        return None
+    a, b = (render([*messages[:-1], {"role": "user", "content": s}]) for s in ("\ue000", "\ue001"))
+    n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+    return n

@@ -149,6 +149,19 @@ def test_prompt_renders_as_llama_cpp_python_does(plain):
     assert seen[0] == (ours.encode("utf-8"), add_bos)
 
 
+def test_last_turn_offset_finds_the_last_user_message(plain):
+    from pyguard.chat import last_turn_offset
+
+    render = lambda m: plain.template.render(m)[0]  # noqa: E731
+    chats = [MSGS, [{"role": "user", "content": "hi"}],
+             [*MSGS, {"role": "assistant", "content": "Bend it."}, {"role": "user", "content": "hi"}]]
+    for m in chats:
+        text, c = render(m), last_turn_offset(render, m)
+        assert text[c:].startswith(m[-1]["content"]) and m[-1]["content"] not in text[:c]
+        assert last_turn_offset(render, [*m[:-1], {"role": "user", "content": "x" + m[-1]["content"]}]) == c
+    assert last_turn_offset(render, chats[2][:3]) is None  # the last message is the assistant's
+
+
 @pytest.mark.parametrize("kw,msg", [
     (dict(max_tokens=0), "max_tokens must be a positive integer, got 0"),
     (dict(max_tokens=600), "exceeds the context of 512 tokens per sequence"),
