@@ -39,21 +39,11 @@ def states_for(model: str, layers: list[int], skip: int):
 
 
 def last_turn_rows(model: str, items) -> list[int]:
-    """The row where each item's last user message starts in the llama runtime's prompt."""
-    from pyguard import chat
+    """The row where each item's last user message starts (what CASA with rows "last-turn" reads from)."""
     from pyguard.evaluate import messages
-    from pyguard.llama.engine import Engine
-    from pyguard.llama.guarded import MARKER
-    from pyguard.llama.template import ChatTemplate
+    from pyguard.runtime import Runtime
 
-    with Engine(str(models.model_path(model)), n_ctx=64, n_seq=1) as e:
-        t = ChatTemplate(e.metadata, e.token_text(e.eos), e.token_text(e.bos), e.eos)
-        out = []
-        for it in items:
-            m = chat.flatten(messages(it), MARKER).messages
-            text, bos = t.render(m)
-            out.append(len(e.tokenize(text[:chat.last_turn_offset(lambda x: t.render(x)[0], m)], add_bos=bos)))
-    return out
+    return Runtime(model).last_turn_rows([messages(it) for it in items])
 
 
 def common_prefix(items) -> int:

@@ -138,5 +138,14 @@ def last_turn_offset(render, messages: list[dict]) -> int | None:
     if not messages or messages[-1]["role"] != "user":
         return None
     a, b = (render([*messages[:-1], {"role": "user", "content": s}]) for s in ("\ue000", "\ue001"))
-    n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
-    return n
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+
+
+def last_turn_row(render, tokenize, messages: list[dict], marker: str) -> int:
+    """The prompt position where the last user message's content starts (``render``: flattened
+    messages -> prompt text; ``tokenize``: a text prefix -> its token ids, as the prompt's
+    start is tokenized); 0, every row, when the last message is not the user's or an earlier
+    turn holds media (``marker``)."""
+    c = last_turn_offset(render, messages)
+    head = None if c is None else render(messages)[:c]
+    return 0 if head is None or marker in head else len(tokenize(head))

@@ -133,11 +133,12 @@ def _loso(a) -> int:
 
     if a.graft or a.mmproj:
         raise UsageError("--loso validates on text prompts: drop --graft / --mmproj")
-    items, key = loso.fitting_items(a.model, a.layer, a.harmful, a.benign, a.cache, a.jailbreaks, a.seed)
+    items, key = loso.fitting_items(a.model, a.layer, a.harmful, a.benign, a.cache, a.jailbreaks, a.seed,
+                                    rows=a.rows)
     from . import models
 
     res = loso.run(items, a.layer, 0.05 if a.target_frr is None else a.target_frr, a.seed,
-                   work=(a.cache or models.cache_dir()) / "loso", model_key=key,  # a rerun resumes
+                   work=(a.cache or models.cache_dir()) / "loso", model_key=f"{key}|{a.rows}",  # a rerun resumes
                    pooling=a.pooling, **_pooled_kw(a))
     print(loso.table(res))
     print("wrote " + ", ".join(map(str, loso.save(res, a.out))))
@@ -165,7 +166,7 @@ def _fit(a) -> int:
     _, rep = casa.run(a.model, a.layer, a.out, a.harmful, a.benign, a.report, a.cache,
                       0.05 if a.target_frr is None else a.target_frr, a.jailbreaks, a.seed,
                       graft=_graft(a) if a.graft else None, mmproj=a.mmproj, fit_on=fit_on,
-                      pooling=a.pooling, **_pooled_kw(a))
+                      pooling=a.pooling, rows=a.rows, **_pooled_kw(a))
     print(f"held-out ({', '.join(fit_on)}): AUROC {rep['auroc']:.3f}, accuracy {rep['accuracy']:.3f}, false refusals "
           f"{rep['false_refusal_rate']:.1%}, detected {rep['detection_rate']:.1%}, threshold {rep['threshold']:.4f}")
     for src, r in rep["test_by_source"].items():
@@ -345,6 +346,9 @@ def parser() -> argparse.ArgumentParser:
                    help="casa: CASA's attention module, or a probe on the mean over the prompt (saved as CASA with "
                         "Wk = 0); last and mean+last with --loso only")
     f.add_argument("--C", type=float, help="casa, pooled: inverse L2 strength of the logistic regression (0.1)")
+    f.add_argument("--rows", choices=["prompt", "last-turn"], default="prompt",
+                   help="casa: the prompt rows CASA reads: all, or the last user message's (from its content on; "
+                        "a chat's earlier turns and the system prompt are context, not pooled)")
     f.add_argument("--jailbreaks", type=int, default=FIT_JAILBREAKS, help="jailbreak-wrapped goals in the default harmful set")
     f.add_argument("--target-frr", type=float, default=None,
                    help="false-refusal rate allowed on validation benign prompts (casa: 0.05; cascade: 0.02, "

@@ -436,6 +436,7 @@ class CMRM(_ValueEq):
 
 # ----------------------------------------------------------------------------- CASA
 _CASA_TENSORS = {"Wk": 2, "q": 2, "w": 1}
+CASA_ROWS = ("prompt", "last-turn")
 _CASA_META = {"layer": int, "threshold": float, "on_unsafe": str, "refusal_text": str, "model_hint": str}
 
 
@@ -448,7 +449,10 @@ class CASA(_ValueEq):
     params: {"Wk": [d, r], "q": [heads, r], "w": [d], "b": float}, the arguments of
     :func:`pyguard.ops.casa_score` (stored as float32; b rounded to float32); on_unsafe:
     ``"refuse"`` (answer ``refusal_text``) or ``"prefix"`` (force ``refusal_text`` as the start of
-    the answer and let the model continue).
+    the answer and let the model continue); rows: the prompt rows H holds, ``"prompt"`` (all) or
+    ``"last-turn"`` (from the last user message's content on, read in the context of what precedes
+    it: a chat's earlier turns and the system prompt are not pooled; when an earlier turn holds
+    media, all rows).
     """
 
     params: dict
@@ -458,6 +462,7 @@ class CASA(_ValueEq):
     refusal_text: str = DEFAULT_REFUSAL
     model_hint: str = ""
     cascade: Optional[Tuple[float, float]] = None  # (low, high) fitted by `pyguard fit cascade`
+    rows: str = "prompt"
     source: str = field(default="", compare=False, repr=False)  # the file it was loaded from
 
     def __post_init__(self):
@@ -480,6 +485,7 @@ class CASA(_ValueEq):
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold!r}")
         object.__setattr__(self, "threshold", threshold)
         _choice("on_unsafe", self.on_unsafe, ("refuse", "prefix"))
+        _choice("rows", self.rows, CASA_ROWS)
         _text("refusal_text", self.refusal_text, empty_ok=False)
         _text("model_hint", self.model_hint)
         if self.cascade is not None:
@@ -549,6 +555,8 @@ class CASA(_ValueEq):
         meta["n_embd"] = str(self.n_embd)
         if self.cascade is not None:
             meta["cascade"] = json.dumps(list(self.cascade))
+        if self.rows != "prompt":
+            meta["rows"] = self.rows
         (_write_safetensors if ext == ".safetensors" else _write_npz)(path, tensors, meta)
 
     @classmethod
@@ -564,7 +572,8 @@ class CASA(_ValueEq):
         if int(meta["n_embd"]) != params["Wk"].shape[0]:
             raise ValueError(f"metadata n_embd={meta['n_embd']} but Wk has shape {params['Wk'].shape}")
         cascade = tuple(json.loads(meta["cascade"])) if "cascade" in meta else None
-        return cls(params, **{k: conv(meta[k]) for k, conv in _CASA_META.items()}, cascade=cascade)
+        return cls(params, **{k: conv(meta[k]) for k, conv in _CASA_META.items()}, cascade=cascade,
+                   rows=meta.get("rows", "prompt"))
 
 
 def _thresholds(lh) -> Tuple[float, float]:

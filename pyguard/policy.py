@@ -109,6 +109,7 @@ class Request:
     forced: list = field(default_factory=list)  # tokens forced at the first steps (CASA "prefix")
     dual: bool = False     # CoCA's safe sequence still runs
     refused: bool = False  # CASA refused: its refusal text is the whole answer
+    casa_from: int = 0     # the first prompt row CASA reads (its rows "last-turn": the last user message's)
     t0: float = field(default_factory=time.perf_counter)
     t_first: Optional[float] = None
 

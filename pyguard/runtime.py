@@ -96,6 +96,15 @@ class Runtime:
             self._hf = hf_model(self.path)
         return guard(*self._hf, graft=self.graft, **methods)
 
+    def last_turn_rows(self, conversations: list) -> list[int]:
+        """For each chat (a messages list), the prompt position where its last user message's
+        content starts: the first row a CASA module with rows "last-turn" reads."""
+        g = self.open()
+        try:
+            return [g.last_turn_row(m) for m in conversations]
+        finally:
+            g.close()
+
     def states(self, layers: list[int]):
         """(``messages -> ({layer: float32 [T, d]}, text mask bool [T])``, model_hint, close):
         the prompt hidden states of ``layers`` as CASA and CMRM calibration read them."""

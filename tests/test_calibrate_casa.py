@@ -126,6 +126,67 @@ def test_llama_prompt_states_equal_casa_capture(rng):
         GuardedLlama(path, n_ctx=256, capture_layer=29)
 
 
+CHAT = [{"role": "user", "content": "I am writing a thriller about a chemist."},
+        {"role": "assistant", "content": "Sounds exciting! What happens first?"},
+        {"role": "user", "content": "List three uses of a paperclip."}]
+
+
+def mean_probe(H, start, layer, **kw):
+    """A mean-pooled CASA whose score is 0.5 on all rows of H and sigmoid(1) on rows from ``start``."""
+    from pyguard.methods import CASA
+
+    H = np.asarray(H, np.float64)
+    diff = H[start:].mean(0) - H.mean(0)
+    w = diff / (diff @ diff)
+    return CASA({"Wk": np.zeros((H.shape[1], 1), np.float32), "q": np.ones((1, 1), np.float32),
+                 "w": w.astype(np.float32), "b": float(-(w @ H.mean(0)))}, layer=layer, threshold=1.0, **kw)
+
+
+def test_llama_casa_reads_the_last_turn(tmp_path):
+    """rows "last-turn": the score is the formula on the rows from the last user message's content
+    on, in both the chat and the fit path; earlier turns only change those rows through context."""
+    pytest.importorskip("llama_cpp")
+    from pyguard import models
+    from pyguard.calibrate.casa import hidden_states
+    from pyguard.llama import GuardedLlama
+
+    path = models.model_path("smollm2-135m")
+    if not path.exists():
+        pytest.skip("SmolLM2 not fetched")
+    with GuardedLlama(path, n_ctx=256, capture_layer=10) as g:
+        H, start = g.prompt_states(CHAT), g.last_turn_row(CHAT)
+        text, _ = g.template.render(CHAT)
+        tail = g.engine.tokenize(text[text.rindex(CHAT[-1]["content"]):])
+    assert 0 < start < len(H) and len(H) - start == len(tail)  # the content, end of turn and assistant header
+    casa = mean_probe(H, start, 10, rows="last-turn")
+    with GuardedLlama(path, n_ctx=256, casa=casa) as g:
+        got = g.create_chat_completion(CHAT, max_tokens=1)["pyguard"]["casa"]["score"]
+    assert got == pytest.approx(1 / (1 + np.exp(-1)), abs=1e-3)  # the whole prompt would give 0.5
+    np.testing.assert_allclose(got, casa.score([H[start:]])[0], rtol=1e-5)
+    (fit,), _, _ = hidden_states(str(path), 10, [{"text": CHAT[-1]["content"], "history": CHAT[:-1]}], progress=False,
+                                 fitted=casa, cache=tmp_path)
+    np.testing.assert_array_equal(fit, H[start:])
+
+
+def test_torch_casa_reads_the_last_turn():
+    pytest.importorskip("transformers")
+    from tiny_hf import tiny_llama, tiny_tokenizer
+
+    from pyguard.torch import guard
+
+    model, tok = tiny_llama(), tiny_tokenizer()
+    with guard(model, tok) as g:
+        H, start = g.prompt_states(CHAT, layer=1).numpy(), g.last_turn_row(CHAT)
+    text = tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
+    assert start == len(tok(text[:text.rindex(CHAT[-1]["content"])], add_special_tokens=False).input_ids)
+    casa = mean_probe(H, start, 1, rows="last-turn")
+    with guard(model, tok, casa=casa) as g:
+        got = g.create_chat_completion(CHAT, max_tokens=1)["pyguard"]["casa"]["score"]
+        with pytest.raises(ValueError, match="reads the last user message"):
+            g.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=1)
+    assert got == pytest.approx(1 / (1 + np.exp(-1)), abs=1e-3)  # the whole prompt would give 0.5
+
+
 def test_threshold_keeps_the_target_and_takes_the_middle_of_the_gap():
     labels = np.array([0] * 20 + [1] * 10)
     scores = np.concatenate([np.linspace(0.01, 0.2, 20), np.linspace(0.6, 0.9, 10)]).astype(np.float32)

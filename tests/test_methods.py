@@ -1,5 +1,6 @@
 """Method configs (pyguard.methods): validation, file round trips, llama.cpp's control-vector
 format, corrupt files, CASA scoring."""
+import dataclasses
 import math
 import re
 
@@ -240,6 +241,7 @@ def test_casa_defaults(rng):
     ({"threshold": 1.5}, r"threshold must be in \[0, 1\], got 1.5"),
     ({"threshold": math.nan}, r"threshold must be a finite number, got nan"),
     ({"on_unsafe": "warn"}, r"on_unsafe must be one of .*'warn'"),
+    ({"rows": "last"}, r"rows must be one of \('prompt', 'last-turn'\), got 'last'"),
     ({"refusal_text": ""}, r"refusal_text must be a non-empty string"),
     ({"model_hint": None}, r"model_hint must be a string, got None"),
 ])
@@ -261,6 +263,9 @@ def test_casa_round_trip(rng, tmp_path, ext):
     assert back == c
     assert CASA.load(path, threshold=0.9).threshold == 0.9
     assert back != CASA.load(path, layer=c.layer + 1)
+    assert back.rows == "prompt" and back != dataclasses.replace(c, rows="last-turn")
+    dataclasses.replace(c, rows="last-turn").save(path)
+    assert CASA.load(path).rows == "last-turn"
 
 
 def test_casa_safetensors_layout(rng, tmp_path):

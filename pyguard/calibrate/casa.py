@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import extras
 from ..datasets import FIT_JAILBREAKS
-from ..methods import CASA, check_fits
+from ..methods import CASA, CASA_ROWS, check_fits
 from ..runtime import Runtime, model_key
 from . import NpyCache
 
@@ -314,23 +314,16 @@ def prompt_sets(harmful=None, benign=None, jailbreaks: int = FIT_JAILBREAKS) -> 
     return items
 
 
-def states_function(model: str, layers: list[int], n_ctx: int = 4096, graft=None, mmproj=None):
-    """(``messages -> {layer: [T, d]}``, cache key, model_hint, closer) for a default model name or GGUF path (llama.cpp)
-    or a Hugging Face folder (PyTorch); ``graft`` (a ``pyguard.graft.Graft``) reads grafted
-    content, ``mmproj`` (GGUF only) images."""
-    rt = Runtime(model, mmproj, n_ctx, graft)
-    fn, hint, close = rt.states(layers)
-    return (lambda m: fn(m)[0]), rt.key, hint, close
-
-
 def hidden_states(model: str, layer: int, items: list, cache=None, progress: bool = True,
-                  desc: str = "hidden states", fitted: CASA | None = None, graft=None, mmproj=None, also=()):
+                  desc: str = "hidden states", fitted: CASA | None = None, graft=None, mmproj=None, also=(),
+                  rows: str = "prompt"):
     """Each item's (a text, or a dict with grafted content or an image) prompt hidden states
     [T, d] at ``layer`` (cached per prompt under ``cache``, default ``$PYGUARD_CACHE/states``),
     with the model's cache key and ``model_hint``. ``also``: more layers read in the same pass
     and only cached (one model pass fills the cache for a comparison of layers). ``fitted``: a
-    CASA module that must fit this model, checked before any work; ``graft``: a projector file
-    or Graft; ``mmproj``: for images."""
+    CASA module that must fit this model, checked before any work (its ``rows`` replace
+    ``rows``); ``graft``: a projector file or Graft; ``mmproj``: for images; ``rows``:
+    "last-turn" keeps the rows from each prompt's last user message on (cached whole)."""
     from .. import models
 
     if graft is not None:
@@ -340,19 +333,30 @@ def hidden_states(model: str, layer: int, items: list, cache=None, progress: boo
     tag = "" if graft is None and mmproj is None else \
         f"{graft.fingerprint() if graft is not None else ''}|{'' if mmproj is None else model_key('gguf', Path(mmproj))}"
     layers = list(dict.fromkeys([int(layer), *map(int, also)]))
-    fn, key, hint, close = states_function(model, layers, graft=graft, mmproj=mmproj)
+    from ..evaluate import messages
+
+    rows = fitted.rows if fitted is not None else rows
+    if rows not in CASA_ROWS:
+        raise ValueError(f"rows must be one of {CASA_ROWS}, got {rows!r}")
+    rt = Runtime(model, mmproj, 4096, graft)
+    fn, hint, close = rt.states(layers)
     try:
         if fitted is not None:
             check_fits(fitted, hint)
         folder = Path(cache) if cache else models.cache_dir() / "states"
-        return collect(fn, items, {il: StateCache(folder, key, il) for il in layers}, progress, desc, tag), key, hint
+        H = collect(lambda m: fn(m)[0], items, {il: StateCache(folder, rt.key, il) for il in layers}, progress, desc,
+                    tag)
     finally:
         close()
+    if rows == "last-turn":
+        starts = rt.last_turn_rows([messages({"text": it} if isinstance(it, str) else it) for it in items])
+        H = [h[s:] for h, s in zip(H, starts)]
+    return H, rt.key, hint
 
 
 def run(model: str, layer: int, out, harmful=None, benign=None, report_dir=None, cache=None,
         target_frr: float = 0.05, jailbreaks: int = FIT_JAILBREAKS, seed: int = 0, progress: bool = True,
-        graft=None, mmproj=None, fit_on=("text",), pooling: str = "attention", **fit_kw):
+        graft=None, mmproj=None, fit_on=("text",), pooling: str = "attention", rows: str = "prompt", **fit_kw):
     """Collect hidden states (cached), split by goal (``datasets.FIT_FRACTIONS``), fit, save the CASA file and the
     report (report.json, roc.png). Returns (CASA, report).
 
@@ -362,7 +366,8 @@ def run(model: str, layer: int, out, harmful=None, benign=None, report_dir=None,
     gives the held-out figures on those, and per modality (``test_by_modality``) on each one
     that was collected, so a fit on one modality is measured on the others too (transfer).
     ``pooling``: "attention" trains CASA's module (``fit``), "mean" a mean-pooled probe
-    (``pooled.fit``, saved as the same formula with Wk = 0)."""
+    (``pooled.fit``, saved as the same formula with Wk = 0); ``rows``: the prompt rows it reads
+    (``CASA.rows``: "prompt", or "last-turn" for the last user message's)."""
     from .. import datasets, models
 
     if pooling not in ("attention", "mean"):
@@ -372,20 +377,20 @@ def run(model: str, layer: int, out, harmful=None, benign=None, report_dir=None,
     folder = Path(cache) if cache else models.cache_dir() / "states"
     parts = [copies(p, modalities, folder / "typographic") for p in datasets.split(items, datasets.FIT_FRACTIONS, seed)]
     flat = [it for p in parts for it in p]
-    H, key, hint = hidden_states(model, layer, flat, cache, progress, graft=graft, mmproj=mmproj)
+    H, key, hint = hidden_states(model, layer, flat, cache, progress, graft=graft, mmproj=mmproj, rows=rows)
     for it, h in zip(flat, H):
         it["states"] = h
     train, val, test = ([(it["states"], int(it["label"] == "harmful")) for it in p if it["modality"] in fit_on]
                         for p in parts)
     if pooling == "attention":
         casa, report = fit(train, val, test, layer, target_frr=target_frr, seed=seed, progress=progress,
-                           model_hint=hint, **fit_kw)
+                           model_hint=hint, rows=rows, **fit_kw)
     else:  # "mean"
         from . import pooled
 
         probe, report = pooled.fit(train, val, test, layer, "mean", target_frr=target_frr, seed=seed, **fit_kw)
-        casa = probe.to_casa(layer, model_hint=hint)
-    report["fit_on"] = list(fit_on)
+        casa = probe.to_casa(layer, model_hint=hint, rows=rows)
+    report["fit_on"], report["rows"] = list(fit_on), rows
     report["test_by_source"], report["test_by_modality"] = {}, {}
     held = [it for it in parts[2] if it["modality"] in fit_on]
     scores = np.asarray(casa.score([it["states"] for it in held]))

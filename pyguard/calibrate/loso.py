@@ -33,17 +33,18 @@ def _fold(it: dict) -> tuple[str, str]:
 
 
 def fitting_items(model: str, layer: int, harmful=None, benign=None, cache=None, jailbreaks: int | None = None,
-                  seed: int = 0, progress: bool = True, also=()) -> tuple[list[dict], str]:
+                  seed: int = 0, progress: bool = True, also=(), rows: str = "prompt") -> tuple[list[dict], str]:
     """The train and validation items of CASA's fitting split (``casa.prompt_sets``, split as
-    ``casa.run`` splits them), each with its ``split`` and its hidden ``states`` at ``layer``; and
-    the model's cache key. ``also``: more layers cached in the same pass (``casa.hidden_states``)."""
+    ``casa.run`` splits them), each with its ``split`` and its hidden ``states`` at ``layer`` (the
+    ``rows`` CASA reads); and the model's cache key. ``also``: more layers cached in the same pass
+    (``casa.hidden_states``)."""
     from .. import datasets
     from .casa import hidden_states, prompt_sets
 
     items = prompt_sets(harmful, benign, datasets.FIT_JAILBREAKS if jailbreaks is None else jailbreaks)
     train, val, _ = datasets.split(items, datasets.FIT_FRACTIONS, seed)
     items = [dict(it, split="train") for it in train] + [dict(it, split="val") for it in val]
-    H, key, _ = hidden_states(model, layer, items, cache, progress, also=also)
+    H, key, _ = hidden_states(model, layer, items, cache, progress, also=also, rows=rows)
     for it, h in zip(items, H):
         it["states"] = h
     return items, key

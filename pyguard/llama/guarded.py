@@ -229,7 +229,8 @@ class GuardedLlama:
         job = LlamaJob(max_tokens=max_tokens, temperature=temperature, top_p=float(top_p),
                        rng=np.random.default_rng(seed), has_media=prompt.media, guards=use, id=responses.new_id(),
                        base=base, safe=safe, text_only=text_only, n_prompt=n_base, states_only=states,
-                       text=TextAssembler(stops), on_token=self._on_token)
+                       text=TextAssembler(stops), on_token=self._on_token,
+                       casa_from=self._casa_from(prompt) if not states else 0)
         if states:  # what CASA would read: the dataset-level shift when it would apply, never the sample one
             on = self.cmrm is not None and self.cmrm.mode == "dataset" and self.policy.cmrm_on(prompt.media, use)
         else:
@@ -244,6 +245,20 @@ class GuardedLlama:
             job.prefix_rows = self.casa is not None and use.casa
         job.plan = self._plan(job)
         return job
+
+    def last_turn_row(self, messages) -> int:
+        """The prompt position where the last user message's content starts (``chat.last_turn_row``)."""
+        with self._lock:
+            self._check_open()
+            return self._last_turn_row(chat.flatten(messages, MARKER))
+
+    def _last_turn_row(self, prompt: chat.Prompt) -> int:
+        render = lambda m: self.template.render(m)[0]  # noqa: E731
+        add_bos = self.template.render(prompt.messages)[1]
+        return chat.last_turn_row(render, lambda t: self.engine.tokenize(t, add_bos=add_bos), prompt.messages, MARKER)
+
+    def _casa_from(self, prompt: chat.Prompt) -> int:
+        return self._last_turn_row(prompt) if self.casa is not None and self.casa.rows == "last-turn" else 0
 
     def _segments(self, prompt: chat.Prompt, soft: list[np.ndarray] | None = None) -> Segments:
         """The prompt as text-token lists and image chunks (or ``Soft`` segments: each grafted
@@ -302,7 +317,7 @@ class GuardedLlama:
         (rb,) = yield [Tokens(s0, tb[max(hb - pos, 0):], max(hb, pos), last=True, capture=cap)]
         if cap:
             H = self._collect(j, pos + len(tb))
-            yield Check(H[self.casa.layer])
+            yield Check(H[self.casa.layer][j.casa_from:])
             if j.refused:
                 return None
         if ts is None or not self.policy.wants_safe(j):

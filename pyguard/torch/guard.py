@@ -105,7 +105,8 @@ class GuardedModel:
         ``pixel_values`` for LLaVA, ``max_new_tokens``, ``do_sample``, ``temperature``, ``top_p``,
         ``streamer``, ``eos_token_id``, ``pad_token_id``, ``generator`` (torch.Generator for sampling).
         Returns [B, T + n] with finished rows padded. With CoCA the prompts must end with the chat
-        template's generation prompt: the principle is put before it."""
+        template's generation prompt: the principle is put before it. A CASA module that reads the
+        last user message (rows "last-turn") needs the messages: :meth:`create_chat_completion`."""
         self._check_open()
         opts = {k: kwargs.pop(k) for k in list(kwargs) if k in _GENERATE_OPTIONS}
         extra = {k: v for k, v in kwargs.items() if k in ("image_sizes",)}
@@ -120,6 +121,9 @@ class GuardedModel:
             attention_mask = torch.ones_like(input_ids)
         elif attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {tuple(input_ids.shape)}")
+        if self.casa is not None and self.casa.rows == "last-turn":
+            raise ValueError("the CASA module reads the last user message (rows='last-turn'), "
+                             "which bare token ids do not mark: use create_chat_completion(messages)")
         prompts = [row[m.bool()].tolist() for row, m in zip(input_ids.cpu(), attention_mask.cpu())]
         if any(not p for p in prompts):
             raise ValueError("a row of input_ids has no tokens (attention_mask all zero)")
@@ -209,6 +213,8 @@ class GuardedModel:
             safe, _ = self._encode(chat.with_principle(prompt, self.coca.principle, self.coca.principle_position, marker),
                                    marker, soft, pixels=False)
         req = self._request(base, safe, None if soft is None else torch.cat(soft))
+        if self.casa is not None and self.casa.rows == "last-turn":
+            req.casa_from = self._last_turn_row(prompt, marker)
         opts = dict(max_new_tokens=max_tokens, do_sample=temperature > 0, temperature=temperature or 1.0,
                     top_p=top_p, rng=np.random.default_rng(seed))
         cid, name = responses.new_id(), type(self.model).__name__
@@ -253,6 +259,16 @@ class GuardedModel:
         if not with_mask:
             return states
         return states, torch.tensor([t not in (self.image_token_id, GRAFT_ID) for t in ids])
+
+    def last_turn_row(self, messages) -> int:
+        """The prompt position where the last user message's content starts (``chat.last_turn_row``)."""
+        self._check_open()
+        return self._last_turn_row(*self._flatten(messages))
+
+    def _last_turn_row(self, prompt: chat.Prompt, marker: str) -> int:
+        render = lambda m: self.tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False)  # noqa: E731
+        return chat.last_turn_row(render, lambda t: self.tokenizer(t, add_special_tokens=False).input_ids,
+                                  prompt.messages, marker)
 
     def _flatten(self, messages) -> tuple[chat.Prompt, str]:
         """(the messages flattened with the processor's image token as marker, the marker);
@@ -407,7 +423,7 @@ class GuardedModel:
         """Score each prompt's layer-L hidden states; the policy decides; refused requests end
         with their forced refusal (and end of sequence: token ids are this API's answer)."""
         t0 = time.perf_counter()
-        scores = self.casa.score([h.float() for h in states])
+        scores = self.casa.score([h[r.casa_from:].float() for r, h in zip(reqs, states)])
         self.policy.decide(reqs, scores, (time.perf_counter() - t0) * 1e3)
         for r in reqs:
             if r.refused:  # the refusal is the answer: no more forwards for it
