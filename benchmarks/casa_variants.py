@@ -81,8 +81,7 @@ def main():
         starts = last_turn_rows(a.model, items) if a.last_turn else None
         for skip in [0] + ([prefix] if a.skip_prefix else []) + (["last-turn"] if a.last_turn else []):
             for v in a.variants:
-                name = f"L{spec} {v}" + (f" skip{skip}" if skip not in (0, "last-turn") else
-                                         " last-turn" if skip else "")
+                name = f"L{spec} {v}" + {0: "", "last-turn": " last-turn"}.get(skip, f" skip{skip}")
                 if name in done:
                     continue
                 pooling, _, value = v.partition(":")

@@ -131,14 +131,14 @@ def with_principle(prompt: Prompt, principle: str, position: str, marker: str) -
     return Prompt(messages, prompt.images, prompt.grafts)
 
 
-def last_turn_offset(render, messages: list[dict]) -> int | None:
-    """Where the last message's content starts in ``render(messages)`` (a character offset), for
-    flattened messages whose last one is the user's; None otherwise. Found template-agnostically:
-    the last content is replaced by two different stand-ins and the renders' common prefix taken."""
+def last_turn_head(render, messages: list[dict]) -> str | None:
+    """The text ``render(messages)`` holds before the last message's content, for flattened
+    messages whose last one is the user's; None otherwise. Found template-agnostically: the last
+    content is replaced by two different stand-ins and the renders' common prefix taken."""
     if not messages or messages[-1]["role"] != "user":
         return None
     a, b = (render([*messages[:-1], {"role": "user", "content": s}]) for s in ("\ue000", "\ue001"))
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+    return a[:next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)]
 
 
 def last_turn_row(render, tokenize, messages: list[dict], marker: str) -> int:
@@ -146,6 +146,5 @@ def last_turn_row(render, tokenize, messages: list[dict], marker: str) -> int:
     messages -> prompt text; ``tokenize``: a text prefix -> its token ids, as the prompt's
     start is tokenized); 0, every row, when the last message is not the user's or an earlier
     turn holds media (``marker``)."""
-    c = last_turn_offset(render, messages)
-    head = None if c is None else render(messages)[:c]
+    head = last_turn_head(render, messages)
     return 0 if head is None or marker in head else len(tokenize(head))

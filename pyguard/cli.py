@@ -138,7 +138,7 @@ def _loso(a) -> int:
     from . import models
 
     res = loso.run(items, a.layer, 0.05 if a.target_frr is None else a.target_frr, a.seed,
-                   work=(a.cache or models.cache_dir()) / "loso", model_key=f"{key}|{a.rows}",  # a rerun resumes
+                   work=(a.cache or models.cache_dir()) / "loso", model_key=key,  # a rerun resumes
                    pooling=a.pooling, **_pooled_kw(a))
     print(loso.table(res))
     print("wrote " + ", ".join(map(str, loso.save(res, a.out))))

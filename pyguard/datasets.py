@@ -593,7 +593,7 @@ def split(items: Sequence[dict], fractions: Sequence[float] = (0.8, 0.1, 0.1), s
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise ValueError(f"duplicate item id {dup!r}")
-    leader: dict[str, dict] = {}  # normalized text -> the item with the smallest id
+    leader: dict[str, dict] = {}  # conversation key -> the item with the smallest id
     for it in items:
         k = conversation_key(it)
         if k not in leader or it["id"] < leader[k]["id"]:

@@ -192,11 +192,11 @@ def done_rows(out: Path, name: str = "responses.jsonl") -> list[dict]:
 SUPERSEDED = "responses-superseded.jsonl"
 
 
-def settle(out: Path, keys: dict) -> None:
+def settle(out: Path, keys: dict) -> list[dict]:
     """Leave in responses.jsonl, for each (item id, method) of ``keys``, only the answer with its key
     (from either file); move the other answers of those items and methods to SUPERSEDED. Rows of
     other items or methods stay. Each file is rewritten atomically, the archive first: nothing is
-    lost if the run stops between the two."""
+    lost if the run stops between the two. Returns responses.jsonl's rows."""
     rows, old = done_rows(out), done_rows(out, SUPERSEDED)
     chosen: dict[tuple, dict] = {}
     for r in rows + old:
@@ -210,9 +210,10 @@ def settle(out: Path, keys: dict) -> None:
     aside = {json.dumps(r, sort_keys=True): r for r in rows + old}
     aside = [r for line, r in aside.items() if line not in kept]
     if len(keep) == len(rows) and len(aside) == len(old):
-        return
+        return rows
     datasets.write_jsonl(out / SUPERSEDED, aside)
     datasets.write_jsonl(out / "responses.jsonl", keep)
+    return keep
 
 
 def run(model, dataset, methods="none,coca,casa,coca+casa", out="results", defences: Defences | None = None,
@@ -248,8 +249,7 @@ def run(model, dataset, methods="none,coca,casa,coca+casa", out="results", defen
             for it in items for m in names}
     (out / "run.json").write_text(json.dumps({**settings, "dataset": str(dataset), "methods": names,
                                               "dataset_sha256": models.sha256_file(path)}, indent=1))
-    settle(out, keys)
-    done = {(r["id"], r["method"]) for r in done_rows(out) if keys.get((r["id"], r["method"])) == r.get("key")}
+    done = {(r["id"], r["method"]) for r in settle(out, keys) if keys.get((r["id"], r["method"])) == r.get("key")}
     todo = {m: [it for it in items if (it["id"], m) not in done] for m in names}
     bar = tqdm(total=sum(map(len, todo.values())), desc="eval", unit="item", disable=not progress)
     for m in names:
@@ -265,8 +265,7 @@ def run(model, dataset, methods="none,coca,casa,coca+casa", out="results", defen
         finally:
             g.close()
     bar.close()
-    settle(out, keys)
-    rows = [r for r in done_rows(out) if keys.get((r["id"], r["method"])) == r.get("key")]  # this run's, one each
+    rows = [r for r in settle(out, keys) if keys.get((r["id"], r["method"])) == r.get("key")]  # this run's, one each
     verdicts = judge_rows(rows, judge, out, judge_model, progress)
     label = judge if judge == "refusal" else f"model: {Path(str(judge_model)).name}"  # who gave the verdicts
     table = summarize(rows, verdicts, names, label)

@@ -149,17 +149,18 @@ def test_prompt_renders_as_llama_cpp_python_does(plain):
     assert seen[0] == (ours.encode("utf-8"), add_bos)
 
 
-def test_last_turn_offset_finds_the_last_user_message(plain):
-    from pyguard.chat import last_turn_offset
+def test_last_turn_head_ends_where_the_last_user_message_starts(plain):
+    from pyguard.chat import last_turn_head
 
     render = lambda m: plain.template.render(m)[0]  # noqa: E731
     chats = [MSGS, [{"role": "user", "content": "hi"}],
              [*MSGS, {"role": "assistant", "content": "Bend it."}, {"role": "user", "content": "hi"}]]
     for m in chats:
-        text, c = render(m), last_turn_offset(render, m)
-        assert text[c:].startswith(m[-1]["content"]) and m[-1]["content"] not in text[:c]
-        assert last_turn_offset(render, [*m[:-1], {"role": "user", "content": "x" + m[-1]["content"]}]) == c
-    assert last_turn_offset(render, chats[2][:3]) is None  # the last message is the assistant's
+        text, head = render(m), last_turn_head(render, m)
+        assert text.startswith(head) and text[len(head):].startswith(m[-1]["content"])
+        assert m[-1]["content"] not in head
+        assert last_turn_head(render, [*m[:-1], {"role": "user", "content": "x" + m[-1]["content"]}]) == head
+    assert last_turn_head(render, chats[2][:3]) is None  # the last message is the assistant's
 
 
 @pytest.mark.parametrize("kw,msg", [

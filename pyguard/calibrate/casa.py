@@ -325,6 +325,7 @@ def hidden_states(model: str, layer: int, items: list, cache=None, progress: boo
     ``rows``); ``graft``: a projector file or Graft; ``mmproj``: for images; ``rows``:
     "last-turn" keeps the rows from each prompt's last user message on (cached whole)."""
     from .. import models
+    from ..evaluate import messages
 
     if graft is not None:
         from ..graft import Graft
@@ -333,8 +334,6 @@ def hidden_states(model: str, layer: int, items: list, cache=None, progress: boo
     tag = "" if graft is None and mmproj is None else \
         f"{graft.fingerprint() if graft is not None else ''}|{'' if mmproj is None else model_key('gguf', Path(mmproj))}"
     layers = list(dict.fromkeys([int(layer), *map(int, also)]))
-    from ..evaluate import messages
-
     rows = fitted.rows if fitted is not None else rows
     if rows not in CASA_ROWS:
         raise ValueError(f"rows must be one of {CASA_ROWS}, got {rows!r}")
