@@ -106,8 +106,8 @@ class Runtime:
             g.close()
 
     def states(self, layers: list[int]):
-        """(``messages -> ({layer: float32 [T, d]}, text mask bool [T])``, model_hint, close):
-        the prompt hidden states of ``layers`` as CASA and CMRM calibration read them."""
+        """(``messages -> ({layer: float32 [T, d]}, text mask bool [T])``, the opened guard, to
+        close): the prompt hidden states of ``layers`` as CASA and CMRM calibration read them."""
         layers = [int(il) for il in layers]
         g = self.open(capture_layer=layers[0] if len(layers) == 1 else layers)
         if self.kind == "gguf":
@@ -118,4 +118,4 @@ class Runtime:
             def fn(messages):
                 states, mask = g.prompt_states(messages, layers, with_mask=True)
                 return {il: h.float().cpu().numpy() for il, h in states.items()}, mask.numpy().astype(bool)
-        return fn, g.model_hint, g.close
+        return fn, g

@@ -338,19 +338,18 @@ def hidden_states(model: str, layer: int, items: list, cache=None, progress: boo
     if rows not in CASA_ROWS:
         raise ValueError(f"rows must be one of {CASA_ROWS}, got {rows!r}")
     rt = Runtime(model, mmproj, 4096, graft)
-    fn, hint, close = rt.states(layers)
+    fn, g = rt.states(layers)
     try:
         if fitted is not None:
-            check_fits(fitted, hint)
+            check_fits(fitted, g.model_hint)
         folder = Path(cache) if cache else models.cache_dir() / "states"
         H = collect(lambda m: fn(m)[0], items, {il: StateCache(folder, rt.key, il) for il in layers}, progress, desc,
                     tag)
+        if rows == "last-turn":
+            H = [h[g.last_turn_row(messages({"text": it} if isinstance(it, str) else it)):] for h, it in zip(H, items)]
     finally:
-        close()
-    if rows == "last-turn":
-        starts = rt.last_turn_rows([messages({"text": it} if isinstance(it, str) else it) for it in items])
-        H = [h[s:] for h, s in zip(H, starts)]
-    return H, rt.key, hint
+        g.close()
+    return H, rt.key, g.model_hint
 
 
 def run(model: str, layer: int, out, harmful=None, benign=None, report_dir=None, cache=None,

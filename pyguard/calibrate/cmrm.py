@@ -154,8 +154,8 @@ def states_function(model: str, mmproj=None, n_ctx: int = 4096, graft=None):
     tag = "" if rt.graft is None else f"-graft-{rt.graft.fingerprint()}"
     key = rt.key + (f"-{Path(mmproj).name if mmproj else 'text'}" if rt.kind == "gguf" else "") + tag
     n_layer = rt.shape[0]
-    fn, hint, close = rt.states(list(range(n_layer)))
-    return fn, n_layer, key, hint, close
+    fn, g = rt.states(list(range(n_layer)))
+    return fn, n_layer, key, g.model_hint, g.close
 
 
 def graft_anchors(n: int = 64, seed: int = 0) -> list[dict]:

@@ -253,9 +253,14 @@ class GuardedLlama:
             return self._last_turn_row(chat.flatten(messages, MARKER))
 
     def _last_turn_row(self, prompt: chat.Prompt) -> int:
-        render = lambda m: self.template.render(m)[0]  # noqa: E731
-        add_bos = self.template.render(prompt.messages)[1]
-        return chat.last_turn_row(render, lambda t: self.engine.tokenize(t, add_bos=add_bos), prompt.messages, MARKER)
+        add_bos = []  # the template's, as its renders report it
+
+        def render(messages):
+            text, bos = self.template.render(messages)
+            add_bos.append(bos)
+            return text
+        return chat.last_turn_row(render, lambda t: self.engine.tokenize(t, add_bos=add_bos[0]), prompt.messages,
+                                  MARKER)
 
     def _casa_from(self, prompt: chat.Prompt) -> int:
         return self._last_turn_row(prompt) if self.casa is not None and self.casa.rows == "last-turn" else 0
