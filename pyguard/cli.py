@@ -159,6 +159,8 @@ def _fit(a) -> int:
     from .calibrate import casa
 
     if a.loso:
+        if a.frr_on is not None:
+            raise UsageError("--frr-on chooses a fitted module's threshold; --loso reports every benign source")
         return _loso(a)
     fit_on = _fit_on(a)
     if a.pooling not in ("attention", "mean"):
@@ -166,7 +168,7 @@ def _fit(a) -> int:
     _, rep = casa.run(a.model, a.layer, a.out, a.harmful, a.benign, a.report, a.cache,
                       0.05 if a.target_frr is None else a.target_frr, a.jailbreaks, a.seed,
                       graft=_graft(a) if a.graft else None, mmproj=a.mmproj, fit_on=fit_on,
-                      pooling=a.pooling, rows=a.rows, **_pooled_kw(a))
+                      pooling=a.pooling, rows=a.rows, frr_on=a.frr_on, **_pooled_kw(a))
     print(f"held-out ({', '.join(fit_on)}): AUROC {rep['auroc']:.3f}, accuracy {rep['accuracy']:.3f}, false refusals "
           f"{rep['false_refusal_rate']:.1%}, detected {rep['detection_rate']:.1%}, threshold {rep['threshold']:.4f}")
     for src, r in rep["test_by_source"].items():
@@ -290,9 +292,10 @@ def _fit_cascade(a) -> int:
     target = 0.02 if a.target_frr is None else a.target_frr
     fit_on = _fit_on(a)
     _, rep = cascade.run(src, a.out, a.model, target, a.harmful, a.benign, a.cache, a.jailbreaks, a.seed,
-                         graft=_graft(a) if a.graft else None, mmproj=a.mmproj, fit_on=fit_on)
-    print(f"low {rep['low']:.4f}, high {rep['high']:.4f} (target: <= {target:.1%} of validation benign prompts "
-          f"({', '.join(fit_on)}) routed to CoCA)")
+                         graft=_graft(a) if a.graft else None, mmproj=a.mmproj, fit_on=fit_on, frr_on=a.frr_on)
+    which = "" if a.frr_on is None else f" from {', '.join(rep['frr_on'])}"
+    print(f"low {rep['low']:.4f}, high {rep['high']:.4f} (target: <= {target:.1%} of validation benign prompts"
+          f"{which} ({', '.join(fit_on)}) routed to CoCA)")
     for label in ("benign", "harmful"):
         b = rep[f"val_{label}"]
         print(f"  validation {label} ({rep['n_val'][label]}): no guard {b['none']:.1%}, CoCA {b['coca']:.1%}, "
@@ -353,6 +356,9 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--target-frr", type=float, default=None,
                    help="false-refusal rate allowed on validation benign prompts (casa: 0.05; cascade: 0.02, "
                         "counting every benign prompt routed to CoCA as refused)")
+    f.add_argument("--frr-on", type=lambda v: [x for x in v.split(",") if x], metavar="SOURCE[,SOURCE]",
+                   help="count only these benign sources' validation prompts for --target-frr (e.g. "
+                        "pyguard-benign-risky: the threshold where over-refusal happens; default: all benign)")
     f.add_argument("--report", type=Path, help="report folder (default: next to --out)")
     f.add_argument("--cache", type=Path, help="hidden-state cache (default: $PYGUARD_CACHE/states)")
     f.add_argument("--graft", nargs="?", const="shipped", help="also give every prompt as grafted content "

@@ -9,6 +9,7 @@ and the attention weights sum to one), so the file scores raw hidden states.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import textwrap
@@ -224,6 +225,17 @@ def fit(train, val, test, layer: int, r: int = 32, heads: int = 4, lr: float = 3
     return casa, report
 
 
+def counted(items: list[dict], frr_on) -> list[dict]:
+    """The harmful items and the benign ones from the sources in ``frr_on`` (those a false-refusal
+    target counts); an error if none of the benign items is from them."""
+    frr_on = set(frr_on)
+    out = [it for it in items if it["label"] == "harmful" or it.get("source") in frr_on]
+    if not any(it["label"] != "harmful" for it in out):
+        have = sorted({it.get("source", "?") for it in items if it["label"] != "harmful"})
+        raise ValueError(f"no validation benign prompt is from {sorted(frr_on)} (benign sources: {have})")
+    return out
+
+
 def choose_threshold(scores: np.ndarray, labels: np.ndarray, target_frr: float) -> float:
     """The threshold (unsafe iff score > threshold) that, on these validation scores, keeps the
     false-refusal rate <= target_frr and maximizes detection rate - false-refusal rate; of the
@@ -354,7 +366,8 @@ def hidden_states(model: str, layer: int, items: list, cache=None, progress: boo
 
 def run(model: str, layer: int, out, harmful=None, benign=None, report_dir=None, cache=None,
         target_frr: float = 0.05, jailbreaks: int = FIT_JAILBREAKS, seed: int = 0, progress: bool = True,
-        graft=None, mmproj=None, fit_on=("text",), pooling: str = "attention", rows: str = "prompt", **fit_kw):
+        graft=None, mmproj=None, fit_on=("text",), pooling: str = "attention", rows: str = "prompt",
+        frr_on=None, **fit_kw):
     """Collect hidden states (cached), split by goal (``datasets.FIT_FRACTIONS``), fit, save the CASA file and the
     report (report.json, roc.png). Returns (CASA, report).
 
@@ -365,7 +378,9 @@ def run(model: str, layer: int, out, harmful=None, benign=None, report_dir=None,
     that was collected, so a fit on one modality is measured on the others too (transfer).
     ``pooling``: "attention" trains CASA's module (``fit``), "mean" a mean-pooled probe
     (``pooled.fit``, saved as the same formula with Wk = 0); ``rows``: the prompt rows it reads
-    (``CASA.rows``: "prompt", or "last-turn" for the last user message's)."""
+    (``CASA.rows``: "prompt", or "last-turn" for the last user message's). ``frr_on``: the benign
+    sources whose false refusals ``target_frr`` bounds when the threshold is chosen (default: all;
+    e.g. the risky-looking ones, where over-refusal happens)."""
     from .. import datasets, models
 
     if pooling not in ("attention", "mean"):
@@ -388,7 +403,14 @@ def run(model: str, layer: int, out, harmful=None, benign=None, report_dir=None,
 
         probe, report = pooled.fit(train, val, test, layer, "mean", target_frr=target_frr, seed=seed, **fit_kw)
         casa = probe.to_casa(layer, model_hint=hint, rows=rows)
-    report["fit_on"], report["rows"] = list(fit_on), rows
+    if frr_on is not None:
+        val = counted([it for it in parts[1] if it["modality"] in fit_on], frr_on)
+        casa = dataclasses.replace(casa, threshold=choose_threshold(
+            np.asarray(casa.score([it["states"] for it in val])), np.array([it["label"] == "harmful" for it in val]),
+            target_frr))
+        report.update(evaluate(np.array([y for _, y in test]), np.asarray(casa.score([h for h, _ in test])),
+                               casa.threshold), threshold=casa.threshold)
+    report["fit_on"], report["rows"], report["frr_on"] = list(fit_on), rows, frr_on and sorted(frr_on)
     report["test_by_source"], report["test_by_modality"] = {}, {}
     held = [it for it in parts[2] if it["modality"] in fit_on]
     scores = np.asarray(casa.score([it["states"] for it in held]))

@@ -46,11 +46,12 @@ def branches(scores: np.ndarray, low: float, high: float) -> dict:
 
 def run(casa_path, out, model: str | None = None, target_frr: float = 0.02, harmful=None, benign=None,
         cache=None, jailbreaks: int = FIT_JAILBREAKS, seed: int = 0, progress: bool = True,
-        graft=None, mmproj=None, fit_on=("text",)):
+        graft=None, mmproj=None, fit_on=("text",), frr_on=None):
     """Score the validation split with the CASA module (hidden states from the cache, computed when
     missing), choose (low, high), save the CASA file with them at ``out``. Returns (Cascade, report).
     ``fit_on``: the modalities whose validation copies are scored (``casa.copies``: text, graft
-    through the projector ``graft``, image through ``mmproj``), as ``pyguard fit casa`` took them."""
+    through the projector ``graft``, image through ``mmproj``), as ``pyguard fit casa`` took them;
+    ``frr_on``: the benign sources whose share in the band ``target_frr`` bounds (default: all)."""
     from .. import datasets, models
     from . import casa as casa_fit
 
@@ -60,6 +61,8 @@ def run(casa_path, out, model: str | None = None, target_frr: float = 0.02, harm
     items = casa_fit.prompt_sets(harmful, benign, jailbreaks)
     folder = Path(cache) if cache else models.cache_dir() / "states"
     val = casa_fit.copies(datasets.split(items, datasets.FIT_FRACTIONS, seed)[1], fit_on, folder / "typographic")
+    if frr_on is not None:
+        val = casa_fit.counted(val, frr_on)
     H, _, _ = casa_fit.hidden_states(model, casa.layer, val, cache, progress, "validation states", fitted=casa,
                                      graft=graft, mmproj=mmproj)
     scores = np.asarray(casa.score(H), dtype=np.float64)
@@ -69,7 +72,8 @@ def run(casa_path, out, model: str | None = None, target_frr: float = 0.02, harm
     cascade = Cascade(casa, CoCA(), low=low, high=high)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     cascade.save(out)
-    report = {"low": low, "high": high, "target_frr": target_frr, "model": str(model), "fit_on": list(fit_on),
+    report = {"low": low, "high": high, "target_frr": target_frr, "frr_on": frr_on and sorted(frr_on),
+              "model": str(model), "fit_on": list(fit_on),
               "n_val": {"benign": int((~labels).sum()), "harmful": int(labels.sum())},
               "val_benign": branches(scores[~labels], low, high), "val_harmful": branches(scores[labels], low, high)}
     return cascade, report
