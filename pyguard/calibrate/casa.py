@@ -9,7 +9,6 @@ and the attention weights sum to one), so the file scores raw hidden states.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import textwrap
@@ -162,13 +161,13 @@ def _scores(model, states, mu, sigma, batch: int = 16) -> np.ndarray:
 
 def fit(train, val, test, layer: int, r: int = 32, heads: int = 4, lr: float = 3e-3, weight_decay: float = 1e-2,
         epochs: int = 60, patience: int = 8, batch: int = 16, target_frr: float = 0.05, seed: int = 0,
-        progress: bool = True, **casa_kw):
+        progress: bool = True, threshold_on=None, **casa_kw):
     """Fit CASA on (states [T, d], label 1 harmful / 0 benign) lists.
 
     Trains on ``train`` (binary cross-entropy, AdamW), keeps the epoch with the best validation
     loss (stops after ``patience`` epochs without improvement), sets the threshold so that at most
-    ``target_frr`` of the validation benign prompts score above it, and reports on ``test``.
-    Returns (CASA, report dict)."""
+    ``target_frr`` of the validation benign prompts score above it (of ``threshold_on``'s, when
+    given: pairs like ``val``'s), and reports on ``test``. Returns (CASA, report dict)."""
     import torch
     trange = extras.need("tqdm.auto", "calibrate").trange
 
@@ -215,7 +214,9 @@ def fit(train, val, test, layer: int, r: int = 32, heads: int = 4, lr: float = 3
                 break
     model.load_state_dict(best_state)
     model.eval()
-    threshold = choose_threshold(_scores(model, Xva, mu, sigma), yva, target_frr)
+    th = val if threshold_on is None else threshold_on
+    threshold = choose_threshold(_scores(model, [h for h, _ in th], mu, sigma), np.array([y for _, y in th]),
+                                 target_frr)
     casa = _export(model, mu, sigma, layer, threshold, **casa_kw)
     test_scores = casa.score([h for h, _ in test])
     report = evaluate(np.array([y for _, y in test]), np.asarray(test_scores), threshold)
@@ -395,6 +396,9 @@ def run(model: str, layer: int, out, harmful=None, benign=None, report_dir=None,
         it["states"] = h
     train, val, test = ([(it["states"], int(it["label"] == "harmful")) for it in p if it["modality"] in fit_on]
                         for p in parts)
+    if frr_on is not None:
+        fit_kw["threshold_on"] = [(it["states"], int(it["label"] == "harmful"))
+                                  for it in counted([it for it in parts[1] if it["modality"] in fit_on], frr_on)]
     if pooling == "attention":
         casa, report = fit(train, val, test, layer, target_frr=target_frr, seed=seed, progress=progress,
                            model_hint=hint, rows=rows, **fit_kw)
@@ -403,13 +407,6 @@ def run(model: str, layer: int, out, harmful=None, benign=None, report_dir=None,
 
         probe, report = pooled.fit(train, val, test, layer, "mean", target_frr=target_frr, seed=seed, **fit_kw)
         casa = probe.to_casa(layer, model_hint=hint, rows=rows)
-    if frr_on is not None:
-        val = counted([it for it in parts[1] if it["modality"] in fit_on], frr_on)
-        casa = dataclasses.replace(casa, threshold=choose_threshold(
-            np.asarray(casa.score([it["states"] for it in val])), np.array([it["label"] == "harmful" for it in val]),
-            target_frr))
-        report.update(evaluate(np.array([y for _, y in test]), np.asarray(casa.score([h for h, _ in test])),
-                               casa.threshold), threshold=casa.threshold)
     report["fit_on"], report["rows"], report["frr_on"] = list(fit_on), rows, frr_on and sorted(frr_on)
     report["test_by_source"], report["test_by_modality"] = {}, {}
     held = [it for it in parts[2] if it["modality"] in fit_on]

@@ -59,10 +59,10 @@ class Probe:
 
 
 def fit(train, val, test, layer: int, pooling: str = "mean", C: float = 0.1, target_frr: float = 0.05,
-        seed: int = 0, progress: bool = False, **_):
+        seed: int = 0, progress: bool = False, threshold_on=None, **_):
     """``casa.fit``'s contract for a pooled probe: (states [T, d], label) lists in; the probe
-    (class-balanced logistic regression on ``train``, threshold from ``val``) and its report on
-    ``test`` out."""
+    (class-balanced logistic regression on ``train``, threshold from ``val``, or ``threshold_on``
+    when given) and its report on ``test`` out."""
     LogisticRegression = extras.need("sklearn.linear_model", "calibrate").LogisticRegression
 
     from .casa import choose_threshold, evaluate
@@ -74,7 +74,8 @@ def fit(train, val, test, layer: int, pooling: str = "mean", C: float = 0.1, tar
     mu, sigma = X.mean(0), X.std(0) + 1e-3
     lr = LogisticRegression(C=C, class_weight="balanced", max_iter=2000, random_state=seed).fit((X - mu) / sigma, y)
     probe = Probe(pooling, mu, sigma, lr.coef_[0], float(lr.intercept_[0]))
-    probe.threshold = choose_threshold(probe.score([h for h, _ in val]), np.array([label for _, label in val]),
+    th = val if threshold_on is None else threshold_on
+    probe.threshold = choose_threshold(probe.score([h for h, _ in th]), np.array([label for _, label in th]),
                                        target_frr)
     report = evaluate(np.array([label for _, label in test]), probe.score([h for h, _ in test]), probe.threshold)
     report.update(layer=layer, threshold=probe.threshold, target_frr=target_frr, pooling=pooling, C=C)
