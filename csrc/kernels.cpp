@@ -333,7 +333,7 @@ void casa_merge(CasaPartial& p, const CasaPartial& q) {
 
 void casa_score(const float* H, int64_t T, int64_t d, const int64_t* cu, int64_t B,
                 const float* Wk, int64_t r, const float* q, int64_t heads, const float* w,
-                float b, float* s) {
+                const float* w_last, float b, float* s) {
   (void)T;
   const int64_t cols = heads + 1;
   // G [cols, d]: row h < heads is Wk q_h / sqrt(r), row heads is w.
@@ -370,6 +370,11 @@ void casa_score(const float* H, int64_t T, int64_t d, const int64_t* cu, int64_t
     double logit = 0;
     for (int64_t h = 0; h < heads; ++h) logit += p.acc[h] / p.l[h];
     logit = logit / static_cast<double>(heads) + b;
+    if (w_last != nullptr) {  // the last row is the sequence's: its non-finite values are in p.bad
+      float u = 0;
+      kDots[1](H + (cu[i + 1] - 1) * d, w_last, d, &u, unused, false);
+      logit += u;
+    }
     s[i] = static_cast<float>(1.0 / (1.0 + std::exp(-logit))) + p.bad;
   }
 }

@@ -21,10 +21,11 @@ namespace pyguard {
   void cmrm_shift(float* h, int64_t N, int64_t d, const float* v, float alpha,                     \
                   const uint8_t* mask);                                                            \
   /* Safety-attention score per sequence. H [T, d]; cu [B + 1] (cu[0] = 0, strictly increasing, \
-     cu[B] = T); Wk [d, r]; q [heads, r]; w [d]. s [B]; NaN for a sequence with non-finite H. */   \
+     cu[B] = T); Wk [d, r]; q [heads, r]; w [d]; w_last [d] (weights of each sequence's last    \
+     row) or nullptr. s [B]; NaN for a sequence with non-finite H. */                            \
   void casa_score(const float* H, int64_t T, int64_t d, const int64_t* cu, int64_t B,              \
                   const float* Wk, int64_t r, const float* q, int64_t heads, const float* w,       \
-                  float b, float* s);
+                  const float* w_last, float b, float* s);
 
 namespace generic { PYGUARD_KERNEL_DECLS }
 namespace avx2 { PYGUARD_KERNEL_DECLS }

@@ -147,7 +147,7 @@ def _loso(a) -> int:
 
 def _pooled_kw(a) -> dict:
     if a.C is not None and a.pooling == "attention":
-        raise UsageError("--C regularizes a pooled probe: give --pooling mean (or last, mean+last with --loso)")
+        raise UsageError("--C regularizes a pooled probe: give --pooling mean, last or mean+last")
     return {} if a.pooling == "attention" else {"C": 0.1 if a.C is None else a.C}
 
 
@@ -163,8 +163,6 @@ def _fit(a) -> int:
             raise UsageError("--frr-on chooses a fitted module's threshold; --loso reports every benign source")
         return _loso(a)
     fit_on = _fit_on(a)
-    if a.pooling not in ("attention", "mean"):
-        raise UsageError(f"--pooling {a.pooling} is for --loso comparisons; a CASA file pools by attention or mean")
     _, rep = casa.run(a.model, a.layer, a.out, a.harmful, a.benign, a.report, a.cache,
                       0.05 if a.target_frr is None else a.target_frr, a.jailbreaks, a.seed,
                       graft=_graft(a) if a.graft else None, mmproj=a.mmproj, fit_on=fit_on,
@@ -346,8 +344,8 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--loso", action="store_true", help="casa: leave-one-source-out validation instead of a fit; "
                    "--out is the report folder (loso.json, loso.md, loso.png)")
     f.add_argument("--pooling", choices=["attention", "mean", "last", "mean+last"], default="attention",
-                   help="casa: CASA's attention module, or a probe on the mean over the prompt (saved as CASA with "
-                        "Wk = 0); last and mean+last with --loso only")
+                   help="casa: CASA's attention module, or a probe on the mean over the rows, the last row, or "
+                        "both side by side (saved as CASA with Wk = 0 and w_last)")
     f.add_argument("--C", type=float, help="casa, pooled: inverse L2 strength of the logistic regression (0.1)")
     f.add_argument("--rows", choices=["prompt", "last-turn"], default="prompt",
                    help="casa: the prompt rows CASA reads: all, or the last user message's (from its content on; "

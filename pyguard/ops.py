@@ -270,11 +270,12 @@ def _cmrm_shift_(h, v, alpha: float, row_mask=None, backend="auto"):
     return h
 
 
-def casa_score(H, cu_seqlens, Wk, q, w, b, backend="auto"):
+def casa_score(H, cu_seqlens, Wk, q, w, b, w_last=None, backend="auto"):
     """CASA safety-attention score for B packed sequences.
 
     H: float32 [T, d] hidden states; cu_seqlens: int [B + 1] (0, strictly increasing, ends at T);
-    Wk: [d, r]; q: [heads, r]; w: [d]; b: float. Returns float32 [B] in (0, 1).
+    Wk: [d, r]; q: [heads, r]; w: [d]; b: float; w_last: [d] or None, weights of each sequence's
+    last row added to the logit (a mean+last probe). Returns float32 [B] in (0, 1).
     """
     _array(H, "H", 2, ("float32",))
     T, d = H.shape
@@ -292,7 +293,11 @@ def casa_score(H, cu_seqlens, Wk, q, w, b, backend="auto"):
     r = Wk.shape[1]
     _array(q, "q", 2, ("float32",), (None, r))
     _array(w, "w", 1, ("float32",), (d,))
-    for name, x in (("Wk", Wk), ("q", q), ("w", w)):
+    named = [("Wk", Wk), ("q", q), ("w", w)]
+    if w_last is not None:
+        _array(w_last, "w_last", 1, ("float32",), (d,))
+        named.append(("w_last", w_last))
+    for name, x in named:
         _same_place(x, H, name, "H")
         if not np.isfinite(_values(x)).all():
             raise ValueError(f"{name} has non-finite values")
@@ -302,9 +307,11 @@ def casa_score(H, cu_seqlens, Wk, q, w, b, backend="auto"):
         raise ValueError(f"Wk {_shape(Wk)} and q {_shape(q)} need r >= 1 and heads >= 1")
     which = _pick(backend, H)
     if which == "cpp":
-        return _like(native().casa_score(_host(H), cu, _host(Wk), _host(q), _host(w), float(b)), H)
+        wl = None if w_last is None else _host(w_last)
+        return _like(native().casa_score(_host(H), cu, _host(Wk), _host(q), _host(w), float(b), wl), H)
     if which == "triton":
         Ht, Wkt, qt, wt = (_torch(x) for x in (H, Wk, q, w))
-        s = triton_kernels().casa_score(Ht, _torch(cu).to(Ht.device), Wkt, qt, wt, float(b))
+        wl = None if w_last is None else _torch(w_last)
+        s = triton_kernels().casa_score(Ht, _torch(cu).to(Ht.device), Wkt, qt, wt, float(b), wl)
         return _like(s, H)
-    return reference.casa_score(H, cu, Wk, q, w, b)
+    return reference.casa_score(H, cu, Wk, q, w, b, w_last)

@@ -81,16 +81,18 @@ def cmrm_shift_(h, v, alpha, row_mask=None):
     return h
 
 
-def casa_score(H, cu_seqlens, Wk, q, w, b):
+def casa_score(H, cu_seqlens, Wk, q, w, b, w_last=None):
     """Safety-attention score per sequence, the literal formula.
 
     H: [T, d] prompt hidden states of B sequences packed by ``cu_seqlens`` ([B + 1]);
-    Wk: [d, r]; q: [heads, r]; w: [d]; b: float. For each sequence and head,
-    ``a = softmax_t(H_t Wk . q_h / sqrt(r))``, ``z = mean_h sum_t a_t H_t``,
-    ``s = sigmoid(w . z + b)``. Returns float32 [B]; NaN for a sequence with non-finite H.
+    Wk: [d, r]; q: [heads, r]; w: [d]; b: float; w_last: [d] or None (zeros). For each sequence
+    and head, ``a = softmax_t(H_t Wk . q_h / sqrt(r))``, ``z = mean_h sum_t a_t H_t``,
+    ``s = sigmoid(w . z + w_last . H_last + b)`` with H_last the sequence's last row. Returns
+    float32 [B]; NaN for a sequence with non-finite H.
     """
     xp = _xp(H)
     Hd, Wkd, qd, wd = (_cast(x, "float64") for x in (H, Wk, q, w))
+    wl = None if w_last is None else _cast(w_last, "float64")
     cu = [int(c) for c in cu_seqlens]
     r = Wkd.shape[1]
     scores = []
@@ -105,6 +107,8 @@ def casa_score(H, cu_seqlens, Wk, q, w, b):
         a = a / xp.sum(a, axis=0, keepdims=True)
         z = xp.sum(a.T @ x, axis=0) / qd.shape[0]  # [d]
         logit = float(xp.sum(wd * z)) + float(b)
+        if wl is not None:
+            logit += float(xp.sum(wl * x[-1]))
         e = math.exp(-abs(logit))  # a sigmoid that never overflows
         scores.append(1.0 / (1.0 + e) if logit >= 0 else e / (1.0 + e))
     if is_torch(H):

@@ -11,6 +11,7 @@ pytest.importorskip("sklearn")
 
 from pyguard import ops  # noqa: E402
 from pyguard.calibrate import casa as fitcasa  # noqa: E402
+from pyguard.methods import CASA  # noqa: E402
 
 
 def synthetic(rng, n, d=24, signal=1.5):
@@ -198,23 +199,29 @@ def test_threshold_keeps_the_target_and_takes_the_middle_of_the_gap():
     assert np.mean(overlap[labels == 0] > t) <= 0.05  # the false-refusal target holds on validation
 
 
-def test_a_mean_pooled_probe_is_casa_with_zero_keys():
-    """pooled.Probe.to_casa: the fused casa_score path gives the probe's own scores."""
+@pytest.mark.parametrize("pooling", ["mean", "last", "mean+last"])
+def test_a_pooled_probe_is_casa_with_zero_keys(pooling, tmp_path):
+    """pooled.Probe.to_casa: the fused casa_score path (C++ and reference), and the file written
+    and read back, give the probe's own scores."""
     pytest.importorskip("sklearn")
     from pyguard.calibrate import pooled
 
     rng = np.random.default_rng(3)
-    data = [(rng.standard_normal((int(rng.integers(1, 9)), 6)).astype(np.float32) + 0.8 * y, y)
-            for y in [0, 1] * 40]
-    probe, report = pooled.fit(data[:40], data[40:60], data[60:], layer=2, pooling="mean", C=1.0)
+    # the label shows in the mean of the rows and, apart from it, in the last row's first feature
+    data = []
+    for y in [0, 1] * 60:
+        h = rng.standard_normal((int(rng.integers(1, 9)), 6)).astype(np.float32) + 0.5 * y
+        h[-1, 0] += 1.5 * y
+        data.append((h, y))
+    probe, report = pooled.fit(data[:60], data[60:90], data[90:], layer=2, pooling=pooling, C=1.0)
     assert report["auroc"] > 0.9
     casa = probe.to_casa(2)
+    assert ("w_last" in casa.params) == (pooling != "mean") and not casa.params["Wk"].any()
     states = [h for h, _ in data]
-    np.testing.assert_allclose(casa.score(states), probe.score(states), rtol=1e-4, atol=1e-6)
-    assert casa.threshold == probe.threshold and casa.params["Wk"].any() == False  # noqa: E712
-    last, _ = pooled.fit(data[:40], data[40:60], data[60:], layer=2, pooling="last")
-    with pytest.raises(ValueError, match="only a mean-pooled probe"):
-        last.to_casa(2)
+    for backend in ("cpp", "ref"):
+        np.testing.assert_allclose(casa.score(states, backend=backend), probe.score(states), rtol=1e-4, atol=1e-6)
+    casa.save(tmp_path / "c.safetensors")
+    assert CASA.load(tmp_path / "c.safetensors") == casa and casa.threshold == probe.threshold
     with pytest.raises(ValueError, match="unknown pooling"):
         pooled.pool(states[0], "max")
 

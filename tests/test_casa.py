@@ -29,15 +29,21 @@ def packed(rng, lengths, d):
     return H, cu
 
 
+def last_weights(rng, d):
+    return (rng.standard_normal(d) * 0.5 / np.sqrt(d)).astype(np.float32)
+
+
+@pytest.mark.parametrize("with_last", [False, True], ids=["attention", "with-last"])
 @pytest.mark.parametrize("case", range(len(CASES)), ids=lambda i: "B{}-d{}-r{}-h{}".format(len(CASES[i][0]), *CASES[i][1:]))
-def test_matches_reference(impl, rng, case):
+def test_matches_reference(impl, rng, case, with_last):
     lengths, d, r, heads = CASES[case]
     if impl == "triton" and sum(lengths) * d > TRITON_MAX:
         pytest.skip("the Triton interpreter is slow: small shapes only")
     H, cu = packed(rng, lengths, d)
     Wk, q, w, b = params(rng, d, r, heads)
-    want = ops.casa_score(H, cu, Wk, q, w, b, backend="ref")
-    got = ops.casa_score(H, cu, Wk, q, w, b, backend=impl)
+    w_last = last_weights(rng, d) if with_last else None
+    want = ops.casa_score(H, cu, Wk, q, w, b, w_last, backend="ref")
+    got = ops.casa_score(H, cu, Wk, q, w, b, w_last, backend=impl)
     assert got.dtype == np.float32 and got.shape == (len(lengths),)
     assert ((want > 1e-3) & (want < 1 - 1e-3)).all()  # not saturated: the comparison means something
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
@@ -59,13 +65,33 @@ def test_reference_is_the_formula(rng):
         np.testing.assert_allclose(got[i], s, rtol=1e-6)
 
 
-def test_sequence_order_and_packing_independent(impl, rng):
+def test_last_row_weights_are_the_mean_plus_last_probe(rng):
+    """With Wk = 0 (equal attention) and w_last, the score is a logistic regression on the
+    sequence's mean row and last row side by side; moving the last row elsewhere changes it."""
+    d = 24
+    H, cu = packed(rng, [6, 1, 11], d)
+    w, w_last = last_weights(rng, d), last_weights(rng, d)
+    got = ops.casa_score(H, cu, np.zeros((d, 1), np.float32), np.ones((1, 1), np.float32), w, 0.3, w_last,
+                         backend="ref")
+    for i in range(3):
+        x = H[cu[i]:cu[i + 1]].astype(np.float64)
+        np.testing.assert_allclose(got[i], 1 / (1 + np.exp(-(w @ x.mean(0) + w_last @ x[-1] + 0.3))), rtol=1e-6)
+    moved = H.copy()
+    moved[[4, 5]] = moved[[5, 4]]  # the first sequence's last two rows swapped: same mean, other last row
+    again = ops.casa_score(moved, cu, np.zeros((d, 1), np.float32), np.ones((1, 1), np.float32), w, 0.3, w_last,
+                           backend="ref")
+    assert again[0] != got[0] and (again[1:] == got[1:]).all()
+
+
+@pytest.mark.parametrize("with_last", [False, True], ids=["attention", "with-last"])
+def test_sequence_order_and_packing_independent(impl, rng, with_last):
     d, r, heads = 64, 8, 2
     Wk, q, w, b = params(rng, d, r, heads)
+    w_last = last_weights(rng, d) if with_last else None
     H, cu = packed(rng, [7, 30, 2], d)
-    together = ops.casa_score(H, cu, Wk, q, w, b, backend=impl)
-    alone = [ops.casa_score(H[cu[i]:cu[i + 1]], np.array([0, cu[i + 1] - cu[i]]), Wk, q, w, b, backend=impl)[0]
-             for i in range(3)]
+    together = ops.casa_score(H, cu, Wk, q, w, b, w_last, backend=impl)
+    alone = [ops.casa_score(H[cu[i]:cu[i + 1]], np.array([0, cu[i + 1] - cu[i]]), Wk, q, w, b, w_last,
+                            backend=impl)[0] for i in range(3)]
     np.testing.assert_allclose(together, alone, rtol=1e-6, atol=1e-7)
 
 
@@ -81,21 +107,26 @@ def test_saturated_scores_agree(impl, rng):
     assert set(big.tolist()) <= {0.0, 1.0}
 
 
-def test_non_finite_hidden_states_give_nan(impl, rng):
-    H, cu = packed(rng, [5, 6, 7], 64)
+@pytest.mark.parametrize("with_last", [False, True], ids=["attention", "with-last"])
+def test_non_finite_hidden_states_give_nan(impl, rng, with_last):
+    H, cu = packed(rng, [5, 6, 7, 3], 64)
     H[2, 10] = np.nan
     H[12, 0] = np.inf
-    got = ops.casa_score(H, cu, *params(rng, 64, 8, 2), backend=impl)
-    assert np.isnan(got[0]) and np.isnan(got[2]) and np.isfinite(got[1])
+    H[20, 63] = np.nan  # the last row of the fourth sequence, the row w_last reads
+    w_last = last_weights(rng, 64) if with_last else None
+    got = ops.casa_score(H, cu, *params(rng, 64, 8, 2), w_last, backend=impl)
+    assert np.isnan(got[[0, 2, 3]]).all() and np.isfinite(got[1])
 
 
 def test_torch_tensors(rng):
     torch = pytest.importorskip("torch")
     H, cu = packed(rng, [3, 20], 64)
     p = params(rng, 64, 8, 2)
-    want = ops.casa_score(H, cu, *p, backend="ref")
+    w_last = last_weights(rng, 64)
+    want = ops.casa_score(H, cu, *p, w_last, backend="ref")
     tp = [torch.from_numpy(x) for x in p[:3]]
     for backend in ("ref", "cpp", "triton"):
-        got = ops.casa_score(torch.from_numpy(H), torch.from_numpy(cu), *tp, p[3], backend=backend)
+        got = ops.casa_score(torch.from_numpy(H), torch.from_numpy(cu), *tp, p[3], torch.from_numpy(w_last),
+                             backend=backend)
         assert isinstance(got, torch.Tensor)
         np.testing.assert_allclose(got.numpy(), want, rtol=2e-5, atol=2e-6)

@@ -2,7 +2,7 @@
 NaN-poisoned outputs and non-finite inputs (run by scripts/gpu_check.sh; skipped without CUDA)."""
 import numpy as np
 import pytest
-from test_casa import packed, params
+from test_casa import last_weights, packed, params
 from test_cmrm import expected
 from test_coca import check_calibrated, check_tokens, logits, oracle
 
@@ -90,11 +90,14 @@ def test_cmrm_shift_half_precision(rng, dtype):
 @pytest.mark.parametrize("lengths,d,r,heads", [([1], 896, 64, 4), ([2048, 1500], 896, 64, 8),
                                               ([5, 1, 77, 300, 2, 19, 130, 64, 9], 576, 32, 3),
                                               ([4000], 3584, 64, 4)])
-def test_casa_score(rng, lengths, d, r, heads):
+@pytest.mark.parametrize("with_last", [False, True], ids=["attention", "with-last"])
+def test_casa_score(rng, lengths, d, r, heads, with_last):
     H, cu = packed(rng, lengths, d)
     Wk, q, w, b = params(rng, d, r, heads)
-    want = ops.casa_score(H, cu, Wk, q, w, b, backend="ref")
-    got = ops.casa_score(cuda(H), cuda(cu), cuda(Wk), cuda(q), cuda(w), b, backend="triton")
+    w_last = last_weights(rng, d) if with_last else None
+    want = ops.casa_score(H, cu, Wk, q, w, b, w_last, backend="ref")
+    got = ops.casa_score(cuda(H), cuda(cu), cuda(Wk), cuda(q), cuda(w), b, None if w_last is None else cuda(w_last),
+                         backend="triton")
     assert got.is_cuda and got.shape == (len(lengths),)
     np.testing.assert_allclose(got.cpu().numpy(), want, rtol=1e-4, atol=1e-5)
 

@@ -407,20 +407,23 @@ def test_cmrm_vectors_for_another_model_are_refused(tmp_path):
 
 
 # -- CASA ------------------------------------------------------------------------------------------
-def casa_params(rng, b, d=576, r=16, heads=2, layer=10, **kw):
+def casa_params(rng, b, d=576, r=16, heads=2, layer=10, with_last=False, **kw):
     from pyguard.methods import CASA
 
-    return CASA({"Wk": (rng.standard_normal((d, r)) / np.sqrt(d)).astype(np.float32),
-                 "q": rng.standard_normal((heads, r)).astype(np.float32),
-                 "w": (rng.standard_normal(d) * 0.2 / np.sqrt(d)).astype(np.float32), "b": b}, layer=layer, **kw)
+    p = {"Wk": (rng.standard_normal((d, r)) / np.sqrt(d)).astype(np.float32),
+         "q": rng.standard_normal((heads, r)).astype(np.float32),
+         "w": (rng.standard_normal(d) * 0.2 / np.sqrt(d)).astype(np.float32), "b": b}
+    if with_last:
+        p["w_last"] = (rng.standard_normal(d) * 0.2 / np.sqrt(d)).astype(np.float32)
+    return CASA(p, layer=layer, **kw)
 
 
-@pytest.mark.parametrize("coca", [False, True])
-def test_casa_score_equals_casa_score_on_independently_captured_states(rng, coca):
+@pytest.mark.parametrize("coca,with_last", [(False, False), (True, False), (False, True)])
+def test_casa_score_equals_casa_score_on_independently_captured_states(rng, coca, with_last):
     from pyguard import ops
     from pyguard.llama import capture
 
-    casa = casa_params(rng, 0.0, threshold=1.0)  # never unsafe: the answer runs too
+    casa = casa_params(rng, 0.0, threshold=1.0, with_last=with_last)  # never unsafe: the answer runs too
     with GuardedLlama(MODEL, n_ctx=512, casa=casa, coca=CoCA(alpha=1.5) if coca else None) as g:
         r = g.create_chat_completion(MSGS, max_tokens=4)
         base = g._request(MSGS, 1, 0.0, 1.0, None, None).base[0]
@@ -433,8 +436,8 @@ def test_casa_score_equals_casa_score_on_independently_captured_states(rng, coca
         e.decode([(t, i, 0, i == len(base) - 1) for i, t in enumerate(base)])
         H = py.take()
     assert H.shape == (len(base), 576)
-    want = ops.casa_score(H, np.array([0, len(H)]), casa.params["Wk"], casa.params["q"], casa.params["w"], 0.0,
-                          backend="ref")
+    p = casa.params
+    want = ops.casa_score(H, np.array([0, len(H)]), p["Wk"], p["q"], p["w"], 0.0, p.get("w_last"), backend="ref")
     assert 0.01 < want[0] < 0.99
     np.testing.assert_allclose(got["score"], want[0], rtol=1e-4)
 

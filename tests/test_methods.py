@@ -349,6 +349,25 @@ def test_casa_score_torch(rng):
     got = c.score([torch.from_numpy(h) for h in Hs])
     assert isinstance(got, torch.Tensor)
     np.testing.assert_allclose(got.numpy(), c.score(Hs), rtol=1e-5, atol=1e-6)
+    with_last = CASA({**casa_params(rng), "w_last": rng.standard_normal(16).astype(np.float32)}, layer=0)
+    np.testing.assert_allclose(with_last.score([torch.from_numpy(h) for h in Hs]).numpy(), with_last.score(Hs),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("ext", ["safetensors", "npz"])
+def test_casa_last_row_weights(rng, tmp_path, ext):
+    """w_last is optional: scored with the op, kept through save and load, checked for shape."""
+    p = {**casa_params(rng), "w_last": rng.standard_normal(16).astype(np.float32)}
+    c = CASA(p, layer=1)
+    Hs = [rng.standard_normal((n, 16)).astype(np.float32) for n in (1, 7)]
+    H, cu = np.concatenate(Hs), np.array([0, 1, 8])
+    np.testing.assert_array_equal(c.score(Hs), ops.casa_score(H, cu, p["Wk"], p["q"], p["w"], p["b"], p["w_last"]))
+    assert not np.allclose(c.score(Hs), CASA(casa_params(rng), layer=1).score(Hs))
+    c.save(tmp_path / f"c.{ext}")
+    assert CASA.load(tmp_path / f"c.{ext}") == c
+    raises(r"w_last \[15\], Wk's d = 16", CASA, {**p, "w_last": p["w_last"][:15]}, 1)
+    raises(r"and optionally 'w_last'\), got \['Wk', 'b', 'q', 'w', 'w_first', 'w_last'\]",
+           CASA, {**p, "w_first": p["w"]}, 1)
 
 
 def test_casa_decide(rng):

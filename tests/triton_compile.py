@@ -16,10 +16,12 @@ for arch in (80, 90):
         CASES.append((f"cmrm-sm{arch}-{dtype}", arch, "cmrm", "_cmrm_shift_kernel",
                       {"h_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "mask_ptr": "*u8", "alpha": "fp32", "d": "i32"},
                       {"HAS_MASK": True, "BLOCK": 1024}))
-    CASES.append((f"casa-sm{arch}", arch, "casa", "_casa_score_kernel",
-                  {"H_ptr": "*fp32", "cu_ptr": "*i64", "Wk_ptr": "*fp32", "q_ptr": "*fp32", "w_ptr": "*fp32",
-                   "s_ptr": "*fp32", "b": "fp32", "d": "i32", "r": "i32", "heads": "i32", "scale": "fp32"},
-                  {"BLOCK_T": 16, "BLOCK_D": 64, "BLOCK_R": 64, "BLOCK_H": 16}))
+    for has_last in (False, True):
+        CASES.append((f"casa-sm{arch}-last{int(has_last)}", arch, "casa", "_casa_score_kernel",
+                      {"H_ptr": "*fp32", "cu_ptr": "*i64", "Wk_ptr": "*fp32", "q_ptr": "*fp32", "w_ptr": "*fp32",
+                       "w_last_ptr": "*fp32", "s_ptr": "*fp32", "b": "fp32", "d": "i32", "r": "i32", "heads": "i32",
+                       "scale": "fp32"},
+                      {"HAS_LAST": has_last, "BLOCK_T": 16, "BLOCK_D": 64, "BLOCK_R": 64, "BLOCK_H": 16}))
 
 
 def main():

@@ -377,15 +377,17 @@ def run(model: str, layer: int, out, harmful=None, benign=None, report_dir=None,
     The module is fitted (and its threshold chosen) on the modalities in ``fit_on``; the report
     gives the held-out figures on those, and per modality (``test_by_modality``) on each one
     that was collected, so a fit on one modality is measured on the others too (transfer).
-    ``pooling``: "attention" trains CASA's module (``fit``), "mean" a mean-pooled probe
-    (``pooled.fit``, saved as the same formula with Wk = 0); ``rows``: the prompt rows it reads
+    ``pooling``: "attention" trains CASA's module (``fit``), "mean", "last" or "mean+last" a
+    pooled probe (``pooled.fit``, saved as the same formula with Wk = 0 and w_last); ``rows``: the prompt rows it reads
     (``CASA.rows``: "prompt", or "last-turn" for the last user message's). ``frr_on``: the benign
     sources whose false refusals ``target_frr`` bounds when the threshold is chosen (default: all;
     e.g. the risky-looking ones, where over-refusal happens)."""
     from .. import datasets, models
 
-    if pooling not in ("attention", "mean"):
-        raise ValueError(f"a CASA file pools by attention or mean, got pooling={pooling!r}")
+    from . import pooled
+
+    if pooling not in ("attention", *pooled.POOLINGS):
+        raise ValueError(f"pooling must be attention or one of {', '.join(pooled.POOLINGS)}, got {pooling!r}")
     modalities = collected(fit_on, graft, mmproj)
     items = prompt_sets(harmful, benign, jailbreaks)
     folder = Path(cache) if cache else models.cache_dir() / "states"
@@ -402,10 +404,8 @@ def run(model: str, layer: int, out, harmful=None, benign=None, report_dir=None,
     if pooling == "attention":
         casa, report = fit(train, val, test, layer, target_frr=target_frr, seed=seed, progress=progress,
                            model_hint=hint, rows=rows, **fit_kw)
-    else:  # "mean"
-        from . import pooled
-
-        probe, report = pooled.fit(train, val, test, layer, "mean", target_frr=target_frr, seed=seed, **fit_kw)
+    else:
+        probe, report = pooled.fit(train, val, test, layer, pooling, target_frr=target_frr, seed=seed, **fit_kw)
         casa = probe.to_casa(layer, model_hint=hint, rows=rows)
     report["fit_on"], report["rows"], report["frr_on"] = list(fit_on), rows, frr_on and sorted(frr_on)
     report["test_by_source"], report["test_by_modality"] = {}, {}

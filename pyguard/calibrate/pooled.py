@@ -4,8 +4,9 @@ the prompt, the last token, or both side by side) and scored by logistic regress
 standardized vectors (scikit-learn; ``C`` the inverse regularization strength), with the
 threshold chosen on validation benign prompts as ``casa.fit`` chooses it.
 
-A mean-pooled probe is CASA's formula with ``Wk = 0`` (every softmax weight equal), so it
-exports to a :class:`pyguard.methods.CASA` file that the fused ``casa_score`` path runs as is.
+Each is CASA's formula with ``Wk = 0`` (every softmax weight equal; the mean) and the last row's
+weights ``w_last``, so it exports to a :class:`pyguard.methods.CASA` file that the fused
+``casa_score`` path runs as is.
 """
 from __future__ import annotations
 
@@ -46,16 +47,21 @@ class Probe:
         return 1.0 / (1.0 + np.exp(-np.clip(X @ self.coef + self.intercept, -60, 60)))
 
     def to_casa(self, layer: int, **casa_kw):
-        """The same score as a CASA file (mean pooling only): Wk = 0, standardization folded into w and b."""
+        """The same score as a CASA file: Wk = 0 (the mean) with the mean's weights in w and the
+        last row's in w_last, the standardization folded into them and b."""
         from ..methods import CASA
 
-        if self.pooling != "mean":
-            raise ValueError(f"only a mean-pooled probe is CASA's formula; this one pools {self.pooling!r}")
-        d = len(self.coef)
-        w = (self.coef / self.sigma).astype(np.float32)
-        b = float(self.intercept - np.sum(self.coef * self.mu / self.sigma))
-        return CASA({"Wk": np.zeros((d, 1), np.float32), "q": np.ones((1, 1), np.float32), "w": w, "b": b},
-                    layer=layer, threshold=self.threshold, **casa_kw)
+        scaled = (self.coef / self.sigma).astype(np.float32)
+        d = len(scaled) // 2 if self.pooling == "mean+last" else len(scaled)
+        params = {"Wk": np.zeros((d, 1), np.float32), "q": np.ones((1, 1), np.float32),
+                  "b": float(self.intercept - np.sum(self.coef * self.mu / self.sigma))}
+        if self.pooling == "mean":
+            params["w"] = scaled
+        elif self.pooling == "last":
+            params["w"], params["w_last"] = np.zeros(d, np.float32), scaled
+        else:
+            params["w"], params["w_last"] = scaled[:d], scaled[d:]
+        return CASA(params, layer=layer, threshold=self.threshold, **casa_kw)
 
 
 def fit(train, val, test, layer: int, pooling: str = "mean", C: float = 0.1, target_frr: float = 0.05,
