@@ -11,7 +11,9 @@ with weight decay WD). ``--skip-prefix`` also runs every
 variant on the positions after the chat template's constant prefix (the rows every prompt
 shares); ``--last-turn`` on the positions of the last user message only (its content onward:
 a chat's earlier turns and the system prompt left out). ``--group informal=pyguard-conversational,pyguard-story`` leaves sources out together,
-as one (a style is then absent from fitting in every source that has it). Hidden states come from the per-prompt cache (``pyguard fit casa --loso``'s); a layer
+as one (a style is then absent from fitting in every source that has it); naming a benign
+category too (``--group multiturn=pyguard-multiturn,multi-turn``) leaves the style out of both
+classes. Hidden states come from the per-prompt cache (``pyguard fit casa --loso``'s); a layer
 not yet cached is computed. Writes variants.json, variants.md (one row per variant: AUROC per
 harmful source left out, the worst, benign flagged) and variants.png (the same as a heat map).
 """
@@ -63,7 +65,8 @@ def main():
     ap.add_argument("--skip-prefix", action="store_true")
     ap.add_argument("--last-turn", action="store_true", help="also pool the last user message's rows only")
     ap.add_argument("--group", action="append", default=[], metavar="NAME=SOURCE,SOURCE",
-                    help="leave these harmful sources out together, as one source NAME (repeatable)")
+                    help="leave these harmful sources and benign categories out together, as one fold NAME "
+                         "(repeatable; a harmful source and a benign category: a style left out of both classes)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/casa_variants"))
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -75,8 +78,9 @@ def main():
         for g in a.group:
             name, _, members = g.partition("=")
             for it in items:
-                if it["label"] == "harmful" and it["source"] in members.split(","):
-                    it["source"] = name
+                field = "source" if it["label"] == "harmful" else "category"
+                if it[field] in members.split(","):
+                    it[field] = name
         prefix = common_prefix(items)
         starts = last_turn_rows(a.model, items) if a.last_turn else None
         for skip in [0] + ([prefix] if a.skip_prefix else []) + (["last-turn"] if a.last_turn else []):

@@ -96,3 +96,28 @@ def test_pooled_probes_run_the_same_folds(pooling):
     rows = {r["fold"]: r for r in res["folds"]}
     assert rows["s3"]["auroc"] < 0.75 < 0.9 < rows["s1"]["auroc"]
     assert res["in_distribution"]["harmful/s3"]["auroc"] > rows["s3"]["auroc"] + 0.1 and res["pooling"] == pooling
+
+
+def test_a_style_both_classes_share_leaves_out_of_both():
+    """A style (dimension 2) in a harmful source and a benign category: left out alone, the fit
+    sees the style only in benign prompts and learns it as benign, so the harmful source scores
+    low; named alike, both are left out, the fit never sees the style, and the harmful items are
+    scored against the benign ones of their style too."""
+    rng = np.random.default_rng(1)
+    items = synthetic(n=60)
+    for k in range(120):
+        label = "harmful" if k % 2 else "benign"
+        h = rng.standard_normal((T, D)).astype(np.float32)
+        h[:, 2] += 3.0
+        if label == "harmful":
+            h[:, 0] += 2.5
+        items.append({"id": f"st{k}", "text": f"styled {k}", "label": label, "source": "style" if label == "harmful"
+                      else "mine", "category": "chat", "states": h, "split": "val" if k % 3 == 0 else "train"})
+    alone = loso.run(items, layer=3, progress=False, only={"style"}, **FIT)["folds"][0]
+    for it in items:
+        if it["category"] == "chat" and it["label"] == "benign":
+            it["category"] = "style"
+    both = {r["label"]: r for r in loso.run(items, layer=3, progress=False, only={"style"}, **FIT)["folds"]}
+    assert set(both) == {"harmful", "benign"} and both["harmful"]["n"] == 60 and both["benign"]["n"] == 60
+    assert alone["detection"] < 0.5 < 0.8 < both["harmful"]["detection"]
+    assert both["harmful"]["auroc"] > alone["auroc"] + 0.05

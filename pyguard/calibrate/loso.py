@@ -5,8 +5,11 @@ overstates what a user sees on new sources. Here each harmful source in turn is 
 module is fitted on the train split of the others (early stopping and threshold on their
 validation split) and scored on every train and validation item of the left-out source, against
 the validation benign prompts. Each benign category is left out the same way: its items' flagged
-rate at the fold's threshold, and its AUROC against the validation harmful prompts. The held-out
-(test) split is never read. ``in_distribution`` gives the reference: one fit on all sources, its
+rate at the fold's threshold, and its AUROC against the validation harmful prompts. A harmful
+source and a benign category with the same name (a style both have, such as multi-turn chats) are
+left out together, and each is scored against the other's items too: the fit then never saw the
+style in either class, where leaving one out alone lets the probe learn the style as the other
+class. The held-out (test) split is never read. ``in_distribution`` gives the reference: one fit on all sources, its
 validation split scored per source.
 """
 from __future__ import annotations
@@ -103,10 +106,12 @@ def run(items: list[dict], layer: int, target_frr: float = 0.05, seed: int = 0, 
                                                            [it for it in val if it["label"] != label], casa, evaluate)
                                    for label, name in names if any(_fold(it) == (label, name) for it in val)})
         else:
-            out = [it for it in items if _fold(it) == fold]
-            unseen = _unlinked(out)
+            left = [it for it in items if _fold(it)[1] == fold[1]]  # a name both labels share: out together
+            out = [it for it in left if it["label"] == fold[0]]
+            unseen = _unlinked(left)
             other = "benign" if fold[0] == "harmful" else "harmful"
-            against = [it for it in val if it["label"] == other and unseen(it)]
+            against = [it for it in left if it["label"] == other] + [it for it in val if it["label"] == other
+                                                                      and unseen(it)]
             if not any(it["label"] == fold[0] and unseen(it) for it in items):
                 raise ValueError(f"leaving out {fold[0]} {fold[1]!r} leaves no {fold[0]} prompts to fit on")
             casa, _ = fit(train(unseen), _pairs(it for it in val if unseen(it)), _pairs(out + against), layer,
