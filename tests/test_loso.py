@@ -121,3 +121,30 @@ def test_a_style_both_classes_share_leaves_out_of_both():
     assert set(both) == {"harmful", "benign"} and both["harmful"]["n"] == 60 and both["benign"]["n"] == 60
     assert alone["detection"] < 0.5 < 0.8 < both["harmful"]["detection"]
     assert both["harmful"]["auroc"] > alone["auroc"] + 0.05
+
+
+def test_a_callers_fit_runs_the_folds_and_keys_its_own_kept_folds(tmp_path):
+    """``fit=`` replaces the fitter: a probe reading dimension 1 only finds s3 in every fold
+    (AUROC near 1 left out) and s1 not at all; its kept folds are kept under its name."""
+    from pyguard.calibrate.casa import evaluate
+
+    class Dim1:
+        threshold = 1.25
+
+        def score(self, states):
+            return np.array([h[:, 1].mean() for h in states])
+
+    def fit(train, val, test, layer, **_):
+        p = Dim1()
+        return p, evaluate(np.array([y for _, y in test]), p.score([h for h, _ in test]), p.threshold)
+
+    items = synthetic(n=30)
+    res = loso.run(items, layer=3, progress=False, only={"s1", "s3"}, pooling="dim1", fit=fit, work=tmp_path)
+    rows = {r["fold"]: r for r in res["folds"]}
+    assert rows["s3"]["auroc"] > 0.95 and rows["s3"]["detection"] > 0.6 and rows["s1"]["auroc"] < 0.7
+    calls = []
+    counted = lambda *a, **k: calls.append(1) or fit(*a, **k)  # noqa: E731
+    again = loso.run(items, layer=3, progress=False, only={"s1", "s3"}, pooling="dim1", fit=counted, work=tmp_path)
+    assert again == res and calls == []  # read back under its name
+    loso.run(items, layer=3, progress=False, only={"s3"}, pooling="other", fit=counted, work=tmp_path)
+    assert len(calls) == 1  # another name: fitted anew

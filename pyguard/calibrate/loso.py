@@ -69,13 +69,14 @@ def _pairs(items):
 
 
 def run(items: list[dict], layer: int, target_frr: float = 0.05, seed: int = 0, progress: bool = True,
-        only=None, work=None, model_key: str = "", pooling: str = "attention", **fit_kw) -> dict:
+        only=None, work=None, model_key: str = "", pooling: str = "attention", fit=None, **fit_kw) -> dict:
     """Leave-one-out folds over ``items``: dicts with ``id``, ``states`` [T, d], ``label``,
     ``source``, ``category`` and ``split`` ("train" or "val"; "test" items are refused). ``only``:
     the fold names to run (default all). ``work``: a folder keeping each finished fold, so a
     stopped run resumes (kept under a hash of the items, ``model_key`` (whose states they are) and
     the settings). ``pooling``: "attention" fits CASA's module (``casa.fit``, keywords
-    ``fit_kw``), "mean", "last" or "mean+last" a pooled probe (``pooled.fit``). Returns
+    ``fit_kw``), "mean", "last" or "mean+last" a pooled probe (``pooled.fit``); ``fit``, a callable
+    with ``casa.fit``'s contract, replaces either (``pooling`` then only names it). Returns
     {"folds": [row per fold], "in_distribution": {fold: row}}; a row holds n, auroc, detection
     (harmful folds) or flagged (benign folds) at the fold's threshold, and the threshold."""
     tqdm = extras.tqdm("calibrate")
@@ -84,15 +85,16 @@ def run(items: list[dict], layer: int, target_frr: float = 0.05, seed: int = 0, 
     from .casa import evaluate
     from .casa import fit as casa_fit
 
-    if pooling == "attention":
+    named = [] if fit is None else [pooling]  # a caller's fit: its name keys the kept folds
+    if fit is None and pooling == "attention":
         fit = casa_fit
-    else:
+    elif fit is None:
         fit, fit_kw = pooled.fit, dict(fit_kw, pooling=pooling)
 
     if any(it["split"] not in ("train", "val") for it in items):
         raise ValueError("leave-one-source-out reads the train and validation splits only; drop the test split")
     names = [f for f in folds(items) if only is None or f[1] in only]
-    done = _Done(work, items, [model_key, layer, target_frr, seed, sorted(fit_kw.items())])
+    done = _Done(work, items, [model_key, layer, target_frr, seed, sorted(fit_kw.items())] + named)
     train = lambda keep: _pairs(it for it in items if it["split"] == "train" and keep(it))  # noqa: E731
     val = [it for it in items if it["split"] == "val"]
     ref, rows = {}, []
