@@ -1,7 +1,7 @@
 """Leave-one-source-out beyond the linear probe the fused ``casa_score`` runs (issue #16, part 3):
 do other estimators or poolings of the same hidden states transfer better to a left-out source?
 Folds as ``pyguard fit casa --loso`` makes them (``loso.run``, train + validation splits only;
-styles both classes share left out of both, as ``casa_variants.py --group``); a kind is
+styles both classes share left out of both with ``--group``, as ``casa_variants.py``); a kind is
 ``pooling/estimator``:
 
 - pooling: ``mean+last`` (what ships), ``content+last`` (the mean over the user's text without
@@ -11,7 +11,9 @@ styles both classes share left out of both, as ``casa_variants.py --group``); a 
   difference of the class means), ``mlp:H`` (three seeds of a one-hidden-layer MLP, H units).
 
     .venv/bin/python benchmarks/casa_probe_kinds.py --kinds mean+last/logistic:1 mean+last/lda \
-        mean+last/diffmeans mean+last/mlp:64 content+last/logistic:1 content+last+max/logistic:1
+        mean+last/diffmeans mean+last/mlp:64 content+last/logistic:1 content+last+max/logistic:1 \
+        --group multiturn=pyguard-multiturn,multi-turn --group casual=pyguard-casual,casual \
+        --group question=pyguard-question,questions --group plain=pyguard-plain,plain
 
 Reads the per-prompt states cache (layer 12, the last user turn); writes kinds.md and kinds.json.
 """
@@ -24,19 +26,20 @@ from pathlib import Path
 import numpy as np
 
 from pyguard import models
-from pyguard.calibrate import loso
+from pyguard.calibrate import loso, pooled
 from pyguard.calibrate.casa import choose_threshold, evaluate
 
 TAIL = 5  # rows of Qwen's "<|im_end|>\n<|im_start|>assistant\n" after the user's text
-STYLES = {"multiturn": ("pyguard-multiturn", "multi-turn"), "casual": ("pyguard-casual", "casual"),
-          "question": ("pyguard-question", "questions")}
 
 
 def pool(H: np.ndarray, how: str) -> np.ndarray:
-    """[T, d] -> the pooled vector ``how`` names."""
+    """[T, d] -> the pooled vector ``how`` names: the shipped poolings as ``pooled.pool`` makes
+    them, ``content`` (the mean over the user's text) and ``max`` (its elementwise max) here."""
+    if how in pooled.POOLINGS:
+        return pooled.pool(H, how)
     text = H[:-TAIL] if len(H) > TAIL else H
-    parts = {"mean": H.mean(0), "last": H[-1], "content": text.mean(0), "max": text.max(0)}
-    return np.concatenate([parts[p] for p in how.split("+")])
+    parts = {"content": lambda: text.mean(0), "max": lambda: text.max(0)}
+    return np.concatenate([parts[p]() if p in parts else pooled.pool(H, p) for p in how.split("+")])
 
 
 def estimator(spec: str):
@@ -91,13 +94,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=models.DEFAULT_MODEL)
     ap.add_argument("--kinds", nargs="+", default=["mean+last/logistic:1"])
+    ap.add_argument("--group", action="append", default=[], metavar="NAME=SOURCE,SOURCE",
+                    help="leave these harmful sources and benign categories out together (as casa_variants.py)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/casa_probe_kinds"))
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     items, _ = loso.fitting_items(a.model, 12, rows="last-turn")
-    for it in items:
-        field = loso.FOLD_FIELDS[it["label"]]
-        it[field] = next((k for k, v in STYLES.items() if it.get(field) in v), it.get(field))
+    loso.regroup(items, a.group)
     done = {k: loso.run(items, 12, pooling=k, fit=fitter(k), progress=False)["folds"] for k in a.kinds}
     (a.out / "kinds.json").write_text(json.dumps(done, indent=1))
     sources = sorted({r["fold"] for f in done.values() for r in f if r["label"] == "harmful"})

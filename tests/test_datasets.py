@@ -221,7 +221,7 @@ def test_hand_written_sets_load_with_their_sources_and_categories(advbench):
     assert min(collections.Counter(it["source"] for it in styles).values()) >= 60
     assert {it["category"] for it in styles} >= {"fraud", "cyber", "harassment", "self-harm", "privacy", "weapons"}
     cats = collections.Counter(it["category"] for it in risky)
-    assert len(cats) == 17 and min(cats.values()) >= 25 and {it["source"] for it in risky} == {"pyguard-benign-risky"}
+    assert len(cats) == 18 and min(cats.values()) >= 25 and {it["source"] for it in risky} == {"pyguard-benign-risky"}
     for items, prefix in ((styles, "styles"), (risky, "benign-risky")):
         assert [it["id"] for it in items] == [f"{prefix}-{i:04d}" for i in range(1, len(items) + 1)]
     everything = D.benign() + risky + styles

@@ -35,6 +35,22 @@ def _fold(it: dict) -> tuple[str, str]:
     return it["label"], it.get(FOLD_FIELDS[it["label"]]) or "?"
 
 
+def regroup(items: list[dict], groups: list[str]) -> list[dict]:
+    """Rename folds in place: each ``NAME=A,B`` makes the harmful sources and benign categories A
+    and B one fold NAME (a harmful source and a benign category named alike: a style left out of
+    both classes). Returns ``items``."""
+    rename = {}
+    for g in groups:
+        name, eq, members = g.partition("=")
+        if not eq or not name or not members.strip(","):
+            raise ValueError(f"a group is NAME=SOURCE[,SOURCE...], not {g!r}")
+        rename.update({m: name for m in members.split(",") if m})
+    for it in items:
+        field = FOLD_FIELDS[it["label"]]
+        it[field] = rename.get(it.get(field), it.get(field))
+    return items
+
+
 def fitting_items(model: str, layer: int, harmful=None, benign=None, cache=None, jailbreaks: int | None = None,
                   seed: int = 0, progress: bool = True, also=(), rows: str = "prompt") -> tuple[list[dict], str]:
     """The train and validation items of CASA's fitting split (``casa.prompt_sets``, split as
