@@ -33,13 +33,11 @@ TAIL = 5  # rows of Qwen's "<|im_end|>\n<|im_start|>assistant\n" after the user'
 
 
 def pool(H: np.ndarray, how: str) -> np.ndarray:
-    """[T, d] -> the pooled vector ``how`` names: the shipped poolings as ``pooled.pool`` makes
-    them, ``content`` (the mean over the user's text) and ``max`` (its elementwise max) here."""
-    if how in pooled.POOLINGS:
-        return pooled.pool(H, how)
+    """[T, d] -> the pooled vector ``how`` names: ``content`` (the mean over the user's text) and
+    ``max`` (its elementwise max) here, ``mean`` and ``last`` as ``pooled.pool`` makes them."""
     text = H[:-TAIL] if len(H) > TAIL else H
-    parts = {"content": lambda: text.mean(0), "max": lambda: text.max(0)}
-    return np.concatenate([parts[p]() if p in parts else pooled.pool(H, p) for p in how.split("+")])
+    own = {"content": text.mean, "max": text.max}
+    return np.concatenate([own[p](0) if p in own else pooled.pool(H, p) for p in how.split("+")])
 
 
 def estimator(spec: str):
@@ -94,7 +92,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=models.DEFAULT_MODEL)
     ap.add_argument("--kinds", nargs="+", default=["mean+last/logistic:1"])
-    ap.add_argument("--group", action="append", default=[], metavar="NAME=SOURCE,SOURCE",
+    ap.add_argument("--group", action="append", default=[], type=loso.group, metavar="NAME=SOURCE,SOURCE",
                     help="leave these harmful sources and benign categories out together (as casa_variants.py)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/casa_probe_kinds"))
     a = ap.parse_args()

@@ -64,7 +64,7 @@ def main():
     ap.add_argument("--variants", nargs="+", default=["mean:0.1"])
     ap.add_argument("--skip-prefix", action="store_true")
     ap.add_argument("--last-turn", action="store_true", help="also pool the last user message's rows only")
-    ap.add_argument("--group", action="append", default=[], metavar="NAME=SOURCE,SOURCE",
+    ap.add_argument("--group", action="append", default=[], type=loso.group, metavar="NAME=SOURCE,SOURCE",
                     help="leave these harmful sources and benign categories out together, as one fold NAME "
                          "(repeatable; a harmful source and a benign category: a style left out of both classes)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/casa_variants"))

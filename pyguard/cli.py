@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .calibrate.loso import group
 from .datasets import BUILTIN, FIT_JAILBREAKS
 from .models import DEFAULT_MODEL
 
@@ -135,10 +136,7 @@ def _loso(a) -> int:
         raise UsageError("--loso validates on text prompts: drop --graft / --mmproj")
     items, key = loso.fitting_items(a.model, a.layer, a.harmful, a.benign, a.cache, a.jailbreaks, a.seed,
                                     rows=a.rows)
-    try:
-        loso.regroup(items, a.group)
-    except ValueError as e:
-        raise UsageError(f"--group: {e}") from None
+    loso.regroup(items, a.group)
     from . import models
 
     res = loso.run(items, a.layer, 0.05 if a.target_frr is None else a.target_frr, a.seed,
@@ -347,7 +345,7 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--benign", type=Path, nargs="+", help="JSONL files of benign prompts (default: the shipped benign set)")
     f.add_argument("--loso", action="store_true", help="casa: leave-one-source-out validation instead of a fit; "
                    "--out is the report folder (loso.json, loso.md, loso.png)")
-    f.add_argument("--group", action="append", default=[], metavar="NAME=SOURCE[,SOURCE]",
+    f.add_argument("--group", action="append", default=[], type=group, metavar="NAME=SOURCE[,SOURCE]",
                    help="casa --loso: leave these harmful sources and benign categories out together as one fold "
                         "NAME (repeatable; name a style's harmful source and benign category: left out of both)")
     f.add_argument("--pooling", choices=["attention", "mean", "last", "mean+last"], default="attention",

@@ -58,7 +58,8 @@ def test_chat_demo_runs_guarded_beside_unguarded():
 
 @pytest.mark.parametrize("args", [("fit",), ("fit", "casa"), ("fit", "casa", "--layer", "x", "--out", "o"),
                                   ("calibrate", "cmrm"), ("calibrate", "tga", "--model", "m", "--out", "o"),
-                                  ("calibrate", "cmrm", "--model", "m", "--out", "o", "--counterpart", "grey")])
+                                  ("calibrate", "cmrm", "--model", "m", "--out", "o", "--counterpart", "grey"),
+                                  ("fit", "casa", "--layer", "12", "--loso", "--group", "terse", "--out", "o")])
 def test_calibration_usage_errors_exit_2(args):
     r = pyguard(*args)
     assert r.returncode == 2 and "usage:" in r.stderr

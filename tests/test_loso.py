@@ -114,7 +114,7 @@ def test_a_style_both_classes_share_leaves_out_of_both():
         items.append({"id": f"st{k}", "text": f"styled {k}", "label": label, "source": "style" if label == "harmful"
                       else "mine", "category": "chat", "states": h, "split": "val" if k % 3 == 0 else "train"})
     alone = loso.run(items, layer=3, progress=False, only={"style"}, **FIT)["folds"][0]
-    loso.regroup(items, ["style=chat"])
+    loso.regroup(items, [loso.group("style=chat")])
     both = {r["label"]: r for r in loso.run(items, layer=3, progress=False, only={"style"}, **FIT)["folds"]}
     assert set(both) == {"harmful", "benign"} and both["harmful"]["n"] == 60 and both["benign"]["n"] == 60
     assert alone["detection"] < 0.5 < 0.8 < both["harmful"]["detection"]
@@ -122,12 +122,12 @@ def test_a_style_both_classes_share_leaves_out_of_both():
 
 
 def test_regroup_joins_sources_and_categories_into_one_fold_and_refuses_a_bad_spec():
-    items = loso.regroup(synthetic(n=5), ["ab=a,b", "s=s1,s2"])
+    items = loso.regroup(synthetic(n=5), [loso.group("ab=a,b"), loso.group("s=s1,s2")])
     assert loso.folds(items) == [("harmful", "s"), ("harmful", "s3"), ("benign", "ab")]
     assert sum(it["source"] == "s" for it in items) == 10  # the sources' items, not the benign 'mine'
-    for bad in ["nogroup", "=a,b", "name="]:
+    for bad in ["nogroup", "=a,b", "name=", "name=,"]:
         with pytest.raises(ValueError, match="NAME=SOURCE"):
-            loso.regroup(synthetic(n=5), [bad])
+            loso.group(bad)
 
 
 def test_a_callers_fit_runs_the_folds_and_keys_its_own_kept_folds(tmp_path):

@@ -35,16 +35,21 @@ def _fold(it: dict) -> tuple[str, str]:
     return it["label"], it.get(FOLD_FIELDS[it["label"]]) or "?"
 
 
-def regroup(items: list[dict], groups: list[str]) -> list[dict]:
-    """Rename folds in place: each ``NAME=A,B`` makes the harmful sources and benign categories A
-    and B one fold NAME (a harmful source and a benign category named alike: a style left out of
-    both classes). Returns ``items``."""
-    rename = {}
-    for g in groups:
-        name, eq, members = g.partition("=")
-        if not eq or not name or not members.strip(","):
-            raise ValueError(f"a group is NAME=SOURCE[,SOURCE...], not {g!r}")
-        rename.update({m: name for m in members.split(",") if m})
+def group(spec: str) -> tuple[str, list[str]]:
+    """``NAME=A,B`` -> (NAME, [A, B]): harmful sources and benign categories to leave out together
+    as one fold NAME (an argparse ``type``: a bad spec is refused before any work)."""
+    name, eq, members = spec.partition("=")
+    parts = [m for m in members.split(",") if m]
+    if not eq or not name or not parts:
+        raise ValueError(f"a group is NAME=SOURCE[,SOURCE...], not {spec!r}")
+    return name, parts
+
+
+def regroup(items: list[dict], groups: list[tuple[str, list[str]]]) -> list[dict]:
+    """Rename folds in place: each (NAME, [A, B]) of :func:`group` makes the harmful sources and
+    benign categories A and B one fold NAME (a harmful source and a benign category named alike: a
+    style left out of both classes). Returns ``items``."""
+    rename = {m: name for name, parts in groups for m in parts}
     for it in items:
         field = FOLD_FIELDS[it["label"]]
         it[field] = rename.get(it.get(field), it.get(field))
