@@ -137,7 +137,7 @@ void cmrm_shift_(const py::object& h_o, const py::object& v_o, double alpha, int
 
 py::array_t<float> casa_score(const py::object& H_o, const py::object& cu_o, const py::object& Wk_o,
                               const py::object& q_o, const py::object& w_o, double b,
-                              const py::object& w_last_o) {
+                              const py::object& w_last_o, const py::object& w_max_o) {
   py::array H = check<float>(H_o, "H", 2);
   const py::ssize_t T = H.shape(0), d = H.shape(1);
   py::array cu = check<int64_t>(cu_o, "cu_seqlens", 1);
@@ -159,10 +159,14 @@ py::array_t<float> casa_score(const py::object& H_o, const py::object& cu_o, con
   check_finite(static_cast<const float*>(Wk.data()), d * r, "Wk");
   check_finite(static_cast<const float*>(q.data()), heads * r, "q");
   check_finite(static_cast<const float*>(w.data()), d, "w");
-  py::array w_last;  // empty unless given
+  py::array w_last, w_max;  // empty unless given
   if (!w_last_o.is_none()) {
     w_last = check<float>(w_last_o, "w_last", 1, d);
     check_finite(static_cast<const float*>(w_last.data()), d, "w_last");
+  }
+  if (!w_max_o.is_none()) {
+    w_max = check<float>(w_max_o, "w_max", 1, d);
+    check_finite(static_cast<const float*>(w_max.data()), d, "w_max");
   }
   py::array_t<float> s(B);
   std::fill(s.mutable_data(), s.mutable_data() + B, std::numeric_limits<float>::quiet_NaN());
@@ -171,11 +175,12 @@ py::array_t<float> casa_score(const py::object& H_o, const py::object& cu_o, con
   const float* qp = static_cast<const float*>(q.data());
   const float* wp = static_cast<const float*>(w.data());
   const float* wlp = w_last_o.is_none() ? nullptr : static_cast<const float*>(w_last.data());
+  const float* wmp = w_max_o.is_none() ? nullptr : static_cast<const float*>(w_max.data());
   float* sp = s.mutable_data();
   pyguard::active_isa();
   {
     py::gil_scoped_release nogil;
-    pyguard::casa_score(Hp, T, d, c, B, Wkp, r, qp, heads, wp, wlp, static_cast<float>(b), sp);
+    pyguard::casa_score(Hp, T, d, c, B, Wkp, r, qp, heads, wp, wlp, wmp, static_cast<float>(b), sp);
   }
   return s;
 }
@@ -192,9 +197,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("layer") = -1, py::arg("row_mask") = py::none(),
         "In place h[n] -= alpha * v on masked rows. h: float32 [N, d]; v: [d] or [L, d] with layer.");
   m.def("casa_score", &casa_score, py::arg("H"), py::arg("cu_seqlens"), py::arg("Wk"), py::arg("q"),
-        py::arg("w"), py::arg("b"), py::arg("w_last") = py::none(),
+        py::arg("w"), py::arg("b"), py::arg("w_last") = py::none(), py::arg("w_max") = py::none(),
         "CASA score. H: float32 [T, d]; cu_seqlens: int64 [B + 1]; Wk: [d, r]; q: [heads, r]; "
-        "w: [d]; w_last: [d] or None (weights of each sequence's last row). Returns float32 [B].");
+        "w: [d]; w_last: [d] or None (weights of each sequence's last row); w_max: [d] or None "
+        "(weights of its rows' maximum per dimension). Returns float32 [B].");
   m.def("isa", [] { return std::string(pyguard::isa_name(pyguard::active_isa())); },
         "The instruction set the kernels use now.");
   m.def("set_isa", [](const std::string& s) { pyguard::set_isa(parse_isa(s)); }, py::arg("isa"),

@@ -67,8 +67,8 @@ void cmrm_shift(float* h, int64_t N, int64_t d, const float* v, float alpha, con
 
 void casa_score(const float* H, int64_t T, int64_t d, const int64_t* cu, int64_t B,
                 const float* Wk, int64_t r, const float* q, int64_t heads, const float* w,
-                const float* w_last, float b, float* s) {
-  PYGUARD_DISPATCH(casa_score, H, T, d, cu, B, Wk, r, q, heads, w, w_last, b, s);
+                const float* w_last, const float* w_max, float b, float* s) {
+  PYGUARD_DISPATCH(casa_score, H, T, d, cu, B, Wk, r, q, heads, w, w_last, w_max, b, s);
 }
 
 }  // namespace pyguard

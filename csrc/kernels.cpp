@@ -333,7 +333,7 @@ void casa_merge(CasaPartial& p, const CasaPartial& q) {
 
 void casa_score(const float* H, int64_t T, int64_t d, const int64_t* cu, int64_t B,
                 const float* Wk, int64_t r, const float* q, int64_t heads, const float* w,
-                const float* w_last, float b, float* s) {
+                const float* w_last, const float* w_max, float b, float* s) {
   (void)T;
   const int64_t cols = heads + 1;
   // G [cols, d]: row h < heads is Wk q_h / sqrt(r), row heads is w.
@@ -364,6 +364,7 @@ void casa_score(const float* H, int64_t T, int64_t d, const int64_t* cu, int64_t
     const int64_t t0 = cu[seq] + (t - first[seq]) * kTokChunk;
     casa_tokens(H, t0, std::min(t0 + kTokChunk, cu[seq + 1]), d, G.data(), cols, parts[t]);
   }
+  std::vector<float> mx(w_max != nullptr ? static_cast<size_t>(d) : 0);
   for (int64_t i = 0; i < B; ++i) {
     CasaPartial& p = parts[first[i]];
     for (int64_t t = first[i] + 1; t < first[i + 1]; ++t) casa_merge(p, parts[t]);
@@ -373,6 +374,16 @@ void casa_score(const float* H, int64_t T, int64_t d, const int64_t* cu, int64_t
     if (w_last != nullptr) {  // the last row is the sequence's: its non-finite values are in p.bad
       float u = 0;
       kDots[1](H + (cu[i + 1] - 1) * d, w_last, d, &u, unused, false);
+      logit += u;
+    }
+    if (w_max != nullptr) {  // the rows' maximum per dimension (NaN rows are in p.bad already)
+      mx.assign(H + cu[i] * d, H + (cu[i] + 1) * d);
+      for (int64_t t = cu[i] + 1; t < cu[i + 1]; ++t) {
+        const float* row = H + t * d;
+        for (int64_t k = 0; k < d; ++k) mx[k] = std::max(mx[k], row[k]);
+      }
+      float u = 0;
+      kDots[1](mx.data(), w_max, d, &u, unused, false);
       logit += u;
     }
     s[i] = static_cast<float>(1.0 / (1.0 + std::exp(-logit))) + p.bad;

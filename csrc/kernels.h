@@ -22,10 +22,11 @@ namespace pyguard {
                   const uint8_t* mask);                                                            \
   /* Safety-attention score per sequence. H [T, d]; cu [B + 1] (cu[0] = 0, strictly increasing, \
      cu[B] = T); Wk [d, r]; q [heads, r]; w [d]; w_last [d] (weights of each sequence's last    \
-     row) or nullptr. s [B]; NaN for a sequence with non-finite H. */                            \
+     row) or nullptr; w_max [d] (weights of its rows' maximum per dimension) or nullptr. s [B];   \
+     NaN for a sequence with non-finite H. */                                                    \
   void casa_score(const float* H, int64_t T, int64_t d, const int64_t* cu, int64_t B,              \
                   const float* Wk, int64_t r, const float* q, int64_t heads, const float* w,       \
-                  const float* w_last, float b, float* s);
+                  const float* w_last, const float* w_max, float b, float* s);
 
 namespace generic { PYGUARD_KERNEL_DECLS }
 namespace avx2 { PYGUARD_KERNEL_DECLS }

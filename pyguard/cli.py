@@ -149,7 +149,7 @@ def _loso(a) -> int:
 
 def _pooled_kw(a) -> dict:
     if a.C is not None and a.pooling == "attention":
-        raise UsageError("--C regularizes a pooled probe: give --pooling mean, last or mean+last")
+        raise UsageError("--C regularizes a pooled probe: give --pooling mean, last, mean+last or mean+last+max")
     return {} if a.pooling == "attention" else {"C": 0.1 if a.C is None else a.C}
 
 
@@ -348,9 +348,11 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--group", action="append", default=[], type=group, metavar="NAME=SOURCE[,SOURCE]",
                    help="casa --loso: leave these harmful sources and benign categories out together as one fold "
                         "NAME (repeatable; name a style's harmful source and benign category: left out of both)")
-    f.add_argument("--pooling", choices=["attention", "mean", "last", "mean+last"], default="attention",
-                   help="casa: CASA's attention module, or a probe on the mean over the rows, the last row, or "
-                        "both side by side (saved as CASA with Wk = 0 and w_last)")
+    f.add_argument("--pooling", choices=["attention", "mean", "last", "mean+last", "mean+last+max"],
+                   default="attention",
+                   help="casa: CASA's attention module, or a probe on the mean over the rows, the last row, "
+                        "both side by side, or those and the rows' maximum per dimension (saved as CASA with "
+                        "Wk = 0, w_last and w_max)")
     f.add_argument("--C", type=float, help="casa, pooled: inverse L2 strength of the logistic regression (0.1)")
     f.add_argument("--rows", choices=["prompt", "last-turn"], default="prompt",
                    help="casa: the prompt rows CASA reads: all, or the last user message's (from its content on; "

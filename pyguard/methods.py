@@ -436,7 +436,7 @@ class CMRM(_ValueEq):
 
 # ----------------------------------------------------------------------------- CASA
 _CASA_TENSORS = {"Wk": 2, "q": 2, "w": 1}
-_CASA_OPTIONAL = "w_last"  # [d], present for a mean+last probe
+_CASA_OPTIONAL = ("w_last", "w_max")  # [d] each: a probe's last-row and row-maximum weights
 CASA_ROWS = ("prompt", "last-turn")
 _CASA_META = {"layer": int, "threshold": float, "on_unsafe": str, "refusal_text": str, "model_hint": str}
 
@@ -444,11 +444,11 @@ _CASA_META = {"layer": int, "threshold": float, "on_unsafe": str, "refusal_text"
 @dataclass(frozen=True, eq=False)
 class CASA(_ValueEq):
     """Safety attention on the prompt's hidden states H [T, d] at decoder layer ``layer``:
-    ``s = sigmoid(w . mean_h sum_t softmax_t(H_t Wk q_h / sqrt(r)) H_t + w_last . H_{T-1} + b)``;
-    unsafe if ``s > threshold``.
+    ``s = sigmoid(w . mean_h sum_t softmax_t(H_t Wk q_h / sqrt(r)) H_t + w_last . H_{T-1}
+    + w_max . max_t H_t + b)``; unsafe if ``s > threshold``.
 
-    params: {"Wk": [d, r], "q": [heads, r], "w": [d], "b": float} and optionally "w_last": [d]
-    (a mean+last probe), the arguments of :func:`pyguard.ops.casa_score` (stored as float32; b
+    params: {"Wk": [d, r], "q": [heads, r], "w": [d], "b": float} and optionally "w_last" and
+    "w_max": [d] (a mean+last or mean+last+max probe), the arguments of :func:`pyguard.ops.casa_score` (stored as float32; b
     rounded to float32); on_unsafe:
     ``"refuse"`` (answer ``refusal_text``) or ``"prefix"`` (force ``refusal_text`` as the start of
     the answer and let the model continue); rows: the prompt rows H holds, ``"prompt"`` (all) or
@@ -470,9 +470,10 @@ class CASA(_ValueEq):
     def __post_init__(self):
         p = self.params
         needed = {*_CASA_TENSORS, "b"}
-        if not isinstance(p, dict) or not needed <= set(p) <= {*needed, _CASA_OPTIONAL}:
+        if not isinstance(p, dict) or not needed <= set(p) <= {*needed, *_CASA_OPTIONAL}:
             got = sorted(p) if isinstance(p, dict) else type(p).__name__
-            raise ValueError(f"params must be a dict with keys ['Wk', 'b', 'q', 'w'] (and optionally 'w_last'), got {got}")
+            raise ValueError(f"params must be a dict with keys ['Wk', 'b', 'q', 'w'] (and optionally 'w_last', "
+                             f"'w_max'), got {got}")
         arrays = {k: _matrix(f"params[{k!r}]", p[k], ndim) for k, ndim in _CASA_TENSORS.items()}
         b = p["b"].item() if isinstance(p["b"], np.ndarray) and p["b"].size == 1 else p["b"]
         (d, r), (heads, rq), (dw,) = arrays["Wk"].shape, arrays["q"].shape, arrays["w"].shape
@@ -480,10 +481,11 @@ class CASA(_ValueEq):
             raise ValueError(
                 f"params shapes do not fit: Wk [d, r] = {[d, r]}, q [heads, r] = {[heads, rq]}, w [d] = {[dw]}"
             )
-        if _CASA_OPTIONAL in p:
-            arrays[_CASA_OPTIONAL] = _matrix(f"params[{_CASA_OPTIONAL!r}]", p[_CASA_OPTIONAL], 1)
-            if arrays[_CASA_OPTIONAL].shape != (d,):
-                raise ValueError(f"params shapes do not fit: w_last {list(arrays[_CASA_OPTIONAL].shape)}, Wk's d = {d}")
+        for k in _CASA_OPTIONAL:
+            if k in p:
+                arrays[k] = _matrix(f"params[{k!r}]", p[k], 1)
+                if arrays[k].shape != (d,):
+                    raise ValueError(f"params shapes do not fit: {k} {list(arrays[k].shape)}, Wk's d = {d}")
         arrays["b"] = float(np.float32(_finite("params['b']", b)))
         object.__setattr__(self, "params", arrays)
         object.__setattr__(self, "layer", _int("layer", self.layer, 0))
@@ -530,14 +532,13 @@ class CASA(_ValueEq):
                 H = np.concatenate(H)
         elif cu_seqlens is None:
             raise ValueError("cu_seqlens is required for packed H")
-        Wk, q, w = (self.params[k] for k in _CASA_TENSORS)
-        w_last = self.params.get(_CASA_OPTIONAL)
+        arrays = [self.params.get(k) for k in (*_CASA_TENSORS, *_CASA_OPTIONAL)]  # Wk, q, w, w_last, w_max
         if is_torch(H):
             import torch
 
-            Wk, q, w = (torch.tensor(x, device=H.device) for x in (Wk, q, w))
-            w_last = None if w_last is None else torch.tensor(w_last, device=H.device)
-        return ops.casa_score(H, cu_seqlens, Wk, q, w, self.params["b"], w_last, backend=backend)
+            arrays = [None if x is None else torch.tensor(x, device=H.device) for x in arrays]
+        Wk, q, w, w_last, w_max = arrays
+        return ops.casa_score(H, cu_seqlens, Wk, q, w, self.params["b"], w_last, w_max, backend=backend)
 
     def decide(self, scores):
         """Unsafe flags (bool, numpy or torch like scores): score > threshold. A NaN score (from
@@ -555,10 +556,10 @@ class CASA(_ValueEq):
                                    source=os.fspath(path), **overrides)
 
     def save(self, path):
-        """Write ``.safetensors`` (tensors Wk, q, w, b [1], and w_last when set; string metadata)
+        """Write ``.safetensors`` (tensors Wk, q, w, b [1], and w_last, w_max when set; string metadata)
         or ``.npz`` (the same, the metadata as JSON in ``__metadata__``; needs numpy only)."""
         ext = _extension(path, (".safetensors", ".npz"), "CASA")
-        tensors = {k: self.params[k] for k in (*_CASA_TENSORS, _CASA_OPTIONAL) if k in self.params}
+        tensors = {k: self.params[k] for k in (*_CASA_TENSORS, *_CASA_OPTIONAL) if k in self.params}
         tensors["b"] = np.array([self.params["b"]], dtype=np.float32)
         meta = {k: str(getattr(self, k)) for k in _CASA_META}
         meta["n_embd"] = str(self.n_embd)
@@ -571,8 +572,7 @@ class CASA(_ValueEq):
     @classmethod
     def _from_parts(cls, tensors: dict, meta: dict) -> "CASA":
         params = {k: _tensor(tensors, k, ndim) for k, ndim in _CASA_TENSORS.items()}
-        if _CASA_OPTIONAL in tensors:
-            params[_CASA_OPTIONAL] = _tensor(tensors, _CASA_OPTIONAL, 1)
+        params.update({k: _tensor(tensors, k, 1) for k in _CASA_OPTIONAL if k in tensors})
         b = _tensor(tensors, "b", 1)
         if b.size != 1:
             raise ValueError(f"tensor 'b' must hold 1 value, got shape {b.shape}")

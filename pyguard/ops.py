@@ -270,12 +270,13 @@ def _cmrm_shift_(h, v, alpha: float, row_mask=None, backend="auto"):
     return h
 
 
-def casa_score(H, cu_seqlens, Wk, q, w, b, w_last=None, backend="auto"):
+def casa_score(H, cu_seqlens, Wk, q, w, b, w_last=None, w_max=None, backend="auto"):
     """CASA safety-attention score for B packed sequences.
 
     H: float32 [T, d] hidden states; cu_seqlens: int [B + 1] (0, strictly increasing, ends at T);
     Wk: [d, r]; q: [heads, r]; w: [d]; b: float; w_last: [d] or None, weights of each sequence's
-    last row added to the logit (a mean+last probe). Returns float32 [B] in (0, 1).
+    last row added to the logit (a mean+last probe); w_max: [d] or None, weights of its rows'
+    maximum per dimension. Returns float32 [B] in (0, 1).
     """
     _array(H, "H", 2, ("float32",))
     T, d = H.shape
@@ -294,9 +295,10 @@ def casa_score(H, cu_seqlens, Wk, q, w, b, w_last=None, backend="auto"):
     _array(q, "q", 2, ("float32",), (None, r))
     _array(w, "w", 1, ("float32",), (d,))
     named = [("Wk", Wk), ("q", q), ("w", w)]
-    if w_last is not None:
-        _array(w_last, "w_last", 1, ("float32",), (d,))
-        named.append(("w_last", w_last))
+    for name, x in (("w_last", w_last), ("w_max", w_max)):
+        if x is not None:
+            _array(x, name, 1, ("float32",), (d,))
+            named.append((name, x))
     for name, x in named:
         _same_place(x, H, name, "H")
         if not np.isfinite(_values(x)).all():
@@ -307,11 +309,11 @@ def casa_score(H, cu_seqlens, Wk, q, w, b, w_last=None, backend="auto"):
         raise ValueError(f"Wk {_shape(Wk)} and q {_shape(q)} need r >= 1 and heads >= 1")
     which = _pick(backend, H)
     if which == "cpp":
-        wl = None if w_last is None else _host(w_last)
-        return _like(native().casa_score(_host(H), cu, _host(Wk), _host(q), _host(w), float(b), wl), H)
+        wl, wm = (None if x is None else _host(x) for x in (w_last, w_max))
+        return _like(native().casa_score(_host(H), cu, _host(Wk), _host(q), _host(w), float(b), wl, wm), H)
     if which == "triton":
         Ht, Wkt, qt, wt = (_torch(x) for x in (H, Wk, q, w))
-        wl = None if w_last is None else _torch(w_last)
-        s = triton_kernels().casa_score(Ht, _torch(cu).to(Ht.device), Wkt, qt, wt, float(b), wl)
+        wl, wm = (None if x is None else _torch(x) for x in (w_last, w_max))
+        s = triton_kernels().casa_score(Ht, _torch(cu).to(Ht.device), Wkt, qt, wt, float(b), wl, wm)
         return _like(s, H)
-    return reference.casa_score(H, cu, Wk, q, w, b, w_last)
+    return reference.casa_score(H, cu, Wk, q, w, b, w_last, w_max)

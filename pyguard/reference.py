@@ -81,18 +81,20 @@ def cmrm_shift_(h, v, alpha, row_mask=None):
     return h
 
 
-def casa_score(H, cu_seqlens, Wk, q, w, b, w_last=None):
+def casa_score(H, cu_seqlens, Wk, q, w, b, w_last=None, w_max=None):
     """Safety-attention score per sequence, the literal formula.
 
     H: [T, d] prompt hidden states of B sequences packed by ``cu_seqlens`` ([B + 1]);
-    Wk: [d, r]; q: [heads, r]; w: [d]; b: float; w_last: [d] or None (zeros). For each sequence
-    and head, ``a = softmax_t(H_t Wk . q_h / sqrt(r))``, ``z = mean_h sum_t a_t H_t``,
-    ``s = sigmoid(w . z + w_last . H_last + b)`` with H_last the sequence's last row. Returns
-    float32 [B]; NaN for a sequence with non-finite H.
+    Wk: [d, r]; q: [heads, r]; w: [d]; b: float; w_last, w_max: [d] or None (zeros). For each
+    sequence and head, ``a = softmax_t(H_t Wk . q_h / sqrt(r))``, ``z = mean_h sum_t a_t H_t``,
+    ``s = sigmoid(w . z + w_last . H_last + w_max . max_t H_t + b)`` with H_last the sequence's
+    last row and max_t H_t its rows' maximum per dimension. Returns float32 [B]; NaN for a
+    sequence with non-finite H.
     """
     xp = _xp(H)
     Hd, Wkd, qd, wd = (_cast(x, "float64") for x in (H, Wk, q, w))
     wl = None if w_last is None else _cast(w_last, "float64")
+    wm = None if w_max is None else _cast(w_max, "float64")
     cu = [int(c) for c in cu_seqlens]
     r = Wkd.shape[1]
     scores = []
@@ -109,6 +111,8 @@ def casa_score(H, cu_seqlens, Wk, q, w, b, w_last=None):
         logit = float(xp.sum(wd * z)) + float(b)
         if wl is not None:
             logit += float(xp.sum(wl * x[-1]))
+        if wm is not None:
+            logit += float(xp.sum(wm * xp.amax(x, axis=0)))
         e = math.exp(-abs(logit))  # a sigmoid that never overflows
         scores.append(1.0 / (1.0 + e) if logit >= 0 else e / (1.0 + e))
     if is_torch(H):

@@ -199,7 +199,7 @@ def test_threshold_keeps_the_target_and_takes_the_middle_of_the_gap():
     assert np.mean(overlap[labels == 0] > t) <= 0.05  # the false-refusal target holds on validation
 
 
-@pytest.mark.parametrize("pooling", ["mean", "last", "mean+last"])
+@pytest.mark.parametrize("pooling", ["mean", "last", "mean+last", "mean+last+max"])
 def test_a_pooled_probe_is_casa_with_zero_keys(pooling, tmp_path):
     """pooled.Probe.to_casa: the fused casa_score path (C++ and reference), and the file written
     and read back, give the probe's own scores."""
@@ -217,6 +217,7 @@ def test_a_pooled_probe_is_casa_with_zero_keys(pooling, tmp_path):
     assert report["auroc"] > 0.9
     casa = probe.to_casa(2)
     assert ("w_last" in casa.params) == (pooling != "mean") and not casa.params["Wk"].any()
+    assert ("w_max" in casa.params) == (pooling == "mean+last+max")
     states = [h for h, _ in data]
     for backend in ("cpp", "ref"):
         np.testing.assert_allclose(casa.score(states, backend=backend), probe.score(states), rtol=1e-4, atol=1e-6)

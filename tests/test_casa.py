@@ -33,17 +33,27 @@ def last_weights(rng, d):
     return (rng.standard_normal(d) * 0.5 / np.sqrt(d)).astype(np.float32)
 
 
-@pytest.mark.parametrize("with_last", [False, True], ids=["attention", "with-last"])
+EXTRAS = {"attention": (False, False), "with-last": (True, False), "with-last-max": (True, True)}
+
+
+def extra_weights(rng, d, extra):
+    """(w_last, w_max) for the EXTRAS variant ``extra``: each [d] or None (w_max smaller: the rows'
+    maximum is far from zero in every dimension, and a saturated score would compare nothing)."""
+    last, mx = EXTRAS[extra]
+    return (last_weights(rng, d) if last else None), (last_weights(rng, d) * np.float32(0.2) if mx else None)
+
+
+@pytest.mark.parametrize("extra", EXTRAS)
 @pytest.mark.parametrize("case", range(len(CASES)), ids=lambda i: "B{}-d{}-r{}-h{}".format(len(CASES[i][0]), *CASES[i][1:]))
-def test_matches_reference(impl, rng, case, with_last):
+def test_matches_reference(impl, rng, case, extra):
     lengths, d, r, heads = CASES[case]
     if impl == "triton" and sum(lengths) * d > TRITON_MAX:
         pytest.skip("the Triton interpreter is slow: small shapes only")
     H, cu = packed(rng, lengths, d)
     Wk, q, w, b = params(rng, d, r, heads)
-    w_last = last_weights(rng, d) if with_last else None
-    want = ops.casa_score(H, cu, Wk, q, w, b, w_last, backend="ref")
-    got = ops.casa_score(H, cu, Wk, q, w, b, w_last, backend=impl)
+    w_last, w_max = extra_weights(rng, d, extra)
+    want = ops.casa_score(H, cu, Wk, q, w, b, w_last, w_max, backend="ref")
+    got = ops.casa_score(H, cu, Wk, q, w, b, w_last, w_max, backend=impl)
     assert got.dtype == np.float32 and got.shape == (len(lengths),)
     assert ((want > 1e-3) & (want < 1 - 1e-3)).all()  # not saturated: the comparison means something
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
@@ -83,14 +93,37 @@ def test_last_row_weights_are_the_mean_plus_last_probe(rng):
     assert again[0] != got[0] and (again[1:] == got[1:]).all()
 
 
-@pytest.mark.parametrize("with_last", [False, True], ids=["attention", "with-last"])
-def test_sequence_order_and_packing_independent(impl, rng, with_last):
+def test_max_weights_read_the_rows_maximum(rng):
+    """With Wk = 0, w_last and w_max, the score is a logistic regression on the mean, the last
+    row and the per-dimension maximum over the sequence's rows; raising one entry past every other
+    row's moves only that sequence's score, by w_max at that dimension times the rise."""
+    d = 24
+    H, cu = packed(rng, [6, 1, 11], d)
+    w, w_last, w_max = (last_weights(rng, d) for _ in range(3))
+    Wk, q = np.zeros((d, 1), np.float32), np.ones((1, 1), np.float32)
+    got = ops.casa_score(H, cu, Wk, q, w, 0.3, w_last, w_max, backend="ref")
+    for i in range(3):
+        x = H[cu[i]:cu[i + 1]].astype(np.float64)
+        logit = w @ x.mean(0) + w_last @ x[-1] + w_max @ x.max(0) + 0.3
+        np.testing.assert_allclose(got[i], 1 / (1 + np.exp(-logit)), rtol=1e-6)
+    up = H.copy()
+    up[8, 5] = H[7:18, 5].max() + 4  # a middle row of the third sequence
+    again = ops.casa_score(up, cu, Wk, q, w, 0.3, w_last, w_max, backend="ref")
+    assert (again[:2] == got[:2]).all()
+    x = up[7:18].astype(np.float64)
+    logit = w @ x.mean(0) + w_last @ x[-1] + w_max @ x.max(0) + 0.3
+    np.testing.assert_allclose(again[2], 1 / (1 + np.exp(-logit)), rtol=1e-6)
+    assert again[2] != got[2]
+
+
+@pytest.mark.parametrize("extra", EXTRAS)
+def test_sequence_order_and_packing_independent(impl, rng, extra):
     d, r, heads = 64, 8, 2
     Wk, q, w, b = params(rng, d, r, heads)
-    w_last = last_weights(rng, d) if with_last else None
+    w_last, w_max = extra_weights(rng, d, extra)
     H, cu = packed(rng, [7, 30, 2], d)
-    together = ops.casa_score(H, cu, Wk, q, w, b, w_last, backend=impl)
-    alone = [ops.casa_score(H[cu[i]:cu[i + 1]], np.array([0, cu[i + 1] - cu[i]]), Wk, q, w, b, w_last,
+    together = ops.casa_score(H, cu, Wk, q, w, b, w_last, w_max, backend=impl)
+    alone = [ops.casa_score(H[cu[i]:cu[i + 1]], np.array([0, cu[i + 1] - cu[i]]), Wk, q, w, b, w_last, w_max,
                             backend=impl)[0] for i in range(3)]
     np.testing.assert_allclose(together, alone, rtol=1e-6, atol=1e-7)
 
@@ -107,14 +140,13 @@ def test_saturated_scores_agree(impl, rng):
     assert set(big.tolist()) <= {0.0, 1.0}
 
 
-@pytest.mark.parametrize("with_last", [False, True], ids=["attention", "with-last"])
-def test_non_finite_hidden_states_give_nan(impl, rng, with_last):
+@pytest.mark.parametrize("extra", EXTRAS)
+def test_non_finite_hidden_states_give_nan(impl, rng, extra):
     H, cu = packed(rng, [5, 6, 7, 3], 64)
-    H[2, 10] = np.nan
+    H[2, 10] = np.nan  # a middle row: the maximum over rows would skip it
     H[12, 0] = np.inf
     H[20, 63] = np.nan  # the last row of the fourth sequence, the row w_last reads
-    w_last = last_weights(rng, 64) if with_last else None
-    got = ops.casa_score(H, cu, *params(rng, 64, 8, 2), w_last, backend=impl)
+    got = ops.casa_score(H, cu, *params(rng, 64, 8, 2), *extra_weights(rng, 64, extra), backend=impl)
     assert np.isnan(got[[0, 2, 3]]).all() and np.isfinite(got[1])
 
 
@@ -122,11 +154,11 @@ def test_torch_tensors(rng):
     torch = pytest.importorskip("torch")
     H, cu = packed(rng, [3, 20], 64)
     p = params(rng, 64, 8, 2)
-    w_last = last_weights(rng, 64)
-    want = ops.casa_score(H, cu, *p, w_last, backend="ref")
+    w_last, w_max = last_weights(rng, 64), last_weights(rng, 64)
+    want = ops.casa_score(H, cu, *p, w_last, w_max, backend="ref")
     tp = [torch.from_numpy(x) for x in p[:3]]
     for backend in ("ref", "cpp", "triton"):
         got = ops.casa_score(torch.from_numpy(H), torch.from_numpy(cu), *tp, p[3], torch.from_numpy(w_last),
-                             backend=backend)
+                             torch.from_numpy(w_max), backend=backend)
         assert isinstance(got, torch.Tensor)
         np.testing.assert_allclose(got.numpy(), want, rtol=2e-5, atol=2e-6)

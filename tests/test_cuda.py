@@ -2,7 +2,7 @@
 NaN-poisoned outputs and non-finite inputs (run by scripts/gpu_check.sh; skipped without CUDA)."""
 import numpy as np
 import pytest
-from test_casa import last_weights, packed, params
+from test_casa import EXTRAS, extra_weights, packed, params
 from test_cmrm import expected
 from test_coca import check_calibrated, check_tokens, logits, oracle
 
@@ -90,13 +90,14 @@ def test_cmrm_shift_half_precision(rng, dtype):
 @pytest.mark.parametrize("lengths,d,r,heads", [([1], 896, 64, 4), ([2048, 1500], 896, 64, 8),
                                               ([5, 1, 77, 300, 2, 19, 130, 64, 9], 576, 32, 3),
                                               ([4000], 3584, 64, 4)])
-@pytest.mark.parametrize("with_last", [False, True], ids=["attention", "with-last"])
-def test_casa_score(rng, lengths, d, r, heads, with_last):
+@pytest.mark.parametrize("extra", EXTRAS)
+def test_casa_score(rng, lengths, d, r, heads, extra):
     H, cu = packed(rng, lengths, d)
     Wk, q, w, b = params(rng, d, r, heads)
-    w_last = last_weights(rng, d) if with_last else None
-    want = ops.casa_score(H, cu, Wk, q, w, b, w_last, backend="ref")
-    got = ops.casa_score(cuda(H), cuda(cu), cuda(Wk), cuda(q), cuda(w), b, None if w_last is None else cuda(w_last),
+    w_last, w_max = extra_weights(rng, d, extra)
+    want = ops.casa_score(H, cu, Wk, q, w, b, w_last, w_max, backend="ref")
+    got = ops.casa_score(cuda(H), cuda(cu), cuda(Wk), cuda(q), cuda(w), b, *(None if x is None else cuda(x)
+                                                                            for x in (w_last, w_max)),
                          backend="triton")
     assert got.is_cuda and got.shape == (len(lengths),)
     np.testing.assert_allclose(got.cpu().numpy(), want, rtol=1e-4, atol=1e-5)
@@ -105,6 +106,7 @@ def test_casa_score(rng, lengths, d, r, heads, with_last):
 def test_casa_score_non_finite_states(rng):
     H, cu = packed(rng, [50, 60, 70], 896)
     H[2, 10], H[150, 0] = np.nan, -np.inf
-    got = ops.casa_score(cuda(H), cuda(cu), *(cuda(x) for x in params(rng, 896, 64, 4)[:3]), 0.0,
+    w_max = cuda(extra_weights(rng, 896, "with-last-max")[1])
+    got = ops.casa_score(cuda(H), cuda(cu), *(cuda(x) for x in params(rng, 896, 64, 4)[:3]), 0.0, None, w_max,
                           backend="triton").cpu().numpy()
     assert np.isnan(got[0]) and np.isnan(got[2]) and np.isfinite(got[1])

@@ -407,7 +407,7 @@ def test_cmrm_vectors_for_another_model_are_refused(tmp_path):
 
 
 # -- CASA ------------------------------------------------------------------------------------------
-def casa_params(rng, b, d=576, r=16, heads=2, layer=10, with_last=False, **kw):
+def casa_params(rng, b, d=576, r=16, heads=2, layer=10, with_last=False, with_max=False, **kw):
     from pyguard.methods import CASA
 
     p = {"Wk": (rng.standard_normal((d, r)) / np.sqrt(d)).astype(np.float32),
@@ -415,15 +415,18 @@ def casa_params(rng, b, d=576, r=16, heads=2, layer=10, with_last=False, **kw):
          "w": (rng.standard_normal(d) * 0.2 / np.sqrt(d)).astype(np.float32), "b": b}
     if with_last:
         p["w_last"] = (rng.standard_normal(d) * 0.2 / np.sqrt(d)).astype(np.float32)
+    if with_max:
+        p["w_max"] = (rng.standard_normal(d) * 0.05 / np.sqrt(d)).astype(np.float32)
     return CASA(p, layer=layer, **kw)
 
 
-@pytest.mark.parametrize("coca,with_last", [(False, False), (True, False), (False, True)])
-def test_casa_score_equals_casa_score_on_independently_captured_states(rng, coca, with_last):
+@pytest.mark.parametrize("coca,with_last,with_max", [(False, False, False), (True, False, False), (False, True, False),
+                                                     (False, True, True)])
+def test_casa_score_equals_casa_score_on_independently_captured_states(rng, coca, with_last, with_max):
     from pyguard import ops
     from pyguard.llama import capture
 
-    casa = casa_params(rng, 0.0, threshold=1.0, with_last=with_last)  # never unsafe: the answer runs too
+    casa = casa_params(rng, 0.0, threshold=1.0, with_last=with_last, with_max=with_max)  # never unsafe: answers
     with GuardedLlama(MODEL, n_ctx=512, casa=casa, coca=CoCA(alpha=1.5) if coca else None) as g:
         r = g.create_chat_completion(MSGS, max_tokens=4)
         base = g._request(MSGS, 1, 0.0, 1.0, None, None).base[0]
@@ -437,7 +440,8 @@ def test_casa_score_equals_casa_score_on_independently_captured_states(rng, coca
         H = py.take()
     assert H.shape == (len(base), 576)
     p = casa.params
-    want = ops.casa_score(H, np.array([0, len(H)]), p["Wk"], p["q"], p["w"], 0.0, p.get("w_last"), backend="ref")
+    want = ops.casa_score(H, np.array([0, len(H)]), p["Wk"], p["q"], p["w"], 0.0, p.get("w_last"), p.get("w_max"),
+                          backend="ref")
     assert 0.01 < want[0] < 0.99
     np.testing.assert_allclose(got["score"], want[0], rtol=1e-4)
 

@@ -349,24 +349,28 @@ def test_casa_score_torch(rng):
     got = c.score([torch.from_numpy(h) for h in Hs])
     assert isinstance(got, torch.Tensor)
     np.testing.assert_allclose(got.numpy(), c.score(Hs), rtol=1e-5, atol=1e-6)
-    with_last = CASA({**casa_params(rng), "w_last": rng.standard_normal(16).astype(np.float32)}, layer=0)
-    np.testing.assert_allclose(with_last.score([torch.from_numpy(h) for h in Hs]).numpy(), with_last.score(Hs),
+    extra = CASA({**casa_params(rng), "w_last": rng.standard_normal(16).astype(np.float32),
+                  "w_max": rng.standard_normal(16).astype(np.float32)}, layer=0)
+    np.testing.assert_allclose(extra.score([torch.from_numpy(h) for h in Hs]).numpy(), extra.score(Hs),
                                rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("ext", ["safetensors", "npz"])
-def test_casa_last_row_weights(rng, tmp_path, ext):
-    """w_last is optional: scored with the op, kept through save and load, checked for shape."""
-    p = {**casa_params(rng), "w_last": rng.standard_normal(16).astype(np.float32)}
+@pytest.mark.parametrize("keys", [("w_last",), ("w_max",), ("w_last", "w_max")], ids="+".join)
+def test_casa_last_row_and_max_weights(rng, tmp_path, ext, keys):
+    """w_last and w_max are optional: scored with the op, kept through save and load, checked for shape."""
+    p = {**casa_params(rng), **{k: rng.standard_normal(16).astype(np.float32) for k in keys}}
     c = CASA(p, layer=1)
     Hs = [rng.standard_normal((n, 16)).astype(np.float32) for n in (1, 7)]
     H, cu = np.concatenate(Hs), np.array([0, 1, 8])
-    np.testing.assert_array_equal(c.score(Hs), ops.casa_score(H, cu, p["Wk"], p["q"], p["w"], p["b"], p["w_last"]))
+    np.testing.assert_array_equal(c.score(Hs), ops.casa_score(H, cu, p["Wk"], p["q"], p["w"], p["b"], p.get("w_last"),
+                                                              p.get("w_max")))
     assert not np.allclose(c.score(Hs), CASA(casa_params(rng), layer=1).score(Hs))
     c.save(tmp_path / f"c.{ext}")
-    assert CASA.load(tmp_path / f"c.{ext}") == c
-    raises(r"w_last \[15\], Wk's d = 16", CASA, {**p, "w_last": p["w_last"][:15]}, 1)
-    raises(r"and optionally 'w_last'\), got \['Wk', 'b', 'q', 'w', 'w_first', 'w_last'\]",
+    back = CASA.load(tmp_path / f"c.{ext}")
+    assert back == c and set(back.params) == {"Wk", "q", "w", "b", *keys}
+    raises(rf"{keys[-1]} \[15\], Wk's d = 16", CASA, {**p, keys[-1]: p[keys[-1]][:15]}, 1)
+    raises(r"and optionally 'w_last', 'w_max'\), got \['Wk', 'b', 'q', 'w', 'w_first'",
            CASA, {**p, "w_first": p["w"]}, 1)
 
 

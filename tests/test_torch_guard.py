@@ -194,20 +194,22 @@ def test_cmrm_leaves_text_only_requests_untouched(rng):
 
 
 # ----------------------------------------------------------------------------- CASA
-def casa_for(rng, d=64, layer=1, b=0.0, with_last=False, **kw):
+def casa_for(rng, d=64, layer=1, b=0.0, with_last=False, with_max=False, **kw):
     p = {"Wk": rng.standard_normal((d, 8)).astype(np.float32), "q": rng.standard_normal((2, 8)).astype(np.float32),
          "w": rng.standard_normal(d).astype(np.float32) * 0.1, "b": b}
     if with_last:
         p["w_last"] = rng.standard_normal(d).astype(np.float32) * 0.1
+    if with_max:
+        p["w_max"] = rng.standard_normal(d).astype(np.float32) * 0.05
     return CASA(p, layer=layer, **kw)
 
 
-@pytest.mark.parametrize("with_last", [False, True], ids=["attention", "with-last"])
+@pytest.mark.parametrize("extra", ["attention", "with-last", "with-last-max"])
 @pytest.mark.parametrize("with_coca", [False, True], ids=["alone", "with-coca"])
-def test_casa_score_equals_casa_score_on_independent_states(rng, with_coca, with_last):
+def test_casa_score_equals_casa_score_on_independent_states(rng, with_coca, extra):
     model, tok = tiny_llama(), tiny_tokenizer()
     enc = chat_batch(tok)
-    casa = casa_for(rng, threshold=1.0, with_last=with_last)
+    casa = casa_for(rng, threshold=1.0, with_last=extra != "attention", with_max=extra == "with-last-max")
     with guard(model, tok, casa=casa, coca=CoCA(alpha=1.0) if with_coca else None) as g:
         g.generate(**enc, max_new_tokens=2)
         got = [r["casa"]["score"] for r in g.last_report]
@@ -221,7 +223,8 @@ def test_casa_score_equals_casa_score_on_independent_states(rng, with_coca, with
 
     cu = np.concatenate([[0], np.cumsum([len(h) for h in states])])
     p = casa.params
-    want = ops.casa_score(np.concatenate(states), cu, p["Wk"], p["q"], p["w"], p["b"], p.get("w_last"), backend="ref")
+    want = ops.casa_score(np.concatenate(states), cu, p["Wk"], p["q"], p["w"], p["b"], p.get("w_last"), p.get("w_max"),
+                          backend="ref")
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 

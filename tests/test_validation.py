@@ -114,6 +114,8 @@ CASA_CASES = [
     (dict(w=np.full(32, np.inf, np.float32)), "w has non-finite values"),
     (dict(w_last=f32(31)), "w_last has shape (31,), expected dim 0 = 32"),
     (dict(w_last=np.full(32, np.nan, np.float32)), "w_last has non-finite values"),
+    (dict(w_max=f32(33)), "w_max has shape (33,), expected dim 0 = 32"),
+    (dict(w_max=np.full(32, -np.inf, np.float32)), "w_max has non-finite values"),
 ]
 
 
@@ -156,6 +158,8 @@ C_CASES = [
     ("casa_score", (f32(12, 8), np.array([0, 12], np.int32), f32(8, 2), f32(1, 2), f32(8), 0.0), "cu_seqlens must have dtype int64, got int32"),
     ("casa_score", (f32(12, 8), np.array([0, 12]), f32(8, 2), f32(1, 2), f32(8), 0.0, f32(9)), "w_last has shape (9,), expected dim 0 = 8"),
     ("casa_score", (f32(12, 8), np.array([0, 12]), f32(8, 2), f32(1, 2), f32(8), 0.0, np.full(8, np.inf, np.float32)), "w_last[0] = inf is not finite"),
+    ("casa_score", (f32(12, 8), np.array([0, 12]), f32(8, 2), f32(1, 2), f32(8), 0.0, None, f32(7)), "w_max has shape (7,), expected dim 0 = 8"),
+    ("casa_score", (f32(12, 8), np.array([0, 12]), f32(8, 2), f32(1, 2), f32(8), 0.0, None, np.full(8, np.nan, np.float32)), "w_max[0] = nan is not finite"),
 ]
 
 

@@ -16,12 +16,13 @@ for arch in (80, 90):
         CASES.append((f"cmrm-sm{arch}-{dtype}", arch, "cmrm", "_cmrm_shift_kernel",
                       {"h_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "mask_ptr": "*u8", "alpha": "fp32", "d": "i32"},
                       {"HAS_MASK": True, "BLOCK": 1024}))
-    for has_last in (False, True):
-        CASES.append((f"casa-sm{arch}-last{int(has_last)}", arch, "casa", "_casa_score_kernel",
+    for has_last, has_max in ((False, False), (True, False), (True, True)):
+        CASES.append((f"casa-sm{arch}-last{int(has_last)}-max{int(has_max)}", arch, "casa", "_casa_score_kernel",
                       {"H_ptr": "*fp32", "cu_ptr": "*i64", "Wk_ptr": "*fp32", "q_ptr": "*fp32", "w_ptr": "*fp32",
-                       "w_last_ptr": "*fp32", "s_ptr": "*fp32", "b": "fp32", "d": "i32", "r": "i32", "heads": "i32",
-                       "scale": "fp32"},
-                      {"HAS_LAST": has_last, "BLOCK_T": 16, "BLOCK_D": 64, "BLOCK_R": 64, "BLOCK_H": 16}))
+                       "w_last_ptr": "*fp32", "w_max_ptr": "*fp32", "s_ptr": "*fp32", "b": "fp32", "d": "i32",
+                       "r": "i32", "heads": "i32", "scale": "fp32"},
+                      {"HAS_LAST": has_last, "HAS_MAX": has_max, "BLOCK_T": 16, "BLOCK_D": 64, "BLOCK_R": 64,
+                       "BLOCK_H": 16}))
 
 
 def main():

@@ -377,8 +377,8 @@ def run(model: str, layer: int, out, harmful=None, benign=None, report_dir=None,
     The module is fitted (and its threshold chosen) on the modalities in ``fit_on``; the report
     gives the held-out figures on those, and per modality (``test_by_modality``) on each one
     that was collected, so a fit on one modality is measured on the others too (transfer).
-    ``pooling``: "attention" trains CASA's module (``fit``), "mean", "last" or "mean+last" a
-    pooled probe (``pooled.fit``, saved as the same formula with Wk = 0 and w_last); ``rows``: the prompt rows it reads
+    ``pooling``: "attention" trains CASA's module (``fit``), "mean", "last", "mean+last" or "mean+last+max" a
+    pooled probe (``pooled.fit``, saved as the same formula with Wk = 0, w_last and w_max); ``rows``: the prompt rows it reads
     (``CASA.rows``: "prompt", or "last-turn" for the last user message's). ``frr_on``: the benign
     sources whose false refusals ``target_frr`` bounds when the threshold is chosen (default: all;
     e.g. the risky-looking ones, where over-refusal happens)."""

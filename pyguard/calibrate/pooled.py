@@ -1,11 +1,12 @@
 """Pooled probes: the alternatives CASA's attention module is compared with (``pyguard fit casa
 --loso --pooling ...``). A prompt's hidden states [T, d] are pooled to one vector (the mean over
-the prompt, the last token, or both side by side) and scored by logistic regression on the
+the prompt, the last token, both side by side, or with the per-dimension maximum over the
+prompt's rows as well) and scored by logistic regression on the
 standardized vectors (scikit-learn; ``C`` the inverse regularization strength), with the
 threshold chosen on validation benign prompts as ``casa.fit`` chooses it.
 
-Each is CASA's formula with ``Wk = 0`` (every softmax weight equal; the mean) and the last row's
-weights ``w_last``, so it exports to a :class:`pyguard.methods.CASA` file that the fused
+Each is CASA's formula with ``Wk = 0`` (every softmax weight equal; the mean), the last row's
+weights ``w_last`` and the maximum's ``w_max``, so it exports to a :class:`pyguard.methods.CASA` file that the fused
 ``casa_score`` path runs as is.
 """
 from __future__ import annotations
@@ -16,17 +17,19 @@ import numpy as np
 
 from .. import extras
 
-POOLINGS = ("mean", "last", "mean+last")
+POOLINGS = ("mean", "last", "mean+last", "mean+last+max")
 
 
 def pool(H: np.ndarray, how: str) -> np.ndarray:
-    """[T, d] -> [d] (mean, last) or [2d] (mean+last)."""
+    """[T, d] -> [d] (mean, last), [2d] (mean+last) or [3d] (mean+last+max: the third the rows' maximum)."""
     if how == "mean":
         return H.mean(0)
     if how == "last":
         return H[-1]
     if how == "mean+last":
         return np.concatenate([H.mean(0), H[-1]])
+    if how == "mean+last+max":
+        return np.concatenate([H.mean(0), H[-1], H.max(0)])
     raise ValueError(f"unknown pooling {how!r}; known: {', '.join(POOLINGS)}")
 
 
@@ -47,20 +50,18 @@ class Probe:
         return 1.0 / (1.0 + np.exp(-np.clip(X @ self.coef + self.intercept, -60, 60)))
 
     def to_casa(self, layer: int, **casa_kw):
-        """The same score as a CASA file: Wk = 0 (the mean) with the mean's weights in w and the
-        last row's in w_last, the standardization folded into them and b."""
+        """The same score as a CASA file: Wk = 0 (the mean) with the mean's weights in w, the last
+        row's in w_last and the maximum's in w_max, the standardization folded into them and b."""
         from ..methods import CASA
 
         scaled = (self.coef / self.sigma).astype(np.float32)
-        d = len(scaled) // 2 if self.pooling == "mean+last" else len(scaled)
+        parts = {"mean": ("w",), "last": ("w_last",), "mean+last": ("w", "w_last"),
+                 "mean+last+max": ("w", "w_last", "w_max")}[self.pooling]
+        d = len(scaled) // len(parts)
         params = {"Wk": np.zeros((d, 1), np.float32), "q": np.ones((1, 1), np.float32),
                   "b": float(self.intercept - np.sum(self.coef * self.mu / self.sigma))}
-        if self.pooling == "mean":
-            params["w"] = scaled
-        elif self.pooling == "last":
-            params["w"], params["w_last"] = np.zeros(d, np.float32), scaled
-        else:
-            params["w"], params["w_last"] = scaled[:d], scaled[d:]
+        params["w"] = np.zeros(d, np.float32)  # a last-row-only probe gives the mean no weight
+        params.update({k: scaled[j * d:(j + 1) * d] for j, k in enumerate(parts)})
         return CASA(params, layer=layer, threshold=self.threshold, **casa_kw)
 
 
