@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .calibrate.loso import group
+from .calibrate.pooled import POOLINGS
 from .datasets import BUILTIN, FIT_JAILBREAKS
 from .models import DEFAULT_MODEL
 
@@ -149,7 +150,7 @@ def _loso(a) -> int:
 
 def _pooled_kw(a) -> dict:
     if a.C is not None and a.pooling == "attention":
-        raise UsageError("--C regularizes a pooled probe: give --pooling mean, last, mean+last or mean+last+max")
+        raise UsageError(f"--C regularizes a pooled probe: give --pooling {', '.join(POOLINGS)}")
     return {} if a.pooling == "attention" else {"C": 0.1 if a.C is None else a.C}
 
 
@@ -348,8 +349,7 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--group", action="append", default=[], type=group, metavar="NAME=SOURCE[,SOURCE]",
                    help="casa --loso: leave these harmful sources and benign categories out together as one fold "
                         "NAME (repeatable; name a style's harmful source and benign category: left out of both)")
-    f.add_argument("--pooling", choices=["attention", "mean", "last", "mean+last", "mean+last+max"],
-                   default="attention",
+    f.add_argument("--pooling", choices=["attention", *POOLINGS], default="attention",
                    help="casa: CASA's attention module, or a probe on the mean over the rows, the last row, "
                         "both side by side, or those and the rows' maximum per dimension (saved as CASA with "
                         "Wk = 0, w_last and w_max)")

@@ -18,19 +18,17 @@ import numpy as np
 from .. import extras
 
 POOLINGS = ("mean", "last", "mean+last", "mean+last+max")
+# each part of a pooling: the CASA weights it exports to and how it pools H [T, d] -> [d]
+_PARTS = {"mean": ("w", lambda H: H.mean(0)), "last": ("w_last", lambda H: H[-1]),
+          "max": ("w_max", lambda H: H.max(0))}
 
 
 def pool(H: np.ndarray, how: str) -> np.ndarray:
-    """[T, d] -> [d] (mean, last), [2d] (mean+last) or [3d] (mean+last+max: the third the rows' maximum)."""
-    if how == "mean":
-        return H.mean(0)
-    if how == "last":
-        return H[-1]
-    if how == "mean+last":
-        return np.concatenate([H.mean(0), H[-1]])
-    if how == "mean+last+max":
-        return np.concatenate([H.mean(0), H[-1], H.max(0)])
-    raise ValueError(f"unknown pooling {how!r}; known: {', '.join(POOLINGS)}")
+    """[T, d] -> its parts side by side: [d] (mean, last), [2d] (mean+last) or [3d] (mean+last+max:
+    the third the rows' maximum)."""
+    if how not in POOLINGS:
+        raise ValueError(f"unknown pooling {how!r}; known: {', '.join(POOLINGS)}")
+    return np.concatenate([_PARTS[p][1](H) for p in how.split("+")])
 
 
 @dataclass
@@ -55,8 +53,7 @@ class Probe:
         from ..methods import CASA
 
         scaled = (self.coef / self.sigma).astype(np.float32)
-        parts = {"mean": ("w",), "last": ("w_last",), "mean+last": ("w", "w_last"),
-                 "mean+last+max": ("w", "w_last", "w_max")}[self.pooling]
+        parts = [_PARTS[p][0] for p in self.pooling.split("+")]
         d = len(scaled) // len(parts)
         params = {"Wk": np.zeros((d, 1), np.float32), "q": np.ones((1, 1), np.float32),
                   "b": float(self.intercept - np.sum(self.coef * self.mu / self.sigma))}
