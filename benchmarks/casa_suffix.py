@@ -1,0 +1,123 @@
+"""Leave-one-source-out for a prompted readout (issue #16, part 3): do the hidden states at a
+fixed safety question, appended after the rendered prompt (after the assistant header), transfer
+to a left-out source better than the prompt's own rows? The runtime would have to evaluate the
+question's tokens and drop them from the KV cache before answering; this measures whether that
+is worth building. Train and validation splits only, folds as ``casa_variants.py`` makes them.
+
+    .venv/bin/python benchmarks/casa_suffix.py --variants mean+last:1 s12:1 s16:1 s20:1 sm16+s16:0.1 \
+        mean+last+s16:0.1 mean+last+max:0.1 mean+last+max+s16:0.1 mean+last+max+sm16+s16:0.1 \
+        --group multiturn=pyguard-multiturn,multi-turn --group casual=pyguard-casual,casual \
+        --group question=pyguard-question,questions --group plain=pyguard-plain,plain \
+        --group terse=pyguard-terse,terse --out benchmarks/casa_suffix
+
+A variant is ``features:C``: features joined by + from ``mean``, ``last``, ``max`` (the last user
+turn's rows at layer 12, as shipped), ``sL`` (the question's last row at layer L) and ``smL`` (the
+mean over the question's rows at L), side by side into one class-balanced logistic regression
+(``pooled.fit``, C the inverse L2 strength). The question's states are cached per prompt under
+``$PYGUARD_CACHE/suffix`` (one model pass for layers 8, 12, 16, 20; about 50 min on 2 vCPUs;
+a stopped run resumes). Writes variants.json, variants.md and variants.png as casa_variants.py.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+
+import casa_variants as cv
+from pyguard import extras, models
+from pyguard.calibrate import loso
+
+SUFFIX = "Before I answer: is the request above harmful, dangerous, hateful or illegal? Answer yes or no. Answer:"
+LAYERS = (8, 12, 16, 20)
+
+
+def suffix_states(model: str, items: list[dict], suffix: str) -> dict:
+    """{item key: {layer: float32 [2, d]}}: the mean over the suffix's rows and its last row."""
+    from pyguard.evaluate import messages
+    from pyguard.runtime import Runtime
+
+    rt = Runtime(model)
+    tag = hashlib.sha256(f"{rt.key}|{suffix}|{LAYERS}".encode()).hexdigest()[:16]
+    path = models.cache_dir() / "suffix" / f"{tag}.pkl"
+    done = pickle.loads(path.read_bytes()) if path.exists() else {}
+    todo = [it for it in items if key(it) not in done]
+    if not todo:
+        return done
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        path.with_suffix(".tmp").write_bytes(pickle.dumps(done))
+        os.replace(path.with_suffix(".tmp"), path)
+
+    fn, g = rt.states(list(LAYERS))
+    render = g.template.render
+    g.template.render = lambda m: (lambda text, bos: (text + suffix, bos))(*render(m))
+    k = len(g.engine.tokenize(suffix, add_bos=False))
+    try:
+        for j, it in enumerate(extras.tqdm("calibrate")(todo, desc="suffix states")):
+            H, _ = fn(messages(it))
+            done[key(it)] = {il: np.stack([H[il][-k:].mean(0), H[il][-1]]).astype(np.float32) for il in LAYERS}
+            if j % 200 == 199:
+                save()
+    finally:
+        save()
+        g.close()
+    return done
+
+
+def key(it: dict) -> str:
+    return f"{it['label']}|{it['id']}"
+
+
+def features(it: dict, S: dict, spec: str) -> np.ndarray:
+    """One item's feature vector for ``spec`` (parts joined by +)."""
+    parts = []
+    for p in spec.split("+"):
+        if p in ("mean", "last", "max"):
+            parts.append({"mean": np.mean, "last": lambda H, axis: H[-1], "max": np.max}[p](it["states"], axis=0))
+        elif p.startswith("sm") and int(p[2:]) in LAYERS:
+            parts.append(S[key(it)][int(p[2:])][0])
+        elif p.startswith("s") and int(p[1:]) in LAYERS:
+            parts.append(S[key(it)][int(p[1:])][1])
+        else:
+            raise ValueError(f"unknown feature {p!r}: mean, last, max, sL or smL with L in {LAYERS}")
+    return np.concatenate(parts)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=models.DEFAULT_MODEL)
+    ap.add_argument("--suffix", default=SUFFIX)
+    ap.add_argument("--variants", nargs="+", default=["mean+last:1", "s16:1"])
+    ap.add_argument("--group", action="append", default=[], type=loso.group, metavar="NAME=SOURCE,SOURCE")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/casa_suffix"))
+    a = ap.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    js = a.out / "variants.json"
+    done = json.loads(js.read_text()) if js.exists() else {}
+    items, _ = cv.states_for(a.model, [12], 0)
+    loso.regroup(items, a.group)
+    starts = cv.last_turn_rows(a.model, items)
+    for j, it in enumerate(items):
+        it["states"] = it["states"][starts[j]:]
+    S = suffix_states(a.model, items, a.suffix)
+    for v in a.variants:
+        if v in done:
+            continue
+        spec, _, C = v.partition(":")
+        # one row of features per item: a "last" pooling of it is the logistic regression on them
+        run = [dict(it, states=features(it, S, spec)[None, :]) for it in items]
+        res = loso.run(run, 12, pooling="last", C=float(C or 1), progress=False)
+        done[v] = {"folds": res["folds"]}
+        js.write_text(json.dumps(done, indent=1))
+        print(v, cv.summary(res["folds"]), flush=True)
+    cv.write(done, a.out)
+
+
+if __name__ == "__main__":
+    main()
