@@ -10,9 +10,10 @@ is worth building. Train and validation splits only, folds as ``casa_variants.py
         --group question=pyguard-question,questions --group plain=pyguard-plain,plain \
         --group terse=pyguard-terse,terse --out benchmarks/casa_suffix
 
-A variant is ``features:C``: features joined by + from ``mean``, ``last``, ``max`` (the last user
-turn's rows at layer 12, as shipped), ``sL`` (the question's last row at layer L) and ``smL`` (the
-mean over the question's rows at L), side by side into one class-balanced logistic regression
+A variant is ``features:C``: features joined by +, first a pooling of the last user turn's rows
+at layer 12 as shipped (``mean``, ``last``, ``mean+last``, ``mean+last+max``), then ``sL`` (the
+question's last row at layer L) and ``smL`` (the mean over the question's rows at L), side by side
+into one class-balanced logistic regression
 (``pooled.fit``, C the inverse L2 strength). The question's states are cached per prompt under
 ``$PYGUARD_CACHE/suffix`` (one model pass for layers 8, 12, 16, 20; about 50 min on 2 vCPUs;
 a stopped run resumes). Writes variants.json, variants.md and variants.png as casa_variants.py.
@@ -21,16 +22,18 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import os
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
 
 import casa_variants as cv
 from pyguard import extras, models
-from pyguard.calibrate import loso
+from pyguard.calibrate import loso, pooled
 
 SUFFIX = "Before I answer: is the request above harmful, dangerous, hateful or illegal? Answer yes or no. Answer:"
 LAYERS = (8, 12, 16, 20)
@@ -75,18 +78,18 @@ def key(it: dict) -> str:
 
 
 def features(it: dict, S: dict, spec: str) -> np.ndarray:
-    """One item's feature vector for ``spec`` (parts joined by +)."""
-    parts = []
-    for p in spec.split("+"):
-        if p in ("mean", "last", "max"):
-            parts.append({"mean": np.mean, "last": lambda H, axis: H[-1], "max": np.max}[p](it["states"], axis=0))
-        elif p.startswith("sm") and int(p[2:]) in LAYERS:
-            parts.append(S[key(it)][int(p[2:])][0])
-        elif p.startswith("s") and int(p[1:]) in LAYERS:
-            parts.append(S[key(it)][int(p[1:])][1])
-        else:
-            raise ValueError(f"unknown feature {p!r}: mean, last, max, sL or smL with L in {LAYERS}")
-    return np.concatenate(parts)
+    """One item's feature vector for ``spec``: a pooling of the prompt's rows (``pooled.POOLINGS``),
+    then the question's parts (``sL``, ``smL``), joined by +."""
+    parts = spec.split("+")
+    prompt = "+".join(itertools.takewhile(lambda p: not p.startswith("s"), parts))
+    out = [pooled.pool(it["states"], prompt)] if prompt else []
+    for p in parts[len(prompt.split("+")) if prompt else 0:]:
+        m = re.fullmatch(r"s(m?)(\d+)", p)
+        if m is None or int(m[2]) not in LAYERS:
+            raise ValueError(f"unknown feature {p!r}: a pooling of the prompt ({', '.join(pooled.POOLINGS)}) "
+                             f"first, then sL or smL with L in {LAYERS}")
+        out.append(S[key(it)][int(m[2])][0 if m[1] else 1])
+    return np.concatenate(out)
 
 
 def main():
