@@ -39,14 +39,11 @@ SUFFIX = "Before I answer: is the request above harmful, dangerous, hateful or i
 LAYERS = (8, 12, 16, 20)
 
 
-def suffix_states(model: str, items: list[dict], suffix: str) -> dict:
-    """{item key: {layer: float32 [2, d]}}: the mean over the suffix's rows and its last row."""
-    from pyguard.evaluate import messages
-    from pyguard.runtime import Runtime
-
-    rt = Runtime(model)
-    tag = hashlib.sha256(f"{rt.key}|{suffix}|{LAYERS}".encode()).hexdigest()[:16]
-    path = models.cache_dir() / "suffix" / f"{tag}.pkl"
+def per_prompt(folder: str, tag: str, items: list[dict], desc: str, start) -> dict:
+    """{item key: value}, cached under ``$PYGUARD_CACHE/folder/tag.pkl`` (saved every 200 prompts
+    and when stopped; a rerun computes only the missing ones). ``start()`` -> (item -> value,
+    close) is called only when some item is missing."""
+    path = models.cache_dir() / folder / f"{tag}.pkl"
     done = pickle.loads(path.read_bytes()) if path.exists() else {}
     todo = [it for it in items if key(it) not in done]
     if not todo:
@@ -57,20 +54,38 @@ def suffix_states(model: str, items: list[dict], suffix: str) -> dict:
         path.with_suffix(".tmp").write_bytes(pickle.dumps(done))
         os.replace(path.with_suffix(".tmp"), path)
 
-    fn, g = rt.states(list(LAYERS))
-    render = g.template.render
-    g.template.render = lambda m: (lambda text, bos: (text + suffix, bos))(*render(m))
-    k = len(g.engine.tokenize(suffix, add_bos=False))
+    value, close = start()
     try:
-        for j, it in enumerate(extras.tqdm("calibrate")(todo, desc="suffix states")):
-            H, _ = fn(messages(it))
-            done[key(it)] = {il: np.stack([H[il][-k:].mean(0), H[il][-1]]).astype(np.float32) for il in LAYERS}
+        for j, it in enumerate(extras.tqdm("calibrate")(todo, desc=desc)):
+            done[key(it)] = value(it)
             if j % 200 == 199:
                 save()
     finally:
         save()
-        g.close()
+        close()
     return done
+
+
+def suffix_states(model: str, items: list[dict], suffix: str) -> dict:
+    """{item key: {layer: float32 [2, d]}}: the mean over the suffix's rows and its last row."""
+    from pyguard.evaluate import messages
+    from pyguard.runtime import Runtime
+
+    rt = Runtime(model)
+
+    def start():
+        fn, g = rt.states(list(LAYERS))
+        render = g.template.render
+        g.template.render = lambda m: (lambda text, bos: (text + suffix, bos))(*render(m))
+        k = len(g.engine.tokenize(suffix, add_bos=False))
+
+        def value(it):
+            H, _ = fn(messages(it))
+            return {il: np.stack([H[il][-k:].mean(0), H[il][-1]]).astype(np.float32) for il in LAYERS}
+        return value, g.close
+
+    tag = hashlib.sha256(f"{rt.key}|{suffix}|{LAYERS}".encode()).hexdigest()[:16]
+    return per_prompt("suffix", tag, items, "suffix states", start)
 
 
 def key(it: dict) -> str:
@@ -103,11 +118,7 @@ def main():
     a.out.mkdir(parents=True, exist_ok=True)
     js = a.out / "variants.json"
     done = json.loads(js.read_text()) if js.exists() else {}
-    items, _ = cv.states_for(a.model, [12], 0)
-    loso.regroup(items, a.group)
-    starts = cv.last_turn_rows(a.model, items)
-    for j, it in enumerate(items):
-        it["states"] = it["states"][starts[j]:]
+    items = cv.last_turn_items(a.model, a.group)
     S = suffix_states(a.model, items, a.suffix)
     for v in a.variants:
         if v in done:

@@ -48,6 +48,16 @@ def last_turn_rows(model: str, items) -> list[int]:
     return Runtime(model).last_turn_rows([messages(it) for it in items])
 
 
+def last_turn_items(model: str, groups) -> list[dict]:
+    """Fitting items with ``states`` their last user turn's rows at layer 12 [T', d] (as the
+    shipped CASA reads them), folds regrouped by ``groups`` (``loso.group`` specs)."""
+    items, _ = states_for(model, [12], 0)
+    loso.regroup(items, groups)
+    for it, start in zip(items, last_turn_rows(model, items)):
+        it["states"] = it["states"][start:]
+    return items
+
+
 def common_prefix(items) -> int:
     """Rows most prompts share bit for bit (the chat template before the user's text; a few prompts
     differ there in the last bits, computed in other batch shapes)."""
