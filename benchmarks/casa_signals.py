@@ -18,22 +18,18 @@ Train and validation splits only, the folds ``casa_variants.py`` makes:
 A variant is ``judge`` or ``features:C`` (features joined by +: a ``pooled.POOLINGS`` pooling
 first, then ``emb``; one class-balanced logistic regression, C the inverse L2 strength). The
 judge's scores are cached per prompt under ``$PYGUARD_CACHE/judge`` (one prefill per prompt,
-about 25 min on 2 vCPUs; a stopped run resumes). Writes variants.json, variants.md and
+about 47 min for 3528 prompts on 2 vCPUs; a stopped run resumes). Writes variants.json, variants.md and
 variants.png as casa_variants.py.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
 import os
-from pathlib import Path
 
 import numpy as np
 
 import casa_variants as cv
 from casa_suffix import SUFFIX, key, per_prompt
-from pyguard import models
 from pyguard.calibrate import loso, pooled
 from pyguard.calibrate.casa import choose_threshold
 
@@ -54,7 +50,7 @@ def judge_scores(model: str, items: list[dict], question: str) -> dict:
         if any(len(t) != 1 for t in ids.values()):
             g.close()
             raise ValueError(f"the judge reads one-token answers; this tokenizer splits them: {ids}")
-        (yes, Yes, no, No) = (t[0] for t in ids.values())
+        yes, Yes, no, No = (t[0] for t in ids.values())
 
         def value(it):
             text, bos = g.template.render(messages(it))
@@ -83,46 +79,34 @@ def fit_judge(train, val, test, layer, target_frr: float = 0.05, **_):
 
 def features(it: dict, E: dict, spec: str) -> np.ndarray:
     """``spec``: a pooling of the prompt's rows (``pooled.POOLINGS``) and/or ``emb``, joined by +."""
-    prompt = spec.removesuffix("emb").rstrip("+")
-    if prompt and prompt not in pooled.POOLINGS or not prompt and spec != "emb":
+    parts = spec.split("+")
+    emb = parts[-1] == "emb"
+    prompt = "+".join(parts[:-1] if emb else parts)
+    if prompt and prompt not in pooled.POOLINGS or not (prompt or emb):
         raise ValueError(f"unknown features {spec!r}: a pooling ({', '.join(pooled.POOLINGS)}), emb, or both as POOLING+emb")
     out = [pooled.pool(it["states"], prompt)] if prompt else []
-    return np.concatenate(out + ([E[key(it)]] if spec.endswith("emb") else []))
+    return np.concatenate(out + ([E[key(it)]] if emb else []))
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=models.DEFAULT_MODEL)
+    ap = cv.parser(__doc__, "benchmarks/casa_signals", ["judge", "emb:0.1"])
     ap.add_argument("--question", default=SUFFIX)
-    ap.add_argument("--variants", nargs="+", default=["judge", "emb:0.1"])
-    ap.add_argument("--group", action="append", default=[], type=loso.group, metavar="NAME=SOURCE,SOURCE")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/casa_signals"))
     a = ap.parse_args()
-    a.out.mkdir(parents=True, exist_ok=True)
-    js = a.out / "variants.json"
-    done = json.loads(js.read_text()) if js.exists() else {}
     items = cv.last_turn_items(a.model, a.group)
-    E = J = None
-    for v in a.variants:
-        if v in done:
-            continue
-        if v == "judge":
-            J = J or judge_scores(a.model, items, a.question)
-            run = [dict(it, states=np.array([[J[key(it)]]])) for it in items]
-            res = loso.run(run, 12, pooling="judge", fit=fit_judge, progress=False)
-        else:
-            spec, _, C = v.partition(":")
-            if "emb" in spec and E is None:
-                from pyguard.tga import SentenceEncoder
+    E = {}
 
-                emb = SentenceEncoder().encode([it["text"] for it in items]).numpy()
-                E = {key(it): e for it, e in zip(items, emb)}
-            run = [dict(it, states=features(it, E, spec)[None, :]) for it in items]
-            res = loso.run(run, 12, pooling="last", C=float(C or 1), progress=False)
-        done[v] = {"folds": res["folds"]}
-        js.write_text(json.dumps(done, indent=1))
-        print(v, cv.summary(res["folds"]), flush=True)
-    cv.write(done, a.out)
+    def folds_of(v):
+        if v == "judge":  # a fixed score per prompt: only each fold's threshold is chosen
+            J = judge_scores(a.model, items, a.question)
+            run = [dict(it, states=np.array([[J[key(it)]]])) for it in items]
+            return loso.run(run, 12, pooling="judge", fit=fit_judge, progress=False)["folds"]
+        spec, _, C = v.partition(":")
+        if spec.endswith("emb") and not E:
+            from pyguard.tga import SentenceEncoder
+
+            E.update(zip(map(key, items), SentenceEncoder().encode([it["text"] for it in items]).numpy()))
+        return cv.feature_folds(items, lambda it: features(it, E, spec), float(C or 1))
+    cv.record(a.out, a.variants, folds_of)
 
 
 if __name__ == "__main__":

@@ -20,20 +20,17 @@ a stopped run resumes). Writes variants.json, variants.md and variants.png as ca
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import itertools
-import json
 import os
 import pickle
 import re
-from pathlib import Path
 
 import numpy as np
 
 import casa_variants as cv
 from pyguard import extras, models
-from pyguard.calibrate import loso, pooled
+from pyguard.calibrate import pooled
 
 SUFFIX = "Before I answer: is the request above harmful, dangerous, hateful or illegal? Answer yes or no. Answer:"
 LAYERS = (8, 12, 16, 20)
@@ -108,29 +105,16 @@ def features(it: dict, S: dict, spec: str) -> np.ndarray:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=models.DEFAULT_MODEL)
+    ap = cv.parser(__doc__, "benchmarks/casa_suffix", ["mean+last:1", "s16:1"])
     ap.add_argument("--suffix", default=SUFFIX)
-    ap.add_argument("--variants", nargs="+", default=["mean+last:1", "s16:1"])
-    ap.add_argument("--group", action="append", default=[], type=loso.group, metavar="NAME=SOURCE,SOURCE")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/casa_suffix"))
     a = ap.parse_args()
-    a.out.mkdir(parents=True, exist_ok=True)
-    js = a.out / "variants.json"
-    done = json.loads(js.read_text()) if js.exists() else {}
     items = cv.last_turn_items(a.model, a.group)
     S = suffix_states(a.model, items, a.suffix)
-    for v in a.variants:
-        if v in done:
-            continue
+
+    def folds_of(v):
         spec, _, C = v.partition(":")
-        # one row of features per item: a "last" pooling of it is the logistic regression on them
-        run = [dict(it, states=features(it, S, spec)[None, :]) for it in items]
-        res = loso.run(run, 12, pooling="last", C=float(C or 1), progress=False)
-        done[v] = {"folds": res["folds"]}
-        js.write_text(json.dumps(done, indent=1))
-        print(v, cv.summary(res["folds"]), flush=True)
-    cv.write(done, a.out)
+        return cv.feature_folds(items, lambda it: features(it, S, spec), float(C or 1))
+    cv.record(a.out, a.variants, folds_of)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,38 @@ def last_turn_items(model: str, groups) -> list[dict]:
     return items
 
 
+def parser(doc: str, out: str, variants: list[str]) -> argparse.ArgumentParser:
+    """The options every one-row-per-prompt LOSO script shares (``doc``: its docstring)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--model", default=models.DEFAULT_MODEL)
+    ap.add_argument("--variants", nargs="+", default=variants)
+    ap.add_argument("--group", action="append", default=[], type=loso.group, metavar="NAME=SOURCE,SOURCE")
+    ap.add_argument("--out", type=Path, default=Path(out))
+    return ap
+
+
+def feature_folds(items: list[dict], row, C: float) -> list[dict]:
+    """LOSO folds of one class-balanced logistic regression (C the inverse L2 strength) on one
+    feature vector per item, ``row(item)`` [F]: a "last" pooling of that one row."""
+    run = [dict(it, states=row(it)[None, :]) for it in items]
+    return loso.run(run, 12, pooling="last", C=C, progress=False)["folds"]
+
+
+def record(out: Path, variants: list[str], folds_of) -> None:
+    """``folds_of(variant)`` (LOSO fold rows) for each variant not yet in ``out/variants.json``,
+    each kept as it finishes (a stopped run resumes); then variants.md and variants.png."""
+    out.mkdir(parents=True, exist_ok=True)
+    js = out / "variants.json"
+    done = json.loads(js.read_text()) if js.exists() else {}
+    for v in variants:
+        if v in done:
+            continue
+        done[v] = {"folds": folds_of(v)}
+        js.write_text(json.dumps(done, indent=1))
+        print(v, summary(done[v]["folds"]), flush=True)
+    write(done, out)
+
+
 def common_prefix(items) -> int:
     """Rows most prompts share bit for bit (the chat template before the user's text; a few prompts
     differ there in the last bits, computed in other batch shapes)."""

@@ -30,10 +30,10 @@ def test_the_judge_scores_each_fold_by_its_fixed_score_and_picks_only_a_threshol
     # a harmful fold is scored against validation benign prompts: the fixed score's own AUROC
     ben = [it["states"][0, 0] for it in items if it["label"] == "benign" and it["split"] == "val"]
     s1 = [it["states"][0, 0] for it in items if it["source"] == "s1"]
-    assert rows["s1"]["auroc"] == pytest.approx(roc_auc_score([1] * len(s1) + [0] * len(ben), s1 + ben), abs=0.05)
+    assert rows["s1"]["auroc"] == pytest.approx(roc_auc_score([1] * len(s1) + [0] * len(ben), s1 + ben))
 
 
-@pytest.mark.parametrize("spec", ["emb+mean", "max", "mean+last+emb+emb", ""])
+@pytest.mark.parametrize("spec", ["emb+mean", "max", "mean+last+emb+emb", "", "meanemb"])
 def test_a_bad_feature_spec_names_the_accepted_forms(spec):
     it = {"label": "harmful", "id": "x", "states": np.zeros((3, 4), np.float32)}
     with pytest.raises(ValueError, match="POOLING\\+emb"):
